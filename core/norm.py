@@ -1,0 +1,136 @@
+"""The one normalization-state utility: collect, apply, pack and select normalization layers.
+
+CEMA adapts and ships only the normalization state of the edge model, FedBN keeps it local, and
+the ONNX export exposes it as named graph inputs. All three go through this module, so the names
+agree everywhere: ``"<module path>.<tensor>"`` with tensor in ``weight, bias, running_mean,
+running_var`` (e.g. ``"features.1.running_var"``), exactly the model's ``state_dict`` keys.
+
+Layers are selected by module type (BatchNorm 1d/2d/3d, GroupNorm, LayerNorm, InstanceNorm),
+never by substrings of their names.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator, Mapping
+
+import numpy as np
+import torch
+from torch import nn
+
+NORM_TYPES: tuple[type[nn.Module], ...] = (
+    nn.modules.batchnorm._BatchNorm,
+    nn.GroupNorm,
+    nn.LayerNorm,
+    nn.modules.instancenorm._InstanceNorm,
+)
+_TENSORS = ("weight", "bias", "running_mean", "running_var")
+
+
+def norm_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """Yield ``(name, module)`` for every normalization layer, in registration order."""
+    for name, module in model.named_modules():
+        if isinstance(module, NORM_TYPES):
+            yield name, module
+
+
+def _module_tensors(name: str, module: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    for t in _TENSORS:
+        value = getattr(module, t, None)
+        if isinstance(value, torch.Tensor):
+            yield (f"{name}.{t}" if name else t), value
+
+
+def norm_tensor_names(model: nn.Module) -> list[str]:
+    """The keys :func:`get_norm_state` returns, in order."""
+    return [key for name, m in norm_modules(model) for key, _ in _module_tensors(name, m)]
+
+
+def get_norm_state(model: nn.Module) -> dict[str, np.ndarray]:
+    """Copy every normalization tensor (affine γ/β and BN running statistics) to float32 numpy."""
+    return {
+        key: value.detach().cpu().to(torch.float32).numpy().copy()
+        for name, m in norm_modules(model)
+        for key, value in _module_tensors(name, m)
+    }
+
+
+def set_norm_state(model: nn.Module, state: Mapping[str, np.ndarray], *, strict: bool = True) -> None:
+    """Write normalization tensors into ``model`` in place (no graph or optimizer is rebuilt).
+
+    ``strict`` requires exactly the model's keys; otherwise a subset is allowed. Unknown keys and
+    shape mismatches always raise ``KeyError`` / ``ValueError``.
+    """
+    own = {key: value for name, m in norm_modules(model) for key, value in _module_tensors(name, m)}
+    unknown = sorted(set(state) - set(own))
+    if unknown:
+        raise KeyError(f"not normalization tensors of this model: {', '.join(unknown[:8])}")
+    if strict and (missing := sorted(set(own) - set(state))):
+        raise KeyError(f"normalization state lacks: {', '.join(missing[:8])}")
+    with torch.no_grad():
+        for key, array in state.items():
+            target = own[key]
+            array = np.asarray(array)
+            if tuple(array.shape) != tuple(target.shape):
+                raise ValueError(f"{key}: shape {array.shape} does not match model {tuple(target.shape)}")
+            target.copy_(torch.from_numpy(np.ascontiguousarray(array)).to(target.dtype))
+
+
+def norm_affine_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The affine γ/β parameters of every normalization layer (what Tent/EATA/CEMA adapt)."""
+    return [p for _, m in norm_modules(model) for p in (getattr(m, "weight", None), getattr(m, "bias", None))
+            if isinstance(p, nn.Parameter)]
+
+
+def configure_norm_adaptation(model: nn.Module) -> list[nn.Parameter]:
+    """Train mode, gradients only for norm affine parameters; BN uses batch statistics.
+
+    Returns the parameters to hand to the optimizer (Tent's ``configure_model`` +
+    ``collect_params``).
+    """
+    model.train()
+    model.requires_grad_(False)
+    params = norm_affine_parameters(model)
+    for p in params:
+        p.requires_grad_(True)
+    return params
+
+
+def is_norm_key(model: nn.Module, key: str) -> bool:
+    """Whether a ``state_dict`` key belongs to a normalization layer (FedBN keeps these local)."""
+    module = key.rsplit(".", 1)[0] if "." in key else ""
+    return any(module == name for name, _ in norm_modules(model))
+
+
+@dataclass(frozen=True)
+class NormSpec:
+    """Names and shapes of a packed normalization state, to unpack a flat vector."""
+
+    names: tuple[str, ...]
+    shapes: tuple[tuple[int, ...], ...]
+
+    @property
+    def size(self) -> int:
+        return int(sum(int(np.prod(s)) for s in self.shapes))
+
+
+def pack_norm_state(state: Mapping[str, np.ndarray]) -> tuple[np.ndarray, NormSpec]:
+    """Flatten a state into one float32 vector (wire and FedBN use) plus its spec."""
+    names = tuple(state)
+    arrays = [np.asarray(state[n], dtype=np.float32) for n in names]
+    flat = np.concatenate([a.ravel() for a in arrays]) if arrays else np.zeros(0, np.float32)
+    return flat, NormSpec(names, tuple(tuple(a.shape) for a in arrays))
+
+
+def unpack_norm_state(flat: np.ndarray, spec: NormSpec) -> dict[str, np.ndarray]:
+    """Inverse of :func:`pack_norm_state`; raises on a size mismatch."""
+    flat = np.asarray(flat, dtype=np.float32).ravel()
+    if flat.size != spec.size:
+        raise ValueError(f"packed state has {flat.size} values, spec expects {spec.size}")
+    out: dict[str, np.ndarray] = {}
+    offset = 0
+    for name, shape in zip(spec.names, spec.shapes):
+        n = int(np.prod(shape))
+        out[name] = flat[offset:offset + n].reshape(shape).copy()
+        offset += n
+    return out
