@@ -1,0 +1,38 @@
+"""Datasets for feature-shift federated learning and shifted edge streams.
+
+`make_digits_shift` builds the offline built-in benchmark; `load_domain_folders`,
+`load_cifar_c` and `load_imagenet_c` read real benchmarks from the user's folders. Everything
+returns the frozen types below, validated on construction.
+"""
+
+from .corrupted_sets import load_cifar_c, load_imagenet_c
+from .digits_shift import make_digits_shift
+from .domains import DOMAINS, render
+from .folders import IMAGE_EXTENSIONS, load_domain_folders
+from .partition import (
+    seeded_rng,
+    stratified_partition,
+    stratified_split,
+    stratified_subsample,
+)
+from .preview import save_preview
+from .types import ClientData, DatasetError, FederatedDataset, Split
+
+__all__ = [
+    "DOMAINS",
+    "IMAGE_EXTENSIONS",
+    "ClientData",
+    "DatasetError",
+    "FederatedDataset",
+    "Split",
+    "load_cifar_c",
+    "load_domain_folders",
+    "load_imagenet_c",
+    "make_digits_shift",
+    "render",
+    "save_preview",
+    "seeded_rng",
+    "stratified_partition",
+    "stratified_split",
+    "stratified_subsample",
+]
