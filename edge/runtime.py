@@ -79,6 +79,7 @@ class EdgeRuntime:
             self.input_name: str = meta[META_PREFIX + "input_name"]
             self.input_shape: tuple[int, ...] = tuple(json.loads(meta[META_PREFIX + "input_shape"])[1:])
             self.model_name: str = meta.get(META_PREFIX + "model", "")
+            self.batch_stats: bool = meta.get(META_PREFIX + "batch_stats", "0") == "1"
             version = int(meta[META_PREFIX + "version"])
         except KeyError as exc:
             raise ValueError(f"{self.path} is not a fedshift edge model: metadata {exc} missing") from exc
@@ -121,7 +122,7 @@ class EdgeRuntime:
             session, state = self._session, self._state
         feeds = {self.input_name: x}
         if self.norm_mode == "inputs":
-            feeds.update(state)
+            feeds.update((n, v) for n, v in state.items() if n in self._graph_inputs)
         return session.run(None, feeds)[0]
 
     def prepare(self, batch: np.ndarray) -> np.ndarray:
@@ -204,7 +205,6 @@ class EdgeRuntime:
             raise ValueError(f"{self.path} keeps its norm tensors as inputs; their values {sidecar} are missing")
         with np.load(sidecar) as data:
             state = {n: np.ascontiguousarray(data[n], dtype=np.float32) for n in self.norm_names}
-        declared = {i.name for i in session.get_inputs()}
-        if missing := [n for n in self.norm_names if n not in declared]:
-            raise ValueError(f"{self.path}: norm inputs missing from the graph: {missing[:5]}")
+        # unused tensors (running statistics under batch_stats) may be pruned from the graph
+        self._graph_inputs = {i.name for i in session.get_inputs()}
         return state

@@ -246,3 +246,26 @@ def test_export_cli(tmp_path) -> None:
     assert main(["export", "--model", "nope", "--out", str(out)]) == 2
     assert main(["export", "--model", "edge_cnn", "--weights", str(tmp_path / "x.pt"), "--out", str(out)]) == 2
 
+
+
+@pytest.mark.parametrize("norm_as_inputs", [False, True], ids=["initializers", "inputs"])
+def test_batch_stats_export_matches_train_mode_bn(tmp_path, norm_as_inputs) -> None:
+    """With batch_stats the edge normalizes with the batch's own statistics, like BN in train mode."""
+    model = _trained_like(create_model("edge_cnn", 10))
+    export_onnx(model, tmp_path / "b.onnx", (3, 32, 32), batch_stats=True, norm_as_inputs=norm_as_inputs)
+    runtime = EdgeRuntime(tmp_path / "b.onnx")
+    assert runtime.batch_stats
+    images = _images(16)
+    x = torch.from_numpy(runtime.prepare(images))
+    update = _perturbed(get_norm_state(model), seed=2)
+    set_norm_state(model, update)
+    runtime.apply(update, 1)
+    model.train()  # batch statistics; momentum 0 keeps the running stats untouched
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.momentum = 0.0
+    with torch.no_grad():
+        expected = model(x).numpy()
+        running = model.eval()(x).numpy()
+    assert np.abs(runtime.predict(images) - expected).max() <= TOL
+    assert np.abs(runtime.predict(images) - running).max() > 100 * TOL  # not the running-stats output
