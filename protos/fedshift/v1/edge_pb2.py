@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dprotos/fedshift/v1/edge.proto\x12\x0b\x66\x65\x64shift.v1\"V\n\x06Tensor\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12!\n\x05\x64type\x18\x03 \x01(\x0e\x32\x12.fedshift.v1.DType\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\"r\n\x0fRegisterRequest\x12\x0f\n\x07\x65\x64ge_id\x18\x01 \x01(\t\x12\x10\n\x08model_id\x18\x02 \x01(\t\x12\x14\n\x0cmodel_sha256\x18\x03 \x01(\t\x12\x12\n\nauth_token\x18\x04 \x01(\t\x12\x12\n\nnorm_names\x18\x05 \x03(\t\"R\n\rRegisterReply\x12\x0f\n\x07version\x18\x01 \x01(\x03\x12\x15\n\rnext_sequence\x18\x02 \x01(\x04\x12\x19\n\x11max_message_bytes\x18\x03 \x01(\x04\"\xb2\x01\n\rUploadRequest\x12\x0f\n\x07\x65\x64ge_id\x18\x01 \x01(\t\x12\x10\n\x08sequence\x18\x02 \x01(\x04\x12#\n\x06images\x18\x03 \x01(\x0b\x32\x13.fedshift.v1.Tensor\x12\x11\n\tentropies\x18\x04 \x03(\x02\x12\x0e\n\x06labels\x18\x05 \x03(\x03\x12\x14\n\x0c\x65\x64ge_version\x18\x06 \x01(\x03\x12\x12\n\nauth_token\x18\x07 \x01(\t\x12\x0c\n\x04seen\x18\x08 \x01(\x04\"\\\n\x0bUploadReply\x12\x10\n\x08sequence\x18\x01 \x01(\x04\x12\x11\n\tduplicate\x18\x02 \x01(\x08\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x03 \x01(\r\x12\x16\n\x0elatest_version\x18\x04 \x01(\x03\"N\n\x10SubscribeRequest\x12\x0f\n\x07\x65\x64ge_id\x18\x01 \x01(\t\x12\x15\n\rafter_version\x18\x02 \x01(\x03\x12\x12\n\nauth_token\x18\x03 \x01(\t\"r\n\x0fParameterUpdate\x12\x0f\n\x07version\x18\x01 \x01(\x03\x12$\n\x07tensors\x18\x02 \x03(\x0b\x32\x13.fedshift.v1.Tensor\x12\x14\n\x0c\x63reated_unix\x18\x03 \x01(\x01\x12\x12\n\ncloud_step\x18\x04 \x01(\x04\"\xa9\x01\n\rMetricsReport\x12\x0f\n\x07\x65\x64ge_id\x18\x01 \x01(\t\x12\x0c\n\x04step\x18\x02 \x01(\x04\x12\x36\n\x06values\x18\x03 \x03(\x0b\x32&.fedshift.v1.MetricsReport.ValuesEntry\x12\x12\n\nauth_token\x18\x04 \x01(\t\x1a-\n\x0bValuesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\x0c\n\nMetricsAck*N\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x0b\n\x07\x46LOAT32\x10\x01\x12\t\n\x05UINT8\x10\x02\x12\x0b\n\x07\x46LOAT16\x10\x03\x12\t\n\x05INT64\x10\x04\x32\xa5\x02\n\x0b\x45\x64geService\x12\x44\n\x08Register\x12\x1c.fedshift.v1.RegisterRequest\x1a\x1a.fedshift.v1.RegisterReply\x12>\n\x06Upload\x12\x1a.fedshift.v1.UploadRequest\x1a\x18.fedshift.v1.UploadReply\x12J\n\tSubscribe\x12\x1d.fedshift.v1.SubscribeRequest\x1a\x1c.fedshift.v1.ParameterUpdate0\x01\x12\x44\n\rReportMetrics\x12\x1a.fedshift.v1.MetricsReport\x1a\x17.fedshift.v1.MetricsAckb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dprotos/fedshift/v1/edge.proto\x12\x0b\x66\x65\x64shift.v1\"V\n\x06Tensor\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12!\n\x05\x64type\x18\x03 \x01(\x0e\x32\x12.fedshift.v1.DType\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\"r\n\x0fRegisterRequest\x12\x0f\n\x07\x65\x64ge_id\x18\x01 \x01(\t\x12\x10\n\x08model_id\x18\x02 \x01(\t\x12\x14\n\x0cmodel_sha256\x18\x03 \x01(\t\x12\x12\n\nauth_token\x18\x04 \x01(\t\x12\x12\n\nnorm_names\x18\x05 \x03(\t\"R\n\rRegisterReply\x12\x0f\n\x07version\x18\x01 \x01(\x03\x12\x15\n\rnext_sequence\x18\x02 \x01(\x04\x12\x19\n\x11max_message_bytes\x18\x03 \x01(\x04\"\xc3\x01\n\rUploadRequest\x12\x0f\n\x07\x65\x64ge_id\x18\x01 \x01(\t\x12\x10\n\x08sequence\x18\x02 \x01(\x04\x12#\n\x06images\x18\x03 \x01(\x0b\x32\x13.fedshift.v1.Tensor\x12\x11\n\tentropies\x18\x04 \x03(\x02\x12\x0e\n\x06labels\x18\x05 \x03(\x03\x12\x14\n\x0c\x65\x64ge_version\x18\x06 \x01(\x03\x12\x12\n\nauth_token\x18\x07 \x01(\t\x12\x0c\n\x04seen\x18\x08 \x01(\x04\x12\x0f\n\x07\x65pisode\x18\t \x01(\r\"\\\n\x0bUploadReply\x12\x10\n\x08sequence\x18\x01 \x01(\x04\x12\x11\n\tduplicate\x18\x02 \x01(\x08\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x03 \x01(\r\x12\x16\n\x0elatest_version\x18\x04 \x01(\x03\"N\n\x10SubscribeRequest\x12\x0f\n\x07\x65\x64ge_id\x18\x01 \x01(\t\x12\x15\n\rafter_version\x18\x02 \x01(\x03\x12\x12\n\nauth_token\x18\x03 \x01(\t\"\x83\x01\n\x0fParameterUpdate\x12\x0f\n\x07version\x18\x01 \x01(\x03\x12$\n\x07tensors\x18\x02 \x03(\x0b\x32\x13.fedshift.v1.Tensor\x12\x14\n\x0c\x63reated_unix\x18\x03 \x01(\x01\x12\x12\n\ncloud_step\x18\x04 \x01(\x04\x12\x0f\n\x07\x65pisode\x18\x05 \x01(\r\"\xa9\x01\n\rMetricsReport\x12\x0f\n\x07\x65\x64ge_id\x18\x01 \x01(\t\x12\x0c\n\x04step\x18\x02 \x01(\x04\x12\x36\n\x06values\x18\x03 \x03(\x0b\x32&.fedshift.v1.MetricsReport.ValuesEntry\x12\x12\n\nauth_token\x18\x04 \x01(\t\x1a-\n\x0bValuesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\x0c\n\nMetricsAck\"D\n\x0cResetRequest\x12\x0f\n\x07\x65\x64ge_id\x18\x01 \x01(\t\x12\x0f\n\x07\x65pisode\x18\x02 \x01(\r\x12\x12\n\nauth_token\x18\x03 \x01(\t\".\n\nResetReply\x12\x0f\n\x07version\x18\x01 \x01(\x03\x12\x0f\n\x07\x65pisode\x18\x02 \x01(\r*N\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x0b\n\x07\x46LOAT32\x10\x01\x12\t\n\x05UINT8\x10\x02\x12\x0b\n\x07\x46LOAT16\x10\x03\x12\t\n\x05INT64\x10\x04\x32\xe2\x02\n\x0b\x45\x64geService\x12\x44\n\x08Register\x12\x1c.fedshift.v1.RegisterRequest\x1a\x1a.fedshift.v1.RegisterReply\x12>\n\x06Upload\x12\x1a.fedshift.v1.UploadRequest\x1a\x18.fedshift.v1.UploadReply\x12J\n\tSubscribe\x12\x1d.fedshift.v1.SubscribeRequest\x1a\x1c.fedshift.v1.ParameterUpdate0\x01\x12\x44\n\rReportMetrics\x12\x1a.fedshift.v1.MetricsReport\x1a\x17.fedshift.v1.MetricsAck\x12;\n\x05Reset\x12\x19.fedshift.v1.ResetRequest\x1a\x17.fedshift.v1.ResetReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,8 +33,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_METRICSREPORT_VALUESENTRY']._loaded_options = None
   _globals['_METRICSREPORT_VALUESENTRY']._serialized_options = b'8\001'
-  _globals['_DTYPE']._serialized_start=991
-  _globals['_DTYPE']._serialized_end=1069
+  _globals['_DTYPE']._serialized_start=1144
+  _globals['_DTYPE']._serialized_end=1222
   _globals['_TENSOR']._serialized_start=46
   _globals['_TENSOR']._serialized_end=132
   _globals['_REGISTERREQUEST']._serialized_start=134
@@ -42,19 +42,23 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_REGISTERREPLY']._serialized_start=250
   _globals['_REGISTERREPLY']._serialized_end=332
   _globals['_UPLOADREQUEST']._serialized_start=335
-  _globals['_UPLOADREQUEST']._serialized_end=513
-  _globals['_UPLOADREPLY']._serialized_start=515
-  _globals['_UPLOADREPLY']._serialized_end=607
-  _globals['_SUBSCRIBEREQUEST']._serialized_start=609
-  _globals['_SUBSCRIBEREQUEST']._serialized_end=687
-  _globals['_PARAMETERUPDATE']._serialized_start=689
-  _globals['_PARAMETERUPDATE']._serialized_end=803
-  _globals['_METRICSREPORT']._serialized_start=806
-  _globals['_METRICSREPORT']._serialized_end=975
-  _globals['_METRICSREPORT_VALUESENTRY']._serialized_start=930
-  _globals['_METRICSREPORT_VALUESENTRY']._serialized_end=975
-  _globals['_METRICSACK']._serialized_start=977
-  _globals['_METRICSACK']._serialized_end=989
-  _globals['_EDGESERVICE']._serialized_start=1072
-  _globals['_EDGESERVICE']._serialized_end=1365
+  _globals['_UPLOADREQUEST']._serialized_end=530
+  _globals['_UPLOADREPLY']._serialized_start=532
+  _globals['_UPLOADREPLY']._serialized_end=624
+  _globals['_SUBSCRIBEREQUEST']._serialized_start=626
+  _globals['_SUBSCRIBEREQUEST']._serialized_end=704
+  _globals['_PARAMETERUPDATE']._serialized_start=707
+  _globals['_PARAMETERUPDATE']._serialized_end=838
+  _globals['_METRICSREPORT']._serialized_start=841
+  _globals['_METRICSREPORT']._serialized_end=1010
+  _globals['_METRICSREPORT_VALUESENTRY']._serialized_start=965
+  _globals['_METRICSREPORT_VALUESENTRY']._serialized_end=1010
+  _globals['_METRICSACK']._serialized_start=1012
+  _globals['_METRICSACK']._serialized_end=1024
+  _globals['_RESETREQUEST']._serialized_start=1026
+  _globals['_RESETREQUEST']._serialized_end=1094
+  _globals['_RESETREPLY']._serialized_start=1096
+  _globals['_RESETREPLY']._serialized_end=1142
+  _globals['_EDGESERVICE']._serialized_start=1225
+  _globals['_EDGESERVICE']._serialized_end=1579
 # @@protoc_insertion_point(module_scope)

@@ -57,7 +57,7 @@ class RegisterReply(_message.Message):
     def __init__(self, version: _Optional[int] = ..., next_sequence: _Optional[int] = ..., max_message_bytes: _Optional[int] = ...) -> None: ...
 
 class UploadRequest(_message.Message):
-    __slots__ = ("edge_id", "sequence", "images", "entropies", "labels", "edge_version", "auth_token", "seen")
+    __slots__ = ("edge_id", "sequence", "images", "entropies", "labels", "edge_version", "auth_token", "seen", "episode")
     EDGE_ID_FIELD_NUMBER: _ClassVar[int]
     SEQUENCE_FIELD_NUMBER: _ClassVar[int]
     IMAGES_FIELD_NUMBER: _ClassVar[int]
@@ -66,6 +66,7 @@ class UploadRequest(_message.Message):
     EDGE_VERSION_FIELD_NUMBER: _ClassVar[int]
     AUTH_TOKEN_FIELD_NUMBER: _ClassVar[int]
     SEEN_FIELD_NUMBER: _ClassVar[int]
+    EPISODE_FIELD_NUMBER: _ClassVar[int]
     edge_id: str
     sequence: int
     images: Tensor
@@ -74,7 +75,8 @@ class UploadRequest(_message.Message):
     edge_version: int
     auth_token: str
     seen: int
-    def __init__(self, edge_id: _Optional[str] = ..., sequence: _Optional[int] = ..., images: _Optional[_Union[Tensor, _Mapping]] = ..., entropies: _Optional[_Iterable[float]] = ..., labels: _Optional[_Iterable[int]] = ..., edge_version: _Optional[int] = ..., auth_token: _Optional[str] = ..., seen: _Optional[int] = ...) -> None: ...
+    episode: int
+    def __init__(self, edge_id: _Optional[str] = ..., sequence: _Optional[int] = ..., images: _Optional[_Union[Tensor, _Mapping]] = ..., entropies: _Optional[_Iterable[float]] = ..., labels: _Optional[_Iterable[int]] = ..., edge_version: _Optional[int] = ..., auth_token: _Optional[str] = ..., seen: _Optional[int] = ..., episode: _Optional[int] = ...) -> None: ...
 
 class UploadReply(_message.Message):
     __slots__ = ("sequence", "duplicate", "accepted", "latest_version")
@@ -99,16 +101,18 @@ class SubscribeRequest(_message.Message):
     def __init__(self, edge_id: _Optional[str] = ..., after_version: _Optional[int] = ..., auth_token: _Optional[str] = ...) -> None: ...
 
 class ParameterUpdate(_message.Message):
-    __slots__ = ("version", "tensors", "created_unix", "cloud_step")
+    __slots__ = ("version", "tensors", "created_unix", "cloud_step", "episode")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     TENSORS_FIELD_NUMBER: _ClassVar[int]
     CREATED_UNIX_FIELD_NUMBER: _ClassVar[int]
     CLOUD_STEP_FIELD_NUMBER: _ClassVar[int]
+    EPISODE_FIELD_NUMBER: _ClassVar[int]
     version: int
     tensors: _containers.RepeatedCompositeFieldContainer[Tensor]
     created_unix: float
     cloud_step: int
-    def __init__(self, version: _Optional[int] = ..., tensors: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ..., created_unix: _Optional[float] = ..., cloud_step: _Optional[int] = ...) -> None: ...
+    episode: int
+    def __init__(self, version: _Optional[int] = ..., tensors: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ..., created_unix: _Optional[float] = ..., cloud_step: _Optional[int] = ..., episode: _Optional[int] = ...) -> None: ...
 
 class MetricsReport(_message.Message):
     __slots__ = ("edge_id", "step", "values", "auth_token")
@@ -132,3 +136,21 @@ class MetricsReport(_message.Message):
 class MetricsAck(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
+
+class ResetRequest(_message.Message):
+    __slots__ = ("edge_id", "episode", "auth_token")
+    EDGE_ID_FIELD_NUMBER: _ClassVar[int]
+    EPISODE_FIELD_NUMBER: _ClassVar[int]
+    AUTH_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    edge_id: str
+    episode: int
+    auth_token: str
+    def __init__(self, edge_id: _Optional[str] = ..., episode: _Optional[int] = ..., auth_token: _Optional[str] = ...) -> None: ...
+
+class ResetReply(_message.Message):
+    __slots__ = ("version", "episode")
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    EPISODE_FIELD_NUMBER: _ClassVar[int]
+    version: int
+    episode: int
+    def __init__(self, version: _Optional[int] = ..., episode: _Optional[int] = ...) -> None: ...

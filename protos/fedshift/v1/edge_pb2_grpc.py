@@ -54,6 +54,11 @@ class EdgeServiceStub:
                 request_serializer=protos_dot_fedshift_dot_v1_dot_edge__pb2.MetricsReport.SerializeToString,
                 response_deserializer=protos_dot_fedshift_dot_v1_dot_edge__pb2.MetricsAck.FromString,
                 _registered_method=True)
+        self.Reset = channel.unary_unary(
+                '/fedshift.v1.EdgeService/Reset',
+                request_serializer=protos_dot_fedshift_dot_v1_dot_edge__pb2.ResetRequest.SerializeToString,
+                response_deserializer=protos_dot_fedshift_dot_v1_dot_edge__pb2.ResetReply.FromString,
+                _registered_method=True)
 
 
 class EdgeServiceServicer:
@@ -87,6 +92,14 @@ class EdgeServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Reset(self, request, context):
+        """Start a new episode (reset-per-shift protocol): the cloud restores this edge's adaptation
+        state to its initial values and publishes it as a new version.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_EdgeServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -109,6 +122,11 @@ def add_EdgeServiceServicer_to_server(servicer, server):
                     servicer.ReportMetrics,
                     request_deserializer=protos_dot_fedshift_dot_v1_dot_edge__pb2.MetricsReport.FromString,
                     response_serializer=protos_dot_fedshift_dot_v1_dot_edge__pb2.MetricsAck.SerializeToString,
+            ),
+            'Reset': grpc.unary_unary_rpc_method_handler(
+                    servicer.Reset,
+                    request_deserializer=protos_dot_fedshift_dot_v1_dot_edge__pb2.ResetRequest.FromString,
+                    response_serializer=protos_dot_fedshift_dot_v1_dot_edge__pb2.ResetReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -219,6 +237,33 @@ class EdgeService:
             '/fedshift.v1.EdgeService/ReportMetrics',
             protos_dot_fedshift_dot_v1_dot_edge__pb2.MetricsReport.SerializeToString,
             protos_dot_fedshift_dot_v1_dot_edge__pb2.MetricsAck.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Reset(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fedshift.v1.EdgeService/Reset',
+            protos_dot_fedshift_dot_v1_dot_edge__pb2.ResetRequest.SerializeToString,
+            protos_dot_fedshift_dot_v1_dot_edge__pb2.ResetReply.FromString,
             options,
             channel_credentials,
             insecure,
