@@ -15,7 +15,7 @@ from .partition import (
     stratified_split,
     stratified_subsample,
 )
-from .preview import save_preview
+from .preview import save_corruption_preview, save_preview
 from .types import ClientData, DatasetError, FederatedDataset, Split
 
 __all__ = [
@@ -30,6 +30,7 @@ __all__ = [
     "load_imagenet_c",
     "make_digits_shift",
     "render",
+    "save_corruption_preview",
     "save_preview",
     "seeded_rng",
     "stratified_partition",

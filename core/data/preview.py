@@ -74,3 +74,38 @@ def save_preview(dataset: FederatedDataset, path: str | Path, per_client: int = 
     sheet.save(path, format="PNG")
     logger.info("wrote preview %s", path)
     return path
+
+
+def save_corruption_preview(images: np.ndarray, path: str | Path, *, seed: int = 0,
+                            severities: tuple[int, ...] = (1, 2, 3, 4, 5)) -> Path:
+    """Write a PNG grid: rows = the 15 corruptions, columns = ``images`` × ``severities``.
+
+    Shows at a glance how strong each corruption is at the image size the edges will see.
+    """
+    from core.corruptions import CORRUPTIONS, corrupt
+
+    images = np.asarray(images)
+    if images.ndim != 4 or images.dtype != np.uint8:
+        raise ValueError(f"images must be uint8 (N, H, W, 3), got {images.dtype} {images.shape}")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    size = images.shape[1]
+    cell = size * max(1, math.ceil(MIN_CELL / size))
+    cols = len(images) * (len(severities) + 1)
+    sheet = Image.new("RGB", (LABEL_WIDTH + cols * (cell + PAD) + PAD,
+                              HEADER + len(CORRUPTIONS) * (cell + PAD) + PAD), _BACKGROUND)
+    draw = ImageDraw.Draw(sheet)
+    font = ImageFont.load_default()
+    draw.text((PAD, 3), f"corruptions, columns: clean then severity {', '.join(map(str, severities))}",
+              fill=_TEXT, font=font)
+    for row, name in enumerate(CORRUPTIONS):
+        top = HEADER + row * (cell + PAD)
+        draw.text((PAD, top + 4), name, fill=_TEXT, font=font)
+        tiles = [images] + [corrupt(images, name, s, seed=seed) for s in severities]
+        for i in range(len(images)):
+            for j, batch in enumerate(tiles):
+                left = LABEL_WIDTH + (i * len(tiles) + j) * (cell + PAD)
+                sheet.paste(Image.fromarray(batch[i]).resize((cell, cell), Image.Resampling.NEAREST), (left, top))
+    sheet.save(path, format="PNG")
+    logger.info("wrote corruption preview %s", path)
+    return path

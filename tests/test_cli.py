@@ -1,0 +1,29 @@
+import subprocess
+import sys
+
+from PIL import Image
+
+from simulations.cli import main
+
+
+def test_parser_builds_without_torch() -> None:
+    """The dispatcher imports no heavy stack: `fedshift edge` must run on an edge-only install."""
+    code = ("import sys; sys.modules['torch'] = None; sys.modules['flwr'] = None\n"
+            "from simulations.cli import build_parser; build_parser()\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+
+
+def test_data_preview_and_corruption_grid(tmp_path) -> None:
+    assert main(["data", "preview", "--out", str(tmp_path / "d.png"), "--image-size", "16"]) == 0
+    with Image.open(tmp_path / "d.png") as img:
+        assert img.format == "PNG" and img.height > 5 * 16
+    assert main(["data", "corruptions", "--out", str(tmp_path / "c.png"), "--samples", "1",
+                 "--image-size", "16"]) == 0
+    with Image.open(tmp_path / "c.png") as img:
+        assert img.format == "PNG" and img.height > 15 * 16
+
+
+def test_bad_arguments_give_a_clear_error(capsys) -> None:
+    assert main(["data", "preview", "--out", "/tmp/x.png", "--image-size", "4"]) == 2
+    assert "image_size" in capsys.readouterr().err
