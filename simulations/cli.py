@@ -17,6 +17,8 @@ from typing import Sequence
 COMMANDS: dict[str, tuple[str, str]] = {
     "data": ("simulations.commands.data", "built-in data: preview the digits-shift domains and corruptions"),
     "export": ("simulations.commands.export", "export a registry model to ONNX with live-swappable normalization"),
+    "cloud": ("server.cloud_cli", "serve CEMA cloud-edge adaptation (gRPC) to forward-only edges"),
+    "edge": ("edge.cli", "run a forward-only edge node (ONNX Runtime) against a cloud, or none"),
 }
 
 

@@ -1,0 +1,242 @@
+"""The built-in models for standalone cloud-edge runs: a robust teacher and a plain edge model.
+
+CEMA's distillation transfers the teacher's robustness, so the built-in teacher (``teacher_resnet``)
+is trained on the digits-shift training splits of every client with corruption augmentation —
+random noise / blur / contrast corruptions at random severities 1–5, drawn from a seed stream
+disjoint from the evaluation streams — while the default edge model (``edge_cnn``) is trained on
+the same data without corruptions, like a model shipped without any thought of shift.
+
+Training goes through the project's one training loop (:func:`core.training.train_local`), one
+epoch per call: the augmentation is applied to a fresh copy of the training images before each
+epoch, and the SGD momentum is carried from call to call. Trained weights are cached on disk
+(``$FEDSHIFT_CACHE`` or ``~/.cache/fedshift``), keyed by a hash of the training config, so the
+first run trains for a couple of minutes and later runs load a file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import fcntl
+import hashlib
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+
+from core.corruptions import CORRUPTIONS, corrupt, corruption_constants, corruption_seed, resolve_constants
+from core.data import FederatedDataset, Split, make_digits_shift
+from core.models import SplitModel, create_model, load_weights
+from core.training import LocalSpec, evaluate, to_tensor, train_local
+
+log = logging.getLogger(__name__)
+
+CACHE_ENV = "FEDSHIFT_CACHE"
+CACHE_FORMAT = 1  # bump when training code changes in a way the config does not capture
+# noise / blur / contrast families (METHODS.md pilot); the other 9 test corruptions stay unseen
+AUGMENT_CORRUPTIONS: tuple[str, ...] = (
+    "gaussian_noise", "shot_noise", "impulse_noise", "defocus_blur", "motion_blur", "contrast",
+)
+EVAL_SEED = 2024  # corruption seed of the robustness report; training draws from other streams
+
+
+@dataclass(frozen=True)
+class SupervisedConfig:
+    """Everything that determines a trained built-in model (its hash names the cache file)."""
+
+    model: str = "teacher_resnet"
+    model_kwargs: tuple[tuple[str, int | float], ...] = ()  # e.g. (("width", 8),) for tests
+    num_classes: int = 10
+    image_size: int = 32
+    data_seed: int = 0  # digits-shift seed (which images are train/val/test)
+    train_per_client: int = 0  # 0: the whole training split of every client
+    epochs: int = 30
+    steps_per_epoch: int = 0  # > 0: cap each epoch (tests)
+    batch_size: int = 64
+    lr: float = 0.05  # cosine-decayed per epoch to 0
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    augment: tuple[str, ...] = ()  # corruptions used as augmentation; () = none
+    augment_fraction: float = 0.75  # share of each epoch's images that are corrupted
+    augment_chunk: int = 16  # images sharing one (corruption, severity) draw
+    seed: int = 0  # init, shuffling and augmentation
+
+    def __post_init__(self) -> None:
+        unknown = [c for c in self.augment if c not in CORRUPTIONS]
+        if unknown:
+            raise ValueError(f"unknown augmentation corruptions {unknown}; valid: {', '.join(CORRUPTIONS)}")
+        if self.epochs < 1 or self.batch_size < 2 or self.augment_chunk < 1:
+            raise ValueError("epochs >= 1, batch_size >= 2 and augment_chunk >= 1 are required")
+        if not 0.0 <= self.augment_fraction <= 1.0:
+            raise ValueError(f"augment_fraction must be in [0, 1], got {self.augment_fraction}")
+
+    def key(self) -> str:
+        """Stable hash of the config (and the cache format): the cache file's name."""
+        # the augmentation's constants too: retuned corruptions must not reuse a stale teacher
+        kind = resolve_constants("auto", self.image_size, self.image_size)
+        constants = {c: [corruption_constants(c, s, kind) for s in range(1, 6)] for c in self.augment}
+        text = json.dumps({"format": CACHE_FORMAT, **asdict(self), "augment_constants": constants},
+                          sort_keys=True, default=str)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+    def create(self) -> SplitModel:
+        """An untrained model of this config (seeded init, caller's RNG state untouched)."""
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.seed)
+            return create_model(self.model, self.num_classes, image_size=self.image_size,
+                                **dict(self.model_kwargs))
+
+
+DEFAULT_TEACHER = SupervisedConfig(model="teacher_resnet", epochs=30, augment=AUGMENT_CORRUPTIONS)
+DEFAULT_EDGE = SupervisedConfig(model="edge_cnn", epochs=40, augment=())
+
+
+def cache_dir(path: str | os.PathLike | None = None) -> Path:
+    """Where trained built-ins live: the argument, else ``$FEDSHIFT_CACHE``, else ~/.cache/fedshift."""
+    if path is None:
+        path = os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "fedshift"
+    return Path(path).expanduser()
+
+
+# --------------------------------------------------------------------------------------------
+# Training
+
+
+def training_split(dataset: FederatedDataset) -> Split:
+    """The training splits of all clients, concatenated."""
+    return Split(np.concatenate([c.train.images for c in dataset.clients]),
+                 np.concatenate([c.train.labels for c in dataset.clients]))
+
+
+def eval_split(dataset: FederatedDataset) -> Split:
+    """The test splits of all clients, concatenated (the robustness report's data)."""
+    return Split(np.concatenate([c.test.images for c in dataset.clients]),
+                 np.concatenate([c.test.labels for c in dataset.clients]))
+
+
+def augment_images(images: np.ndarray, corruptions: Sequence[str], fraction: float, chunk: int,
+                   rng: np.random.Generator) -> np.ndarray:
+    """A copy of ``images`` where a random ``fraction`` is corrupted, in chunks of ``chunk`` images
+    sharing one random corruption (from ``corruptions``) at one random severity 1–5."""
+    out = images.copy()
+    if not corruptions or fraction <= 0:
+        return out
+    order = rng.permutation(len(images))[: int(round(fraction * len(images)))]
+    for start in range(0, len(order), chunk):
+        idx = np.sort(order[start:start + chunk])
+        name = corruptions[int(rng.integers(len(corruptions)))]
+        out[idx] = corrupt(images[idx], name, int(rng.integers(1, 6)), seed=rng)
+    return out
+
+
+def train_supervised(config: SupervisedConfig, dataset: FederatedDataset | None = None) -> tuple[SplitModel, dict]:
+    """Train a built-in model from scratch; returns it (eval mode) and a summary dict."""
+    if dataset is None:
+        dataset = make_digits_shift(config.data_seed, config.image_size,
+                                    train_per_client=config.train_per_client or None)
+    train = training_split(dataset)
+    model = config.create()
+    rng = np.random.default_rng(np.random.SeedSequence([config.seed, 1]))
+    aug_rng = corruption_seed(config.seed, "fedshift-train-augment")
+    opt_state: dict[str, np.ndarray] = {}
+    start = time.perf_counter()
+    result = None
+    for epoch in range(config.epochs):
+        lr = 0.5 * config.lr * (1 + math.cos(math.pi * epoch / config.epochs))
+        spec = LocalSpec(epochs=1, steps=config.steps_per_epoch, batch_size=config.batch_size, lr=lr,
+                         momentum=config.momentum, weight_decay=config.weight_decay)
+        images = augment_images(train.images, config.augment, config.augment_fraction, config.augment_chunk,
+                                aug_rng)
+        result = train_local(model, Split(images, train.labels), spec, rng=rng, optimizer_state_in=opt_state)
+        opt_state = result.optimizer_state
+        log.info("%s epoch %d/%d: lr %.4f loss %.4f train acc %.3f (%.0f s)", config.model, epoch + 1,
+                 config.epochs, lr, result.loss, result.accuracy, time.perf_counter() - start)
+    model.eval()
+    summary = {"config": asdict(config), "train_seconds": round(time.perf_counter() - start, 2),
+               "train_loss": result.loss if result else None, "train_accuracy": result.accuracy if result else None,
+               "train_samples": len(train)}
+    return model, summary
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path) -> Iterator[None]:
+    """Exclusive lock so concurrent processes train a missing model once, not twice."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def cached_model(config: SupervisedConfig, cache: str | os.PathLike | None = None) -> tuple[SplitModel, Path]:
+    """Load the trained model of ``config`` from the cache, training (and caching) it if missing."""
+    root = cache_dir(cache)
+    path = root / f"{config.model}-{config.key()}.pt"
+    with _file_lock(root / f".{path.name}.lock"):
+        if not path.is_file():
+            log.info("training %s (not cached at %s); this takes a few minutes once", config.model, path)
+            model, summary = train_supervised(config)
+            tmp = path.with_suffix(".pt.tmp")
+            torch.save(model.state_dict(), tmp)
+            os.replace(tmp, path)
+            path.with_suffix(".json").write_text(json.dumps(summary, indent=2))
+            log.info("cached %s at %s (%.0f s)", config.model, path, summary["train_seconds"])
+    model = config.create()
+    load_weights(model, path)
+    return model.eval(), path
+
+
+def default_teacher(cache: str | os.PathLike | None = None) -> tuple[SplitModel, Path]:
+    """The built-in robust teacher (``teacher_resnet`` with corruption augmentation)."""
+    return cached_model(DEFAULT_TEACHER, cache)
+
+
+def default_edge_model(cache: str | os.PathLike | None = None) -> tuple[SplitModel, Path]:
+    """The built-in edge model (``edge_cnn``, no corruption augmentation)."""
+    return cached_model(DEFAULT_EDGE, cache)
+
+
+# --------------------------------------------------------------------------------------------
+# Robustness report
+
+
+@torch.no_grad()
+def batch_stats_accuracy(model: torch.nn.Module, split: Split, batch_size: int = 64, seed: int = 0) -> float:
+    """Accuracy when every BN layer normalizes with the statistics of the batch being predicted
+    (the forward-only "BN statistics" adaptation). Batches are a seeded shuffle of the split;
+    the model itself is not modified."""
+    probe = copy.deepcopy(model).train()
+    order = np.random.default_rng(seed).permutation(len(split))
+    correct = 0
+    # near-equal batches, so none is a single sample (BatchNorm cannot normalize one)
+    for idx in np.array_split(order, max(1, math.ceil(len(order) / batch_size))):
+        correct += int((probe(to_tensor(split.images[idx])).argmax(1).numpy() == split.labels[idx]).sum())
+    return correct / len(split)
+
+
+def robustness_report(model: torch.nn.Module, split: Split, *, severity: int = 5,
+                      corruptions: Sequence[str] = CORRUPTIONS, seed: int = EVAL_SEED,
+                      batch_size: int = 64) -> dict:
+    """Clean and corrupted accuracy, each with running BN statistics ("eval", no adaptation) and
+    with batch statistics ("batch_stats"); per corruption at ``severity`` and their mean."""
+    model.eval()
+    report: dict = {"severity": severity, "seed": seed, "samples": len(split),
+                    "clean": {"eval": evaluate(model, split)[1], "batch_stats": batch_stats_accuracy(model, split, batch_size)},
+                    "corrupted": {}}
+    for name in corruptions:
+        shifted = Split(corrupt(split.images, name, severity, seed=seed), split.labels)
+        report["corrupted"][name] = {"eval": evaluate(model, shifted)[1],
+                                     "batch_stats": batch_stats_accuracy(model, shifted, batch_size)}
+    for mode in ("eval", "batch_stats"):
+        values = [v[mode] for v in report["corrupted"].values()]
+        report[f"corrupted_mean_{mode}"] = float(np.mean(values)) if values else float("nan")
+    return report

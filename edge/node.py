@@ -1,0 +1,414 @@
+"""The forward-only edge node: read → predict → select → upload; updates arrive on their own.
+
+Why this order: CEMA's timing is "predict first, adapt after" — each batch is predicted with the
+parameters in force when it arrives (applied in the background by :class:`edge.client.Subscriber`),
+so the edge never waits for the cloud — unless a simulation asks for a bounded lockstep with
+``NodeConfig.sync_timeout_s`` (an edge reading a file is far faster than the cloud's steps, and
+CEMA's protocol predicts batch t with the cloud's step on batch t-1). A ``reset`` batch
+(reset-per-shift protocol) first starts a new episode at the cloud and puts the edge's start-up
+normalization state back in force under the version the cloud returns. With ``client=None`` the node runs forward-only without a cloud (the
+"no adaptation" and "edge BN statistics" baselines); selection still runs and is counted as
+``kept``, but nothing is uploaded.
+
+Summary (``EdgeNode.run()`` / ``summary()``; JSON-ready; keys are stable, the launcher aggregates):
+
+- identity: ``edge_id`` (str | None), ``server`` (address | None), ``method``, ``selection`` (the
+  SelectionConfig as a dict), ``model`` {``name``, ``path``, ``num_classes``, ``input_shape``}
+- volume: ``seen``, ``batches``, ``kept`` (sum of per-batch kept), ``kept_rate`` (kept / seen),
+  ``excluded`` {``unreliable``, ``low_informative``, ``redundant``, ``skipped``}
+  (``seen == kept + sum(excluded)``)
+- uploads: ``uploaded`` (samples acknowledged by the cloud, each sequence counted once),
+  ``upload_failed`` (samples whose upload outlasted the retry policy), ``uploads`` (acknowledged
+  requests), ``upload_errors`` (failed requests), ``upload_retries`` (re-sends), ``duplicates``
+  (acks flagged duplicate), ``upload_rate`` (uploaded / seen). With a cloud,
+  ``uploaded + upload_failed == kept`` is checked at the end of ``run`` (so ``uploaded == kept``
+  whenever no upload failed); without one ``uploaded == 0``.
+- bytes: ``bytes_up`` (serialized UploadRequest sizes, once per acknowledged request; retries not
+  added), ``bytes_down`` (serialized ParameterUpdate sizes received, applied or not)
+- updates: ``updates_received``, ``versions_applied`` (subscriber + reset states put in force),
+  ``reset_versions_applied``, ``stale_ignored``, ``episode_ignored``, ``apply_errors``,
+  ``reconnects``, ``update_latency_s`` {``count``, ``mean``, ``max``} (cloud step done → applied
+  here, seconds), ``initial_version``, ``final_version``, ``cloud_version`` (last version an upload
+  ack reported, or None), ``resets``, ``episode``
+- accuracy (online, before any adaptation on that batch): ``labelled``, ``correct``, ``accuracy``
+  (None without labels); ``per_corruption`` {name: {``seen``, ``labelled``, ``correct``,
+  ``accuracy``, ``kept``, ``uploaded``}}; ``per_shift`` the same keyed ``"name@severity"``
+- entropy: ``mean_entropy`` (all predictions), ``e_max_final`` (last threshold; None for methods
+  without one)
+- run: ``metrics_reports``, ``metrics_errors``, ``wall_s``, ``samples_per_s``, ``stopped_early``,
+  ``error`` (None, or set by the CLI when the run failed); lockstep (``NodeConfig.sync_timeout_s``):
+  ``sync_waits``, ``sync_timeouts``, ``sync_wait_s``
+- ``timeline``: columns, one entry per batch: ``seen`` (cumulative), ``n``, ``kept``,
+  ``uploaded``, ``correct`` (None unlabelled), ``e_max`` (None where no threshold),
+  ``mean_entropy``, ``version`` (the batch was predicted with), ``episode``, ``corruption``,
+  ``time_s`` (since start)
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import grpc
+import numpy as np
+
+from edge.client import CloudClient, RetriesExhausted, Subscriber
+from edge.selection import EntropySelector, Selection
+from edge.sources import EdgeBatch, Source
+
+log = logging.getLogger(__name__)
+
+SUBSCRIBER_KEYS = ("updates_received", "stale_ignored", "episode_ignored", "apply_errors", "reconnects")
+TIMELINE_KEYS = ("seen", "n", "kept", "uploaded", "correct", "e_max", "mean_entropy", "version", "episode",
+                 "corruption", "time_s")
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    """Run settings of a node (not of the method: those are in SelectionConfig)."""
+
+    limit: int | None = None  # stop after this many samples
+    metrics_every: int = 20  # batches between ReportMetrics (0: only at the end)
+    log_every_s: float = 10.0  # progress log period
+    edge_id: str | None = None  # for the summary when there is no client
+    # lockstep for simulations (0: off, the deployed behaviour): after an acknowledged upload wait
+    # up to this long for a version newer than the one the batch was predicted with, so batch t+1
+    # is predicted with the cloud's step on batch t as in CEMA's protocol, however fast the edge
+    sync_timeout_s: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.limit is not None and self.limit < 0:
+            raise ValueError(f"limit must be >= 0, got {self.limit}")
+        if self.metrics_every < 0:
+            raise ValueError(f"metrics_every must be >= 0, got {self.metrics_every}")
+        if self.sync_timeout_s < 0:
+            raise ValueError(f"sync_timeout_s must be >= 0, got {self.sync_timeout_s}")
+
+
+@dataclass
+class _ShiftStats:
+    seen: int = 0
+    labelled: int = 0
+    correct: int = 0
+    kept: int = 0
+    uploaded: int = 0
+
+    def to_dict(self) -> dict:
+        acc = self.correct / self.labelled if self.labelled else None
+        return {"seen": self.seen, "labelled": self.labelled, "correct": self.correct, "accuracy": acc,
+                "kept": self.kept, "uploaded": self.uploaded}
+
+
+@dataclass
+class _Counters:
+    seen: int = 0
+    batches: int = 0
+    kept: int = 0
+    unreliable: int = 0
+    low_informative: int = 0
+    redundant: int = 0
+    skipped: int = 0
+    uploaded: int = 0
+    upload_failed: int = 0
+    uploads: int = 0
+    upload_errors: int = 0
+    upload_retries: int = 0
+    duplicates: int = 0
+    bytes_up: int = 0
+    labelled: int = 0
+    correct: int = 0
+    resets: int = 0
+    reset_versions_applied: int = 0
+    metrics_reports: int = 0
+    metrics_errors: int = 0
+    sync_waits: int = 0
+    sync_timeouts: int = 0
+    sync_wait_s: float = 0.0
+    e_max: float | None = None
+    cloud_version: int | None = None
+    per_corruption: dict[str, _ShiftStats] = field(default_factory=lambda: defaultdict(_ShiftStats))
+    per_shift: dict[str, _ShiftStats] = field(default_factory=lambda: defaultdict(_ShiftStats))
+    timeline: dict[str, list] = field(default_factory=lambda: {k: [] for k in TIMELINE_KEYS})
+
+
+class EdgeNode:
+    """One edge: a runtime, a source, an optional cloud client and a selector."""
+
+    def __init__(self, runtime, source: Source, client: CloudClient | None, selector: EntropySelector, *,
+                 config: NodeConfig = NodeConfig(), stop_event: threading.Event | None = None) -> None:
+        self.runtime, self.source, self.client, self.selector = runtime, source, client, selector
+        self.config = config
+        self._stop = stop_event or threading.Event()
+        self._initial_state = runtime.norm_state()  # what a reset puts back in force
+        self._initial_version = runtime.version
+        self._episode = 0
+        self._sequence = 0
+        self._subscriber: Subscriber | None = None
+        self._c = _Counters()
+        self._start = time.monotonic()
+        self._wall = 0.0
+        self._waiting = False
+        self._stopped_early = False
+        self._last_log = 0.0
+
+    # ---------------------------------------------------------------- control
+
+    def stop(self) -> None:
+        """Ask the loop to stop after the current batch (signal handlers call this)."""
+        self._stop.set()
+
+    @property
+    def waiting_for_input(self) -> bool:
+        """True while blocked reading the source: interrupting there loses nothing."""
+        return self._waiting
+
+    @property
+    def subscriber(self) -> Subscriber | None:
+        return self._subscriber
+
+    def run(self) -> dict:
+        """Process the whole source (or up to the limit / a stop); returns :meth:`summary`."""
+        self._start = self._last_log = time.monotonic()
+        try:
+            if self.client is not None:
+                self._connect()
+            self._loop()
+        finally:
+            self._wall = time.monotonic() - self._start
+            if self._subscriber is not None:
+                self._subscriber.close()
+            if self.client is not None:
+                self._report_metrics(final=True)
+        summary = self.summary()
+        self._check_counts(summary)
+        log.info("done: %s", self._progress_line())
+        return summary
+
+    # ---------------------------------------------------------------- loop
+
+    def _connect(self) -> None:
+        assert self.client is not None
+        reply = self.client.register(self.runtime)
+        self._sequence = int(reply.next_sequence)
+        self._subscriber = self.client.subscribe(self.runtime, episode=self._episode)
+
+    def _batches(self) -> Iterator[EdgeBatch]:
+        """The source's batches, cut at the limit; an interrupt while blocked on input ends them."""
+        it = iter(self.source)
+        remaining = self.config.limit
+        while not self._stop.is_set() and (remaining is None or remaining > 0):
+            self._waiting = True
+            try:
+                batch = next(it)
+            except StopIteration:
+                return
+            except KeyboardInterrupt:
+                self._stopped_early = True
+                return
+            finally:
+                self._waiting = False
+            if remaining is not None:
+                if len(batch) > remaining:
+                    labels = None if batch.labels is None else batch.labels[:remaining]
+                    batch = EdgeBatch(batch.images[:remaining], labels, batch.corruption, batch.severity,
+                                      batch.reset)
+                remaining -= len(batch)
+            if len(batch):
+                yield batch
+        if self._stop.is_set():
+            self._stopped_early = True
+
+    def _loop(self) -> None:
+        for batch in self._batches():
+            self._step(batch)
+            if self.client is not None and self.config.metrics_every and \
+                    self._c.batches % self.config.metrics_every == 0:
+                self._report_metrics()
+            now = time.monotonic()
+            if now - self._last_log >= self.config.log_every_s:
+                self._last_log = now
+                log.info("%s", self._progress_line())
+
+    def _step(self, batch: EdgeBatch) -> None:
+        if batch.reset:
+            self._reset()
+        version = self.runtime.version  # in force for this prediction (updates swap atomically)
+        logits = self.runtime.predict(batch.images)
+        sel = self.selector.select(logits)
+        correct = None
+        if batch.labels is not None:
+            correct = int((logits.argmax(axis=1) == batch.labels).sum())
+        uploaded = self._upload(batch, sel, version) if self.client is not None else 0
+        self._count(batch, sel, correct, uploaded, version)
+        if uploaded and self.config.sync_timeout_s > 0:
+            self._sync(version)
+
+    def _sync(self, version: int) -> None:
+        """Lockstep (simulation only): wait, bounded, for the cloud's step on what we just sent."""
+        if self._subscriber is None:
+            return
+        t0 = time.monotonic()
+        ok = self._subscriber.wait_for_version(version + 1, self.config.sync_timeout_s)
+        c = self._c
+        c.sync_waits += 1
+        c.sync_timeouts += int(not ok)
+        c.sync_wait_s += time.monotonic() - t0
+
+    def _reset(self) -> None:
+        """Start the next episode: at the cloud, then locally with the version it returned."""
+        new = self._episode + 1
+        if self.client is not None:
+            if self._subscriber is not None:
+                self._subscriber.episode = new  # from now on, older-episode updates are stale
+            reply = self.client.reset(new)
+            if reply.episode and reply.episode != new:
+                log.warning("cloud answered reset to episode %d with episode %d", new, reply.episode)
+            if self.runtime.apply(self._initial_state, int(reply.version)):
+                self._c.reset_versions_applied += 1
+        self._episode = new
+        self._c.resets += 1
+        log.debug("episode %d", new)
+
+    def _upload(self, batch: EdgeBatch, sel: Selection, version: int) -> int:
+        """Upload the kept samples under the next sequence number; returns how many were acked."""
+        assert self.client is not None
+        idx = np.flatnonzero(sel.mask)
+        if idx.size == 0:
+            return 0
+        seq = self._sequence
+        self._sequence += 1  # used once, whatever happens: a failed sequence is never reused
+        labels = None if batch.labels is None else batch.labels[idx]
+        c = self._c
+        try:
+            res = self.client.upload(batch.images[idx], sel.entropies[idx], seq, labels=labels,
+                                     edge_version=version, seen=c.seen + len(batch), episode=self._episode)
+        except RetriesExhausted as exc:
+            c.upload_failed += int(idx.size)
+            c.upload_errors += 1
+            log.error("upload #%d of %d samples dropped: %s", seq, idx.size, exc)
+            return 0
+        c.uploads += 1
+        c.uploaded += int(idx.size)
+        c.bytes_up += res.request_bytes
+        c.upload_retries += res.attempts - 1
+        c.duplicates += int(res.reply.duplicate)
+        c.cloud_version = int(res.reply.latest_version)
+        return int(idx.size)
+
+    def _count(self, batch: EdgeBatch, sel: Selection, correct: int | None, uploaded: int, version: int) -> None:
+        c, n = self._c, len(batch)
+        c.seen += n
+        c.batches += 1
+        c.kept += sel.kept
+        c.unreliable += sel.unreliable
+        c.low_informative += sel.low_informative
+        c.redundant += sel.redundant
+        c.skipped += sel.skipped
+        c.e_max = sel.e_max
+        if correct is not None:
+            c.labelled += n
+            c.correct += correct
+        for stats in (c.per_corruption[batch.corruption], c.per_shift[f"{batch.corruption}@{batch.severity}"]):
+            stats.seen += n
+            stats.kept += sel.kept
+            stats.uploaded += uploaded
+            if correct is not None:
+                stats.labelled += n
+                stats.correct += correct
+        row = {"seen": c.seen, "n": n, "kept": sel.kept, "uploaded": uploaded, "correct": correct,
+               "e_max": sel.e_max, "mean_entropy": _finite(sel.mean_entropy), "version": version,
+               "episode": self._episode, "corruption": batch.corruption,
+               "time_s": round(time.monotonic() - self._start, 4)}
+        for k in TIMELINE_KEYS:
+            c.timeline[k].append(row[k])
+
+    # ---------------------------------------------------------------- reporting
+
+    def _sub_stats(self) -> dict:
+        if self._subscriber is None:
+            return {**{k: 0 for k in SUBSCRIBER_KEYS}, "versions_applied": 0, "bytes_down": 0,
+                    "update_latency_s": {"count": 0, "mean": None, "max": None}}
+        return self._subscriber.stats()
+
+    def _report_metrics(self, final: bool = False) -> None:
+        """Best-effort ReportMetrics: failures are counted, never fatal."""
+        assert self.client is not None
+        s = self.summary(timeline=False)
+        keys = ("seen", "kept", "uploaded", "upload_rate", "kept_rate", "bytes_up", "bytes_down",
+                "versions_applied", "accuracy", "e_max_final", "mean_entropy", "final_version", "episode")
+        values = {k: float(s[k]) for k in keys if isinstance(s[k], (int, float)) and math.isfinite(s[k])}
+        values["final"] = float(final)
+        try:
+            self.client.report_metrics(self._c.batches, values)
+            self._c.metrics_reports += 1
+        except grpc.RpcError as exc:
+            self._c.metrics_errors += 1
+            log.warning("report_metrics failed: %s", exc.code() if hasattr(exc, "code") else exc)
+
+    def _progress_line(self) -> str:
+        c = self._c
+        acc = f"{100 * c.correct / c.labelled:.1f}%" if c.labelled else "n/a"
+        e_max = f"{c.e_max:.3f}" if c.e_max is not None else "-"
+        rate = 100 * c.kept / c.seen if c.seen else 0.0
+        return (f"seen {c.seen}, acc {acc}, kept {c.kept} ({rate:.1f}%), uploaded {c.uploaded}, "
+                f"version {self.runtime.version}, episode {self._episode}, E_max {e_max}")
+
+    def summary(self, timeline: bool = True) -> dict:
+        """The counters as a JSON-ready dict (keys in the module docstring)."""
+        c, sub = self._c, self._sub_stats()
+        wall = self._wall or (time.monotonic() - self._start)
+        sel_cfg = self.selector.config
+        out = {
+            "edge_id": self.client.edge_id if self.client is not None else self.config.edge_id,
+            "server": self.client.address if self.client is not None else None,
+            "method": sel_cfg.method,
+            "selection": sel_cfg.to_dict(),
+            "model": {"name": self.runtime.model_name, "path": str(self.runtime.path),
+                      "num_classes": self.runtime.num_classes, "input_shape": list(self.runtime.input_shape)},
+            "seen": c.seen, "batches": c.batches, "kept": c.kept,
+            "kept_rate": c.kept / c.seen if c.seen else 0.0,
+            "excluded": {"unreliable": c.unreliable, "low_informative": c.low_informative,
+                         "redundant": c.redundant, "skipped": c.skipped},
+            "uploaded": c.uploaded, "upload_failed": c.upload_failed, "uploads": c.uploads,
+            "upload_errors": c.upload_errors, "upload_retries": c.upload_retries, "duplicates": c.duplicates,
+            "upload_rate": c.uploaded / c.seen if c.seen else 0.0,
+            "bytes_up": c.bytes_up, "bytes_down": sub["bytes_down"],
+            **{k: sub[k] for k in SUBSCRIBER_KEYS},
+            "versions_applied": sub["versions_applied"] + c.reset_versions_applied,
+            "reset_versions_applied": c.reset_versions_applied,
+            "update_latency_s": sub["update_latency_s"],
+            "initial_version": self._initial_version, "final_version": self.runtime.version,
+            "cloud_version": c.cloud_version, "resets": c.resets, "episode": self._episode,
+            "labelled": c.labelled, "correct": c.correct,
+            "accuracy": c.correct / c.labelled if c.labelled else None,
+            "per_corruption": {k: v.to_dict() for k, v in c.per_corruption.items()},
+            "per_shift": {k: v.to_dict() for k, v in c.per_shift.items()},
+            "mean_entropy": _finite(self.selector.mean_entropy), "e_max_final": c.e_max,
+            "metrics_reports": c.metrics_reports, "metrics_errors": c.metrics_errors,
+            "sync_waits": c.sync_waits, "sync_timeouts": c.sync_timeouts, "sync_wait_s": c.sync_wait_s,
+            "wall_s": wall, "samples_per_s": c.seen / wall if wall > 0 else None,
+            "stopped_early": self._stopped_early, "error": None,
+        }
+        if timeline:
+            out["timeline"] = {k: list(v) for k, v in c.timeline.items()}
+        return out
+
+    def _check_counts(self, s: dict) -> None:
+        """Every sample is counted exactly once; every kept sample is uploaded once (or failed)."""
+        excluded = sum(s["excluded"].values())
+        if s["kept"] + excluded != s["seen"]:
+            raise AssertionError(f"counts: kept {s['kept']} + excluded {excluded} != seen {s['seen']}")
+        if self.client is not None and s["uploaded"] + s["upload_failed"] != s["kept"]:
+            raise AssertionError(f"counts: uploaded {s['uploaded']} + failed {s['upload_failed']} "
+                                 f"!= kept {s['kept']}")
+        if self.client is None and s["uploaded"]:
+            raise AssertionError("counts: uploads without a cloud")
+
+
+def _finite(x: float | None) -> float | None:
+    return float(x) if x is not None and math.isfinite(x) else None

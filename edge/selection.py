@@ -1,0 +1,242 @@
+"""Edge-side sample selection for cloud-edge adaptation (CEMA, METHODS.md "Edge sample selection").
+
+Why on the edge: the upload count is CEMA's communication metric, so each edge decides from its own
+forward pass which samples are worth sending. All rules use the softmax entropy of the edge model,
+``H(x) = -sum_c p_c log p_c`` with ``C`` classes and ``E0 = e0_factor * ln C`` (0.4 ln C):
+
+(a) unreliable exclusion -- keep if ``H < E_max``. During a warm-up of the first ``N_w`` samples
+    ``E_max = E0``; afterwards ``E_max = lam * E0 * mean_t / mean_w`` where ``mean_t`` is the
+    running mean entropy of *all* predictions so far and ``mean_w`` that mean over the first
+    ``N_w`` samples, frozen. The threshold shrinks as the edge becomes confident.
+(b) low-informative exclusion -- keep if ``H > E_min = kappa * ln C``.
+(c) redundancy (EATA) -- a moving average ``m`` of the softmax of kept samples,
+    ``m <- 0.9 m + 0.1 mean(p of kept)``; the first batch with survivors of (a)+(b) initialises
+    ``m`` and keeps them all; afterwards keep a sample if ``cos(m, p) < d``. ``d=None`` turns it off.
+
+Granularity (our choice, the papers are per batch): one threshold per batch. A batch is in warm-up
+when fewer than ``N_w`` samples were seen *before* it; ``mean_t`` includes the current batch (it has
+been predicted before selection: predict first, adapt after); ``mean_w`` is the exact mean of the
+first ``N_w`` entropies, whatever the batch size. The rules apply in the order (a), (b), (c) and
+each sample is counted under the first rule that excludes it.
+
+Methods: ``cema`` as above (``dynamic=False`` = static ``E0``; ``use_emin=False`` = no floor);
+``eata`` = static ``H < E0`` + redundancy, no floor; ``all`` keeps everything (cloud-Tent,
+distill-all); ``none`` uploads nothing; ``random`` keeps each sample with probability
+``random_rate`` from a seeded generator (the matched-rate baseline). Running entropy statistics are
+kept for every method so that reports are comparable. State lives in each selector (no globals).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+METHODS = ("cema", "eata", "all", "none", "random")
+
+
+@dataclass(frozen=True)
+class SelectionConfig:
+    """Constants of the edge selection; defaults are METHODS.md's."""
+
+    num_classes: int
+    method: str = "cema"
+    lam: float = 1.0
+    warmup: int = 128
+    kappa: float = 0.02
+    e0_factor: float = 0.4
+    redundancy: float | None = None
+    redundancy_momentum: float = 0.9
+    dynamic: bool = True
+    use_emin: bool = True
+    random_rate: float | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"unknown selection method {self.method!r} (choose from {', '.join(METHODS)})")
+        if self.num_classes < 2:
+            raise ValueError(f"selection needs at least 2 classes, got {self.num_classes}")
+        if self.lam <= 0 or self.e0_factor <= 0:
+            raise ValueError(f"lam and e0_factor must be positive (got {self.lam}, {self.e0_factor})")
+        if self.warmup < 0 or self.kappa < 0:
+            raise ValueError(f"warmup and kappa must be >= 0 (got {self.warmup}, {self.kappa})")
+        if self.redundancy is not None and not math.isfinite(self.redundancy):
+            raise ValueError(f"redundancy threshold must be finite or None, got {self.redundancy}")
+        if not 0.0 <= self.redundancy_momentum < 1.0:
+            raise ValueError(f"redundancy_momentum must be in [0, 1), got {self.redundancy_momentum}")
+        if self.method == "random":
+            if self.random_rate is None or not 0.0 <= self.random_rate <= 1.0:
+                raise ValueError(f"method 'random' needs random_rate in [0, 1], got {self.random_rate}")
+
+    @property
+    def e0(self) -> float:
+        """``E0 = e0_factor * ln C``: EATA's static reliability threshold."""
+        return self.e0_factor * math.log(self.num_classes)
+
+    @property
+    def e_min(self) -> float:
+        """``E_min = kappa * ln C``: the low-informative floor."""
+        return self.kappa * math.log(self.num_classes)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Selection:
+    """What :meth:`EntropySelector.select` decided for one batch.
+
+    ``e_max`` / ``e_min`` are the thresholds used (``None`` where the method has none);
+    ``unreliable + low_informative + redundant + skipped + kept == len(mask)``.
+    """
+
+    mask: np.ndarray  # bool (N,)
+    entropies: np.ndarray  # float32 (N,)
+    e_max: float | None
+    e_min: float | None
+    unreliable: int = 0  # H >= E_max
+    low_informative: int = 0  # H <= E_min
+    redundant: int = 0  # cos(m, p) >= d
+    skipped: int = 0  # excluded by the method itself ("none", or not drawn by "random")
+    mean_entropy: float = float("nan")  # running mean over all predictions, this batch included
+
+    @property
+    def kept(self) -> int:
+        return int(self.mask.sum())
+
+    @property
+    def size(self) -> int:
+        return int(self.mask.size)
+
+
+def softmax_entropy(logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Softmax probabilities and entropies ``-sum p log p`` (nats), computed stably in float64."""
+    z = np.asarray(logits, dtype=np.float64)
+    if z.ndim != 2:
+        raise ValueError(f"logits must be (N, classes), got shape {z.shape}")
+    z = z - z.max(axis=1, keepdims=True)
+    log_p = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+    p = np.exp(log_p)
+    return p, -(p * log_p).sum(axis=1)
+
+
+@dataclass
+class _Running:
+    """Running entropy statistics shared by every method (the dynamic threshold reads them)."""
+
+    seen: int = 0
+    total: float = 0.0
+    warm_total: float = 0.0
+    warm_mean: float | None = None  # frozen once ``warmup`` samples were seen
+
+    @property
+    def mean(self) -> float:
+        return self.total / self.seen if self.seen else float("nan")
+
+    def add(self, entropies: np.ndarray, warmup: int) -> None:
+        if self.warm_mean is None and entropies.size:
+            take = max(0, min(warmup - self.seen, entropies.size))
+            self.warm_total += float(entropies[:take].sum())
+            if self.seen + entropies.size >= warmup:
+                # warmup == 0: the reference mean is the first batch's
+                self.warm_mean = self.warm_total / warmup if warmup else float(entropies.mean())
+        self.seen += int(entropies.size)
+        self.total += float(entropies.sum())
+
+
+@dataclass
+class EntropySelector:
+    """Stateful per-edge selector: feed it each batch's logits in stream order."""
+
+    config: SelectionConfig
+    _stats: _Running = field(default_factory=_Running, init=False, repr=False)
+    _m: np.ndarray | None = field(default=None, init=False, repr=False)
+    _rng: np.random.Generator = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self._rng = np.random.default_rng(self.config.seed)
+
+    @property
+    def seen(self) -> int:
+        return self._stats.seen
+
+    @property
+    def mean_entropy(self) -> float:
+        return self._stats.mean
+
+    @property
+    def warmup_mean(self) -> float | None:
+        return self._stats.warm_mean
+
+    @property
+    def moving_probs(self) -> np.ndarray | None:
+        """The redundancy filter's moving average of kept softmax vectors (a copy)."""
+        return None if self._m is None else self._m.copy()
+
+    def select(self, logits: np.ndarray) -> Selection:
+        """Decide which samples of this batch to upload; updates the running state."""
+        cfg = self.config
+        p, h = softmax_entropy(logits)
+        if p.shape[1] != cfg.num_classes:
+            raise ValueError(f"logits have {p.shape[1]} classes, the selector was built for {cfg.num_classes}")
+        in_warmup = self._stats.seen < cfg.warmup
+        self._stats.add(h, cfg.warmup)
+        mean = self._stats.mean
+        n = h.size
+        ent = h.astype(np.float32)
+        if cfg.method == "all":
+            return Selection(np.ones(n, bool), ent, None, None, mean_entropy=mean)
+        if cfg.method == "none":
+            return Selection(np.zeros(n, bool), ent, None, None, skipped=n, mean_entropy=mean)
+        if cfg.method == "random":
+            mask = self._rng.random(n) < cfg.random_rate
+            return Selection(mask, ent, None, None, skipped=int(n - mask.sum()), mean_entropy=mean)
+        return self._filter(p, h, ent, in_warmup, mean)
+
+    def _filter(self, p: np.ndarray, h: np.ndarray, ent: np.ndarray, in_warmup: bool, mean: float) -> Selection:
+        """Rules (a), (b), (c) for ``cema`` / ``eata``."""
+        cfg = self.config
+        e_max = self._e_max(in_warmup, mean)
+        e_min = cfg.e_min if cfg.method == "cema" and cfg.use_emin else None
+        reliable = h < e_max
+        informative = h > e_min if e_min is not None else np.ones_like(reliable)
+        candidates = reliable & informative
+        mask, redundant = self._redundancy(p, candidates)
+        return Selection(
+            mask=mask, entropies=ent, e_max=e_max, e_min=e_min,
+            unreliable=int((~reliable).sum()),
+            low_informative=int((reliable & ~informative).sum()),
+            redundant=redundant, mean_entropy=mean,
+        )
+
+    def _e_max(self, in_warmup: bool, mean: float) -> float:
+        cfg = self.config
+        if cfg.method == "eata" or not cfg.dynamic or in_warmup:
+            return cfg.e0
+        warm = self._stats.warm_mean
+        # a warm-up of exactly zero entropy leaves the ratio undefined: keep lam * E0 then
+        ratio = mean / warm if warm is not None and warm > 1e-12 else 1.0
+        return cfg.lam * cfg.e0 * ratio
+
+    def _redundancy(self, p: np.ndarray, candidates: np.ndarray) -> tuple[np.ndarray, int]:
+        """EATA's filter: drop candidates too similar to the moving average of kept softmaxes."""
+        d = self.config.redundancy
+        if d is None:
+            return candidates, 0
+        idx = np.flatnonzero(candidates)
+        if idx.size == 0:
+            return candidates, 0
+        if self._m is None:  # the first batch with survivors initialises m and keeps them all
+            self._m = p[idx].mean(axis=0)
+            return candidates, 0
+        q = p[idx]
+        cos = q @ self._m / (np.linalg.norm(q, axis=1) * np.linalg.norm(self._m) + 1e-12)
+        keep = np.abs(cos) < d
+        mask = np.zeros_like(candidates)
+        mask[idx[keep]] = True
+        if keep.any():
+            mu = self.config.redundancy_momentum
+            self._m = mu * self._m + (1.0 - mu) * q[keep].mean(axis=0)
+        return mask, int((~keep).sum())

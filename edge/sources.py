@@ -1,0 +1,386 @@
+"""Input sources of an edge node: an .npz stream, a folder of images, raw frames on stdin.
+
+Every source is an iterable of :class:`EdgeBatch` (uint8 NHWC images, optional int64 labels, the
+shift the batch belongs to and a ``reset`` flag that starts a new episode of the reset-per-shift
+protocol). A batch never spans two segments, so each carries exactly one corruption.
+
+The .npz stream format (written by :func:`save_stream_npz`, read by :class:`NpzSource`; plain
+arrays only, so it loads with ``allow_pickle=False``):
+
+=================  ==================  ====================================================
+key                dtype / shape       meaning
+=================  ==================  ====================================================
+``format``         str, ()             ``"fedshift.stream/1"``
+``protocol``       str, ()             ``"reset"`` (reset at each segment start) or
+                                       ``"continual"`` (reset only at the start)
+``images``         uint8 (N, H, W, C)  all samples, segments back to back, C in {1, 3}
+``labels``         int64 (N,)          optional (absent = unlabelled stream)
+``corruptions``    str (S,)            corruption name of each segment
+``severities``     int64 (S,)          severity of each segment
+``offsets``        int64 (S + 1,)      segment ``i`` is ``images[offsets[i]:offsets[i+1]]``
+=================  ==================  ====================================================
+
+The built-in corrupted digits stream is produced by the launcher with ``core.streams`` and saved
+with :func:`save_stream_npz`; this module never imports ``core`` (edges are torch-free).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO, Iterable, Iterator, Protocol, Sequence
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+STREAM_FORMAT = "fedshift.stream/1"
+PROTOCOLS = ("reset", "continual")
+IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".ppm", ".pgm", ".tif", ".tiff"})
+
+
+@dataclass(frozen=True)
+class EdgeBatch:
+    """One batch as the node consumes it."""
+
+    images: np.ndarray  # uint8 (N, H, W, C)
+    labels: np.ndarray | None  # int64 (N,) or None
+    corruption: str
+    severity: int
+    reset: bool  # start a new episode before predicting this batch
+
+    def __len__(self) -> int:
+        return int(self.images.shape[0])
+
+
+class Source(Protocol):
+    """What :class:`edge.node.EdgeNode` reads from."""
+
+    def __iter__(self) -> Iterator[EdgeBatch]: ...
+
+
+def _check_batch_size(batch_size: int) -> int:
+    if int(batch_size) < 1:
+        raise ValueError(f"batch size must be >= 1, got {batch_size}")
+    return int(batch_size)
+
+
+# ------------------------------------------------------------------------------------- npz streams
+
+
+@dataclass(frozen=True)
+class StreamSegment:
+    """One shift of a stream: a corruption at a severity, its images and (optional) labels."""
+
+    corruption: str
+    severity: int
+    images: np.ndarray
+    labels: np.ndarray | None
+
+
+@dataclass(frozen=True)
+class StreamFile:
+    """The contents of a stream .npz file."""
+
+    protocol: str
+    segments: tuple[StreamSegment, ...]
+
+    @property
+    def num_samples(self) -> int:
+        return sum(len(s.images) for s in self.segments)
+
+
+def _as_segment(item: object) -> StreamSegment:
+    """Accept ``(corruption, severity, images, labels)`` tuples or objects with those attributes."""
+    if isinstance(item, (tuple, list)):
+        if len(item) != 4:
+            raise ValueError(f"a segment is (corruption, severity, images, labels), got {len(item)} items")
+        corruption, severity, images, labels = item
+    else:
+        try:
+            corruption, severity = item.corruption, item.severity  # type: ignore[attr-defined]
+            images, labels = item.images, item.labels  # type: ignore[attr-defined]
+        except AttributeError as exc:
+            raise ValueError(f"not a stream segment: {type(item).__name__}") from exc
+    images = np.asarray(images)
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] not in (1, 3):
+        raise ValueError(f"segment {corruption!r}: images must be uint8 (N, H, W, 1|3), "
+                         f"got {images.dtype} {images.shape}")
+    if labels is not None:
+        labels = np.asarray(labels)
+        if labels.shape != (len(images),) or not np.issubdtype(labels.dtype, np.integer):
+            raise ValueError(f"segment {corruption!r}: labels must be integers of shape ({len(images)},), "
+                             f"got {labels.dtype} {labels.shape}")
+        labels = labels.astype(np.int64)
+    return StreamSegment(str(corruption), int(severity), images, labels)
+
+
+def save_stream_npz(path: str | os.PathLike, segments: Iterable[object], protocol: str | None = None,
+                    *, compress: bool = False) -> Path:
+    """Write a stream for :class:`NpzSource` (keys in the module docstring).
+
+    ``segments``: ``(corruption, severity, images, labels)`` tuples or segment objects, or a stream
+    object with ``.segments`` (and ``.protocol``, used when ``protocol`` is None).
+    """
+    if protocol is None:
+        protocol = getattr(segments, "protocol", "reset")
+    segments = getattr(segments, "segments", segments)
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
+    segs = [_as_segment(s) for s in segments]
+    if not segs:
+        raise ValueError("a stream needs at least one segment")
+    shapes = {s.images.shape[1:] for s in segs}
+    if len(shapes) != 1:
+        raise ValueError(f"all segments must share one image shape, got {sorted(shapes)}")
+    labelled = {s.labels is not None for s in segs}
+    if len(labelled) != 1:
+        raise ValueError("either every segment has labels or none has")
+    arrays: dict[str, np.ndarray] = {
+        "format": np.array(STREAM_FORMAT),
+        "protocol": np.array(protocol),
+        "images": np.concatenate([s.images for s in segs]),
+        "corruptions": np.array([s.corruption for s in segs], dtype=str),
+        "severities": np.array([s.severity for s in segs], dtype=np.int64),
+        "offsets": np.cumsum([0] + [len(s.images) for s in segs]).astype(np.int64),
+    }
+    if labelled == {True}:
+        arrays["labels"] = np.concatenate([s.labels for s in segs])  # type: ignore[misc]
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "wb") as f:  # a file object: numpy would otherwise append ".npz"
+        (np.savez_compressed if compress else np.savez)(f, **arrays)
+    return path
+
+
+def load_stream_npz(path: str | os.PathLike) -> StreamFile:
+    """Read and validate a stream written by :func:`save_stream_npz`."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"stream file not found: {path}")
+    try:
+        data = np.load(path, allow_pickle=False)
+    except (ValueError, OSError) as exc:
+        raise ValueError(f"{path}: not a readable .npz file ({exc})") from exc
+    with data:
+        missing = {"format", "protocol", "images", "corruptions", "severities", "offsets"} - set(data.files)
+        if missing:
+            raise ValueError(f"{path}: not a fedshift stream, keys missing: {', '.join(sorted(missing))}")
+        if str(data["format"]) != STREAM_FORMAT:
+            raise ValueError(f"{path}: stream format {str(data['format'])!r}, expected {STREAM_FORMAT!r}")
+        protocol = str(data["protocol"])
+        images = data["images"]
+        labels = data["labels"] if "labels" in data.files else None
+        corruptions, severities, offsets = data["corruptions"], data["severities"], data["offsets"]
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"{path}: protocol must be one of {PROTOCOLS}, got {protocol!r}")
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] not in (1, 3):
+        raise ValueError(f"{path}: images must be uint8 (N, H, W, 1|3), got {images.dtype} {images.shape}")
+    n = len(images)
+    if labels is not None and labels.shape != (n,):
+        raise ValueError(f"{path}: labels shape {labels.shape}, expected ({n},)")
+    s = len(corruptions)
+    if severities.shape != (s,) or offsets.shape != (s + 1,) or offsets[0] != 0 or offsets[-1] != n \
+            or np.any(np.diff(offsets) < 0):
+        raise ValueError(f"{path}: inconsistent segment table ({s} corruptions, severities "
+                         f"{severities.shape}, offsets {offsets.tolist()[:8]}... for {n} images)")
+    segs = tuple(
+        StreamSegment(str(corruptions[i]), int(severities[i]), images[offsets[i]:offsets[i + 1]],
+                      None if labels is None else labels[offsets[i]:offsets[i + 1]].astype(np.int64))
+        for i in range(s)
+    )
+    return StreamFile(protocol, segs)
+
+
+class NpzSource:
+    """Batches of a stream .npz; ``reset`` per the protocol recorded in the file."""
+
+    def __init__(self, path: str | os.PathLike, batch_size: int) -> None:
+        self.batch_size = _check_batch_size(batch_size)
+        self.stream = load_stream_npz(path)
+        self.path = Path(path)
+        log.info("stream %s: %d segments, %d samples, protocol %s", self.path, len(self.stream.segments),
+                 self.stream.num_samples, self.stream.protocol)
+
+    @property
+    def protocol(self) -> str:
+        return self.stream.protocol
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        """(H, W, C) of the stream's images."""
+        return tuple(self.stream.segments[0].images.shape[1:])  # type: ignore[return-value]
+
+    def __iter__(self) -> Iterator[EdgeBatch]:
+        first = True
+        for seg in self.stream.segments:
+            start_of_segment = True
+            for lo in range(0, len(seg.images), self.batch_size):
+                hi = lo + self.batch_size
+                reset = first or (start_of_segment and self.protocol == "reset")
+                yield EdgeBatch(seg.images[lo:hi], None if seg.labels is None else seg.labels[lo:hi],
+                                seg.corruption, seg.severity, reset)
+                first = start_of_segment = False
+
+
+# ------------------------------------------------------------------------------------- folders
+
+
+def _require_pillow():
+    try:
+        from PIL import Image
+    except ImportError as exc:
+        raise ImportError("folder sources decode images with Pillow, which is not part of the base "
+                          "edge install: pip install Pillow") from exc
+    return Image
+
+
+class FolderSource:
+    """Images under a folder (recursively, sorted), resized to the model's input size.
+
+    With ``class_names`` and an ImageFolder layout (``DIR/<class>/img.png``, every parent folder a
+    class name) the parent folder gives the label; otherwise the stream is unlabelled. One segment,
+    named after the folder, severity 0, reset at the start only.
+    """
+
+    def __init__(self, directory: str | os.PathLike, batch_size: int, image_size: int | Sequence[int],
+                 *, channels: int = 3, class_names: Sequence[str] | None = None) -> None:
+        self._image = _require_pillow()
+        self.directory = Path(directory)
+        if not self.directory.is_dir():
+            raise FileNotFoundError(f"image folder not found: {self.directory}")
+        self.batch_size = _check_batch_size(batch_size)
+        if isinstance(image_size, int):
+            image_size = (image_size, image_size)
+        self.height, self.width = (int(v) for v in image_size)
+        if channels not in (1, 3):
+            raise ValueError(f"channels must be 1 or 3, got {channels}")
+        self.channels = channels
+        self.files = sorted(p for p in self.directory.rglob("*")
+                            if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        if not self.files:
+            raise ValueError(f"{self.directory}: no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+        self.labels = self._labels(class_names)
+        log.info("folder %s: %d images, %s", self.directory, len(self.files),
+                 "labelled by sub-folder" if self.labels is not None else "unlabelled")
+
+    def _labels(self, class_names: Sequence[str] | None) -> np.ndarray | None:
+        if not class_names:
+            return None
+        index = {name: i for i, name in enumerate(class_names)}
+        parents = [p.parent.name for p in self.files]
+        if all(p.parent != self.directory and name in index for p, name in zip(self.files, parents)):
+            return np.array([index[name] for name in parents], dtype=np.int64)
+        return None
+
+    def _load(self, path: Path) -> np.ndarray:
+        try:
+            with self._image.open(path) as img:
+                img = img.convert("RGB" if self.channels == 3 else "L")
+                if img.size != (self.width, self.height):
+                    img = img.resize((self.width, self.height), self._image.BILINEAR)
+                arr = np.asarray(img, dtype=np.uint8)
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"cannot read image {path}: {exc}") from exc
+        return arr.reshape(self.height, self.width, self.channels)
+
+    def __iter__(self) -> Iterator[EdgeBatch]:
+        name = self.directory.name or "folder"
+        for lo in range(0, len(self.files), self.batch_size):
+            chunk = self.files[lo:lo + self.batch_size]
+            images = np.stack([self._load(p) for p in chunk])
+            labels = None if self.labels is None else self.labels[lo:lo + len(chunk)]
+            yield EdgeBatch(images, labels, name, 0, lo == 0)
+
+
+# ------------------------------------------------------------------------------------- stdin
+
+
+class StdinSource:
+    """Raw uint8 HxWxC frames back to back (e.g. from a camera pipe); unlabelled, one segment.
+
+    A batch is yielded once ``batch_size`` frames arrived (or at end of input); a truncated last
+    frame is an error, not silently dropped.
+    """
+
+    def __init__(self, height: int, width: int, channels: int, batch_size: int,
+                 stream: BinaryIO | None = None) -> None:
+        if min(height, width) < 1 or channels not in (1, 3):
+            raise ValueError(f"stdin frames must be HxWxC with H, W >= 1 and C in {{1, 3}}, "
+                             f"got {height}x{width}x{channels}")
+        self.shape = (int(height), int(width), int(channels))
+        self.frame_bytes = int(np.prod(self.shape))
+        self.batch_size = _check_batch_size(batch_size)
+        self.stream = stream if stream is not None else sys.stdin.buffer
+
+    def _read_frame(self) -> bytes | None:
+        """Exactly one frame, None at a clean end of input (pipes return short reads)."""
+        parts, got = [], 0
+        while got < self.frame_bytes:
+            chunk = self.stream.read(self.frame_bytes - got)
+            if not chunk:
+                break
+            parts.append(chunk)
+            got += len(chunk)
+        if got == 0:
+            return None
+        if got < self.frame_bytes:
+            raise ValueError(f"stdin: truncated frame, got {got} of {self.frame_bytes} bytes "
+                             f"({'x'.join(map(str, self.shape))} uint8)")
+        return b"".join(parts)
+
+    def __iter__(self) -> Iterator[EdgeBatch]:
+        first = True
+        while True:
+            frames = []
+            while len(frames) < self.batch_size:
+                frame = self._read_frame()
+                if frame is None:
+                    break
+                frames.append(np.frombuffer(frame, np.uint8).reshape(self.shape))
+            if frames:
+                yield EdgeBatch(np.stack(frames), None, "stdin", 0, first)
+                first = False
+            if len(frames) < self.batch_size:
+                return
+
+
+# ------------------------------------------------------------------------------------- specs
+
+
+def parse_frame_shape(text: str) -> tuple[int, int, int]:
+    """``"32x32x3"`` -> (32, 32, 3)."""
+    try:
+        h, w, c = (int(v) for v in text.lower().split("x"))
+    except ValueError as exc:
+        raise ValueError(f"frame shape must be HxWxC (e.g. 32x32x3), got {text!r}") from exc
+    return h, w, c
+
+
+def open_source(spec: str, batch_size: int, input_shape: Sequence[int],
+                class_names: Sequence[str] | None = None) -> Source:
+    """Build a source from ``npz:PATH``, ``folder:DIR`` or ``stdin:HxWxC``.
+
+    ``input_shape`` is the model's (C, H, W): folder images are resized to it, and npz / stdin
+    frames must already match it.
+    """
+    kind, sep, arg = spec.partition(":")
+    if not sep or not arg:
+        raise ValueError(f"source must be npz:PATH, folder:DIR or stdin:HxWxC, got {spec!r}")
+    c, h, w = (int(v) for v in input_shape)
+    if kind == "npz":
+        source = NpzSource(arg, batch_size)
+        if source.image_shape != (h, w, c):
+            raise ValueError(f"{arg}: images are {source.image_shape} (HxWxC), the model expects {(h, w, c)}")
+        return source
+    if kind == "folder":
+        return FolderSource(arg, batch_size, (h, w), channels=c, class_names=class_names)
+    if kind == "stdin":
+        shape = parse_frame_shape(arg)
+        if shape != (h, w, c):
+            raise ValueError(f"stdin frames are {arg}, the model expects {h}x{w}x{c}")
+        return StdinSource(*shape, batch_size)
+    raise ValueError(f"unknown source kind {kind!r}: use npz:PATH, folder:DIR or stdin:HxWxC")

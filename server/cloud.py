@@ -1,0 +1,620 @@
+"""The cloud side of cloud-edge adaptation: the ``EdgeService`` gRPC server running CEMA.
+
+Edges register, upload the samples their entropy filters kept (uint8), subscribe to versioned
+normalization-state updates and report metrics (``protos/fedshift/v1/edge.proto``). Here:
+
+- RPC handlers only validate, deduplicate by ``(edge_id, sequence)`` and enqueue, so an upload is
+  answered in milliseconds whatever the learner is doing;
+- one worker thread moves queued samples into the learners (:class:`core.cema.CemaLearner`) and
+  runs their steps; after every student step the student's normalization state becomes a new
+  version, and the subscribers of that learner are woken (a condition variable per learner);
+- ``per_edge`` (default) keeps one adapted student per edge (the paper's view of a deployment),
+  ``shared`` one student for all edges;
+- ``Reset(episode)`` restores a learner's initial state and publishes it as a new version
+  (reset-per-shift protocol); samples of older episodes still in flight are counted as stale and
+  dropped, never fed to the new episode;
+- TensorBoard under ``out_dir/cloud``: losses, queue and replay sizes, step latency, version and
+  upload rates, and each edge's reported metrics under ``edge/<id>/…``.
+
+Versions are per learner, start at 0 (the state the edges' ONNX files carry) and grow by one per
+publication; they restart at 0 when the cloud restarts.
+"""
+
+from __future__ import annotations
+
+import copy
+import hmac
+import json
+import logging
+import math
+import threading
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+import grpc
+import numpy as np
+import torch
+from torch import nn
+
+from core.cema import CemaConfig, CemaLearner
+from core.norm import norm_tensor_names
+from core.training import to_tensor
+from protos.codec import GRPC_OPTIONS, MAX_MESSAGE_BYTES, decode_images, encode_state
+from protos.fedshift.v1 import edge_pb2 as pb
+from protos.fedshift.v1 import edge_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+
+SHARED = "shared"
+
+
+@dataclass(frozen=True)
+class CloudConfig:
+    """Settings of one cloud service (parsed once at the CLI)."""
+
+    host: str = "127.0.0.1"
+    port: int = 0  # 0: any free port (``CloudServer.port`` reports it)
+    token: str = ""  # when set, every RPC must carry it
+    shared: bool = False  # one student for all edges instead of one per edge
+    image_shape: tuple[int, int, int] = (32, 32, 3)  # (H, W, C) of uploads = the student's input
+    device: str = "cpu"
+    out_dir: str = ""  # "" → no TensorBoard, no config/stats files
+    max_workers: int = 32  # RPC threads; each open Subscribe stream holds one
+    rate_interval_s: float = 5.0  # window of the logged version / upload rates
+    cema: CemaConfig = field(default_factory=CemaConfig)
+
+    def __post_init__(self) -> None:
+        if len(self.image_shape) != 3 or self.image_shape[2] not in (1, 3) or min(self.image_shape) < 1:
+            raise ValueError(f"image_shape must be (H, W, 1|3), got {self.image_shape}")
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"port must be in 0..65535, got {self.port}")
+        if self.max_workers < 2:
+            raise ValueError("max_workers must be >= 2 (Subscribe streams each hold a thread)")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["token"] = "***" if self.token else ""
+        return d
+
+
+class _Sequences:
+    """Which sequence numbers of one edge were accepted: a watermark (everything below was seen)
+    plus the set seen above it; gaps older than ``max_gap_entries`` uploads are forgotten (treated
+    as seen) so that memory stays bounded for edges that skip numbers."""
+
+    max_gap_entries = 4096
+
+    def __init__(self) -> None:
+        self._low = 0
+        self._above: set[int] = set()
+        self._max = -1
+
+    def __contains__(self, seq: int) -> bool:
+        return seq < self._low or seq in self._above
+
+    def add(self, seq: int) -> None:
+        self._above.add(seq)
+        self._max = max(self._max, seq)
+        if len(self._above) > self.max_gap_entries:
+            self._low = max(self._low, min(self._above))
+        while self._low in self._above:
+            self._above.discard(self._low)
+            self._low += 1
+
+    @property
+    def next(self) -> int:
+        """The number after the highest accepted one (where a restarted edge resumes)."""
+        return self._max + 1
+
+
+class _Slot:
+    """One learner and what it published. ``lock`` serialises learner access (worker steps, Reset);
+    ``cond`` guards the published fields and wakes the Subscribe streams."""
+
+    def __init__(self, name: str, learner: CemaLearner) -> None:
+        self.name = name
+        self.learner = learner
+        self.lock = threading.Lock()
+        self.cond = threading.Condition()
+        self.version = 0
+        self.tensors: list[pb.Tensor] = encode_state(learner.norm_state())
+        self.created_unix = time.time()
+        self.steps = 0  # student steps over the slot's life (not reset by Reset)
+        self.episode = 0
+        self.errors = 0
+
+    def update(self) -> pb.ParameterUpdate:
+        """The newest publication as a message (caller holds ``cond``)."""
+        return pb.ParameterUpdate(version=self.version, tensors=self.tensors, created_unix=self.created_unix,
+                                  cloud_step=self.steps, episode=self.episode)
+
+
+@dataclass
+class _Edge:
+    """One registered edge and its counters (guarded by the service's ``_lock``)."""
+
+    edge_id: str
+    model_id: str
+    model_sha256: str
+    slot: _Slot
+    sequences: _Sequences = field(default_factory=_Sequences)
+    episode: int = 0
+    uploads: int = 0
+    samples: int = 0
+    duplicates: int = 0
+    stale_samples: int = 0
+    seen: int = 0
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class _Item:
+    """Validated samples waiting for the worker."""
+
+    slot: _Slot
+    edge_id: str
+    episode: int
+    images: torch.Tensor  # float NCHW, preprocessed
+    labels: np.ndarray  # (N,) or (0,)
+
+
+def _num_classes(model: nn.Module, image_shape: tuple[int, int, int]) -> int:
+    h, w, c = image_shape
+    probe = copy.deepcopy(model).cpu().eval()
+    with torch.no_grad():
+        out = probe(torch.zeros(2, c, h, w))
+    if out.ndim != 2:
+        raise ValueError(f"model output must be (batch, classes), got {tuple(out.shape)}")
+    return int(out.shape[1])
+
+
+class CloudService(pb_grpc.EdgeServiceServicer):
+    """The ``EdgeService`` implementation plus its learner worker (see the module docstring).
+
+    ``student``/``teacher`` are templates: each learner works on its own deep copy. ``teacher``
+    may be ``None`` for the cloud-Tent method.
+    """
+
+    def __init__(self, student: nn.Module, teacher: nn.Module | None, config: CloudConfig,
+                 *, run_info: Mapping[str, Any] | None = None) -> None:
+        self.config = config
+        self._student = copy.deepcopy(student).cpu()
+        self._teacher = copy.deepcopy(teacher).cpu() if (teacher is not None and config.cema.uses_teacher) else None
+        if config.cema.uses_teacher and self._teacher is None:
+            raise ValueError(f"method {config.cema.method!r} needs a teacher model")
+        self.num_classes = _num_classes(self._student, config.image_shape)
+        if self._teacher is not None and (tc := _num_classes(self._teacher, config.image_shape)) != self.num_classes:
+            raise ValueError(f"teacher predicts {tc} classes, the student {self.num_classes}")
+        self.norm_names = tuple(norm_tensor_names(self._student))
+        if not self.norm_names:
+            raise ValueError("the student has no normalization layers: nothing to adapt")
+        self._run_info = dict(run_info or {})
+        self._lock = threading.Lock()  # edges, their counters and sequence sets
+        self._edges: dict[str, _Edge] = {}
+        self._shared = self._new_slot(SHARED) if config.shared else None
+        self._work = threading.Condition()  # guards _pending, _busy, _stopping
+        self._pending: deque[_Item] = deque()
+        self._busy = False
+        self._stopping = False
+        self._worker: threading.Thread | None = None
+        self._writer = None
+        self._tb_lock = threading.Lock()
+        self._versions = 0
+        self._rate = {"t": time.monotonic(), "versions": 0, "uploads": 0, "samples": 0}
+        self._totals = {"uploads": 0, "samples": 0}
+        self._started = time.time()
+
+    # ---------------------------------------------------------------- lifecycle
+
+    def start(self) -> None:
+        """Open the TensorBoard writer and start the worker thread."""
+        if self._worker is not None:
+            return
+        if self.config.out_dir:
+            from torch.utils.tensorboard import SummaryWriter
+
+            log_dir = Path(self.config.out_dir) / "cloud"
+            log_dir.mkdir(parents=True, exist_ok=True)
+            info = {"cloud": self.config.to_dict(), "num_classes": self.num_classes, **self._run_info}
+            (log_dir / "config.json").write_text(json.dumps(info, indent=2, default=str))
+            self._writer = SummaryWriter(log_dir=str(log_dir))
+        self._worker = threading.Thread(target=self._run, name="cloud-learner", daemon=True)
+        self._worker.start()
+
+    def begin_stop(self) -> None:
+        """Refuse new work and end every Subscribe stream cleanly (before the server stops)."""
+        with self._work:
+            self._stopping = True
+            self._work.notify_all()
+        for slot in self._slots():
+            with slot.cond:
+                slot.cond.notify_all()
+
+    def close(self) -> None:
+        """Join the worker, write the final stats and close the writer (after the server stopped)."""
+        self.begin_stop()
+        if self._worker is not None:
+            self._worker.join()
+            self._worker = None
+        if self.config.out_dir:
+            path = Path(self.config.out_dir) / "cloud" / "stats.json"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(self.stats(), indent=2))
+        if self._writer is not None:
+            with self._tb_lock:
+                self._writer.close()
+                self._writer = None
+
+    def wait_idle(self, timeout: float = 30.0) -> bool:
+        """Block until every queued upload went through the learners and no step is running."""
+        deadline = time.monotonic() + timeout
+        with self._work:
+            while self._pending or self._busy:
+                left = deadline - time.monotonic()
+                if left <= 0 or self._stopping:
+                    return False
+                self._work.wait(left)
+        return True
+
+    # ---------------------------------------------------------------- inspection
+
+    def stats(self) -> dict[str, Any]:
+        """Counters per edge and per learner (also written to ``cloud/stats.json`` at shutdown)."""
+        with self._lock:
+            totals = {"versions_published": self._versions, **self._totals}
+            edges = {e.edge_id: {"uploads": e.uploads, "samples": e.samples, "duplicates": e.duplicates,
+                                 "stale_samples": e.stale_samples, "seen": e.seen, "episode": e.episode,
+                                 "learner": e.slot.name, "metrics": dict(e.metrics)}
+                     for e in self._edges.values()}
+        learners = {s.name: {"version": s.version, "steps": s.steps, "episode": s.episode, "errors": s.errors,
+                             "queue": s.learner.queue_size, "replay": len(s.learner.replay)}
+                    for s in self._slots()}
+        return {"edges": edges, "learners": learners, "uptime_s": round(time.time() - self._started, 2), **totals}
+
+    def learner(self, edge_id: str) -> CemaLearner:
+        """The learner serving ``edge_id`` (for tests and offline inspection; call when idle)."""
+        with self._lock:
+            if edge_id not in self._edges:
+                raise KeyError(f"edge {edge_id!r} is not registered")
+            return self._edges[edge_id].slot.learner
+
+    # ---------------------------------------------------------------- RPCs
+
+    def Register(self, request: pb.RegisterRequest, context: grpc.ServicerContext) -> pb.RegisterReply:
+        self._check_token(request.auth_token, context)
+        if not request.edge_id:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "edge_id must not be empty")
+        if request.norm_names and set(request.norm_names) != set(self.norm_names):
+            missing = sorted(set(self.norm_names) - set(request.norm_names))[:4]
+            extra = sorted(set(request.norm_names) - set(self.norm_names))[:4]
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                          f"edge model does not match the cloud's student (norm tensors missing at the edge: "
+                          f"{missing}, unknown to the cloud: {extra})")
+        with self._lock:
+            edge = self._edges.get(request.edge_id)
+        if edge is None:
+            slot = self._shared or self._new_slot(request.edge_id)
+            with self._lock:
+                edge = self._edges.setdefault(request.edge_id, _Edge(request.edge_id, request.model_id,
+                                                                      request.model_sha256, slot))
+            log.info("edge %s registered (model %s, sha256 %s…, learner %s)", request.edge_id,
+                     request.model_id or "?", request.model_sha256[:12], edge.slot.name)
+        else:
+            if request.model_sha256 and edge.model_sha256 and request.model_sha256 != edge.model_sha256:
+                log.warning("edge %s re-registered with another model file (sha256 %s… → %s…)",
+                            request.edge_id, edge.model_sha256[:12], request.model_sha256[:12])
+            with self._lock:
+                edge.model_id, edge.model_sha256 = request.model_id, request.model_sha256
+            log.info("edge %s re-registered", request.edge_id)
+        with self._lock:
+            next_seq = edge.sequences.next
+        return pb.RegisterReply(version=edge.slot.version, next_sequence=next_seq,
+                                max_message_bytes=MAX_MESSAGE_BYTES)
+
+    def Upload(self, request: pb.UploadRequest, context: grpc.ServicerContext) -> pb.UploadReply:
+        self._check_token(request.auth_token, context)
+        edge = self._edge(request.edge_id, context)
+        seq = int(request.sequence)
+        with self._lock:
+            duplicate = seq in edge.sequences
+            if duplicate:
+                edge.duplicates += 1
+        if duplicate:
+            return pb.UploadReply(sequence=seq, duplicate=True, accepted=0, latest_version=edge.slot.version)
+        try:
+            images, labels = self._validate_upload(request)
+        except ValueError as exc:
+            log.warning("edge %s upload %d refused: %s", request.edge_id, seq, exc)
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"upload {seq}: {exc}")
+        with self._work:
+            if self._stopping:
+                context.abort(grpc.StatusCode.UNAVAILABLE, "the cloud is shutting down")
+        n = len(images)
+        with self._lock:
+            if seq in edge.sequences:  # a concurrent retry of the same upload won the race
+                edge.duplicates += 1
+                return pb.UploadReply(sequence=seq, duplicate=True, accepted=0, latest_version=edge.slot.version)
+            current = edge.episode
+            if request.episode <= current:
+                edge.sequences.add(seq)
+                edge.seen = max(edge.seen, int(request.seen))
+                if request.episode < current:
+                    edge.stale_samples += n
+                else:
+                    edge.uploads += 1
+                    edge.samples += n
+                    self._totals["uploads"] += 1
+                    self._totals["samples"] += n
+        if request.episode > current:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                          f"upload {seq} is for episode {request.episode} but this edge is in episode {current}; "
+                          "call Reset first")
+        if request.episode < current:  # recorded (so a retry is a duplicate), acknowledged, not learned from
+            log.info("edge %s upload %d belongs to past episode %d (now %d): acknowledged, not queued",
+                     request.edge_id, seq, request.episode, current)
+            return pb.UploadReply(sequence=seq, duplicate=False, accepted=0, latest_version=edge.slot.version)
+        item = _Item(edge.slot, request.edge_id, int(request.episode), to_tensor(images), labels)
+        with self._work:
+            self._pending.append(item)
+            self._work.notify_all()
+        return pb.UploadReply(sequence=seq, duplicate=False, accepted=n, latest_version=edge.slot.version)
+
+    def Subscribe(self, request: pb.SubscribeRequest, context: grpc.ServicerContext) -> Iterator[pb.ParameterUpdate]:
+        self._check_token(request.auth_token, context)
+        slot = self._edge(request.edge_id, context).slot
+
+        def wake() -> None:
+            with slot.cond:
+                slot.cond.notify_all()
+
+        context.add_callback(wake)  # a cancelled stream stops waiting at once
+        last = int(request.after_version)
+        while True:
+            with slot.cond:
+                while slot.version <= last and not self._stopping and context.is_active():
+                    slot.cond.wait(timeout=1.0)
+                if self._stopping or not context.is_active():
+                    return
+                update = slot.update()  # the newest only: an edge that is behind skips the rest
+            last = update.version
+            yield update
+
+    def ReportMetrics(self, request: pb.MetricsReport, context: grpc.ServicerContext) -> pb.MetricsAck:
+        self._check_token(request.auth_token, context)
+        edge = self._edge(request.edge_id, context)
+        values = dict(request.values)
+        with self._lock:
+            edge.metrics.update(values)
+        for key, value in values.items():
+            self._scalar(f"edge/{request.edge_id}/{key}", value, int(request.step))
+        return pb.MetricsAck()
+
+    def Reset(self, request: pb.ResetRequest, context: grpc.ServicerContext) -> pb.ResetReply:
+        self._check_token(request.auth_token, context)
+        edge = self._edge(request.edge_id, context)
+        episode = int(request.episode)
+        with self._lock:
+            current = edge.episode
+            if episode > current:
+                edge.episode = episode
+        if episode < current:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                          f"episode {episode} is older than this edge's current episode {current}")
+        slot = edge.slot
+        if episode == current:  # a retried Reset (its reply was lost): nothing to redo
+            return pb.ResetReply(version=slot.version, episode=episode)
+        with slot.lock:  # waits for a running step
+            if episode > slot.episode:  # shared: the first edge entering an episode resets the learner
+                slot.learner.reset()
+                slot.episode = episode
+                self._publish(slot)
+                log.info("learner %s reset for episode %d (version %d)", slot.name, episode, slot.version)
+            version = slot.version
+        return pb.ResetReply(version=version, episode=episode)
+
+    # ---------------------------------------------------------------- helpers
+
+    def _check_token(self, token: str, context: grpc.ServicerContext) -> None:
+        if self.config.token and not hmac.compare_digest(token.encode(), self.config.token.encode()):
+            context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong auth token")
+
+    def _edge(self, edge_id: str, context: grpc.ServicerContext) -> _Edge:
+        with self._lock:
+            edge = self._edges.get(edge_id)
+        if edge is None:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"edge {edge_id!r} is not registered; call Register first")
+        return edge
+
+    def _validate_upload(self, request: pb.UploadRequest) -> tuple[np.ndarray, np.ndarray]:
+        """Decode and check one upload; raises ValueError with what is wrong."""
+        images = decode_images(request.images)
+        n = len(images)
+        if n == 0:
+            raise ValueError("empty batch (no images)")
+        if tuple(images.shape[1:]) != tuple(self.config.image_shape):
+            raise ValueError(f"images are {images.shape[1:]} (H, W, C), the cloud's model takes "
+                             f"{tuple(self.config.image_shape)}")
+        if len(request.entropies) not in (0, n):
+            raise ValueError(f"{len(request.entropies)} entropies for {n} images")
+        if not np.all(np.isfinite(np.asarray(request.entropies, dtype=np.float64))):
+            raise ValueError("entropies must be finite")
+        labels = np.asarray(request.labels, dtype=np.int64)
+        if len(labels) not in (0, n):
+            raise ValueError(f"{len(labels)} labels for {n} images (send N or none)")
+        if len(labels) and (labels.min() < 0 or labels.max() >= self.num_classes):
+            raise ValueError(f"labels must lie in 0..{self.num_classes - 1}")
+        return images, labels
+
+    def _new_slot(self, name: str) -> _Slot:
+        learner = CemaLearner(copy.deepcopy(self._student),
+                              copy.deepcopy(self._teacher) if self._teacher is not None else None,
+                              self.config.cema, num_classes=self.num_classes, device=self.config.device)
+        return _Slot(name, learner)
+
+    def _slots(self) -> list[_Slot]:
+        if self._shared is not None:
+            return [self._shared]
+        with self._lock:
+            return list({id(e.slot): e.slot for e in self._edges.values()}.values())
+
+    def _publish(self, slot: _Slot) -> None:
+        """Make the learner's normalization state the slot's next version (caller holds ``slot.lock``)."""
+        tensors = encode_state(slot.learner.norm_state())
+        with slot.cond:
+            slot.version += 1
+            slot.tensors = tensors
+            slot.created_unix = time.time()
+            slot.cond.notify_all()
+        with self._lock:
+            self._versions += 1
+
+    # ---------------------------------------------------------------- worker
+
+    def _run(self) -> None:
+        """The learner loop: feed queued uploads to their learners, then step the learners round-robin
+        (one step each per pass, so no edge waits behind another's backlog), publishing after each."""
+        active: dict[int, _Slot] = {}
+        while True:
+            with self._work:
+                while not self._pending and not active and not self._stopping:
+                    self._work.wait()
+                if self._stopping:
+                    return
+                items = list(self._pending)
+                self._pending.clear()
+                self._busy = True
+            try:
+                for item in items:
+                    active.setdefault(id(item.slot), item.slot)
+                self._feed(items)
+                for key, slot in list(active.items()):
+                    if self._stopping or not self._step_once(slot):
+                        del active[key]
+                self._log_rates()
+            finally:
+                with self._work:
+                    self._busy = bool(active)
+                    self._work.notify_all()
+
+    def _feed(self, items: list[_Item]) -> None:
+        """Queue validated samples in their learners; samples that raced with a Reset are dropped."""
+        for item in items:
+            slot = item.slot
+            with slot.lock:
+                if item.episode != slot.episode:
+                    log.info("learner %s: dropped %d samples of past episode %d (now %d)", slot.name,
+                             len(item.images), item.episode, slot.episode)
+                    self._scalar(f"cloud/{slot.name}/stale_samples", len(item.images), slot.steps)
+                    continue
+                slot.learner.add(item.images, item.labels)
+
+    def _step_once(self, slot: _Slot) -> bool:
+        """One learner step and its publication; False when the learner has nothing to do.
+
+        ``slot.lock`` is held for one step only, so a Reset waits for at most one step."""
+        start = time.perf_counter()
+        with slot.lock:
+            try:
+                stats = slot.learner.step()
+            except Exception:  # keep serving the other learners; the error is counted and logged
+                slot.errors += 1
+                log.exception("learner %s: step failed", slot.name)
+                return False
+            if stats is None:
+                return False
+            slot.steps += 1
+            self._publish(slot)
+        self._log_step(slot, stats, 1000 * (time.perf_counter() - start))
+        return True
+
+    def _log_step(self, slot: _Slot, stats: Mapping[str, float], latency_ms: float) -> None:
+        prefix, step = f"cloud/{slot.name}", slot.steps
+        for key, value in stats.items():
+            self._scalar(f"{prefix}/loss/{key}" if key.endswith(("loss", "entropy", "kl", "ce")) else f"{prefix}/{key}",
+                         value, step)
+        self._scalar(f"{prefix}/step_latency_ms", latency_ms, step)
+        self._scalar(f"{prefix}/queue", slot.learner.queue_size, step)
+        self._scalar(f"{prefix}/replay", len(slot.learner.replay), step)
+        self._scalar(f"{prefix}/version", slot.version, step)
+        log.debug("learner %s step %d (v%d): %s, %.0f ms", slot.name, step, slot.version,
+                  {k: round(v, 4) for k, v in stats.items()}, latency_ms)
+
+    def _log_rates(self) -> None:
+        now = time.monotonic()
+        dt = now - self._rate["t"]
+        if dt < self.config.rate_interval_s:
+            return
+        with self._lock:
+            uploads, samples = self._totals["uploads"], self._totals["samples"]
+        self._scalar("cloud/versions_per_s", (self._versions - self._rate["versions"]) / dt, self._versions)
+        self._scalar("cloud/uploads_per_s", (uploads - self._rate["uploads"]) / dt, self._versions)
+        self._scalar("cloud/samples_per_s", (samples - self._rate["samples"]) / dt, self._versions)
+        self._rate = {"t": now, "versions": self._versions, "uploads": uploads, "samples": samples}
+
+    def _scalar(self, tag: str, value: float, step: int) -> None:
+        if self._writer is None or not math.isfinite(float(value)):
+            return
+        with self._tb_lock:
+            if self._writer is not None:
+                self._writer.add_scalar(tag, float(value), step)
+
+
+class CloudServer:
+    """A gRPC server hosting :class:`CloudService` on ``host:port`` (``port`` 0: a free one).
+
+    ``with CloudServer(...) as server:`` starts it and stops it cleanly (worker joined, RPC threads
+    shut down, TensorBoard writer closed).
+    """
+
+    def __init__(self, student: nn.Module, teacher: nn.Module | None, config: CloudConfig,
+                 *, run_info: Mapping[str, Any] | None = None) -> None:
+        self.config = config
+        self.service = CloudService(student, teacher, config, run_info=run_info)
+        self._executor = ThreadPoolExecutor(max_workers=config.max_workers, thread_name_prefix="cloud-rpc")
+        self._server = grpc.server(self._executor, options=GRPC_OPTIONS)
+        pb_grpc.add_EdgeServiceServicer_to_server(self.service, self._server)
+        host = f"[{config.host}]" if ":" in config.host and not config.host.startswith("[") else config.host
+        try:
+            self.port = self._server.add_insecure_port(f"{host}:{config.port}")
+        except RuntimeError as exc:
+            self._executor.shutdown(wait=False)
+            raise OSError(f"cannot bind {host}:{config.port}: {exc}") from exc
+        if self.port == 0:
+            self._executor.shutdown(wait=False)
+            raise OSError(f"cannot bind {host}:{config.port}")
+        self.address = f"{host}:{self.port}"
+        self._started = False
+
+    def start(self) -> "CloudServer":
+        self.service.start()
+        self._server.start()
+        self._started = True
+        log.info("cloud listening on %s (method %s, %s students)", self.address, self.config.cema.method,
+                 "shared" if self.config.shared else "per-edge")
+        return self
+
+    def stop(self, grace: float | None = 1.0) -> None:
+        """End subscriptions, stop accepting RPCs (in-flight ones get ``grace`` seconds), then
+        join the worker and close the writer. Idempotent."""
+        if not self._started:
+            return
+        self._started = False
+        self.service.begin_stop()
+        self._server.stop(grace).wait()
+        self._executor.shutdown(wait=True)
+        self.service.close()
+        log.info("cloud on %s stopped", self.address)
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until the server terminates (or ``timeout``); True if it did."""
+        return self._server.wait_for_termination(timeout)
+
+    def __enter__(self) -> "CloudServer":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

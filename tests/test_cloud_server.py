@@ -1,0 +1,312 @@
+"""The CEMA cloud gRPC service on loopback: validation, auth, idempotency, versions, parity, reset,
+TensorBoard and a clean shutdown. Tiny models (16 px, width 8) keep it fast."""
+
+from __future__ import annotations
+
+import copy
+import threading
+import time
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+import torch
+
+from core.cema import CemaConfig
+from core.export import export_onnx
+from core.models import create_model
+from core.norm import get_norm_state, set_norm_state
+from core.training import to_tensor
+from edge.runtime import EdgeRuntime
+from protos.codec import GRPC_OPTIONS, decode_state, encode_array
+from protos.fedshift.v1 import edge_pb2 as pb
+from protos.fedshift.v1 import edge_pb2_grpc as pb_grpc
+from server.cloud import CloudConfig, CloudServer
+
+SIZE = 16
+TOKEN = "s3cret"
+
+
+def _trained_like(model: torch.nn.Module, seed: int) -> torch.nn.Module:
+    """Non-trivial BN running statistics, as a trained model has."""
+    g = torch.Generator().manual_seed(seed)
+    model.train()
+    with torch.no_grad():
+        for _ in range(3):
+            model(torch.randn(16, 3, SIZE, SIZE, generator=g) * 1.5 + 0.3)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def models() -> tuple[torch.nn.Module, torch.nn.Module]:
+    torch.manual_seed(0)
+    student = _trained_like(create_model("edge_cnn", 10, image_size=SIZE, width=8), 1)
+    teacher = _trained_like(create_model("teacher_resnet", 10, image_size=SIZE, width=8, blocks=1), 2)
+    return student, teacher
+
+
+def _config(tmp_path: Path | None = None, **kw) -> CloudConfig:
+    cema = kw.pop("cema", CemaConfig(batch_size=4, replay_start=8))
+    return CloudConfig(image_shape=(SIZE, SIZE, 3), cema=cema, rate_interval_s=0.0,
+                       out_dir=str(tmp_path) if tmp_path else "", **kw)
+
+
+def _images(n: int, seed: int = 0, size: int = SIZE) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (n, size, size, 3), dtype=np.uint8)
+
+
+def _upload(stub, seq: int, images: np.ndarray, edge: str = "e1", **kw) -> pb.UploadReply:
+    kw.setdefault("entropies", [0.5] * len(images))
+    return stub.Upload(pb.UploadRequest(edge_id=edge, sequence=seq, images=encode_array(images), **kw), timeout=10)
+
+
+class _Running:
+    """A started server and a connected stub; stops on exit."""
+
+    def __init__(self, models, config: CloudConfig) -> None:
+        self.server = CloudServer(models[0], models[1], config)
+
+    def __enter__(self):
+        self.server.start()
+        self.channel = grpc.insecure_channel(f"127.0.0.1:{self.server.port}", options=GRPC_OPTIONS)
+        self.stub = pb_grpc.EdgeServiceStub(self.channel)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.channel.close()
+        self.server.stop(grace=0.5)
+
+
+def _code(excinfo) -> grpc.StatusCode:
+    return excinfo.value.code()
+
+
+def test_malformed_uploads_are_refused_and_server_keeps_serving(models) -> None:
+    with _Running(models, _config()) as run:
+        stub = run.stub
+        stub.Register(pb.RegisterRequest(edge_id="e1"), timeout=10)
+        bad = [
+            (pb.UploadRequest(edge_id="e1", sequence=0, images=pb.Tensor(shape=[2, SIZE, SIZE, 3], dtype=pb.UINT8,
+                                                                          data=b"\x00" * 10)), "bytes"),
+            (pb.UploadRequest(edge_id="e1", sequence=0,
+                              images=encode_array(np.zeros((2, SIZE, SIZE, 3), np.float32))), "uint8"),
+            (pb.UploadRequest(edge_id="e1", sequence=0, images=encode_array(_images(2, size=8))), "takes"),
+            (pb.UploadRequest(edge_id="e1", sequence=0, images=encode_array(_images(0))), "empty"),
+            (pb.UploadRequest(edge_id="e1", sequence=0, images=encode_array(_images(3)), entropies=[0.1]),
+             "entropies"),
+            (pb.UploadRequest(edge_id="e1", sequence=0, images=encode_array(_images(3)), labels=[1, 2]), "labels"),
+            (pb.UploadRequest(edge_id="e1", sequence=0, images=encode_array(_images(2)), labels=[1, 10]), "labels"),
+            (pb.UploadRequest(edge_id="e1", sequence=0), "dtype"),
+        ]
+        for request, words in bad:
+            with pytest.raises(grpc.RpcError) as exc:
+                stub.Upload(request, timeout=10)
+            assert _code(exc) == grpc.StatusCode.INVALID_ARGUMENT, exc.value.details()
+            assert words in exc.value.details()
+        reply = _upload(stub, 0, _images(3), labels=[1, 2, 3])  # the refused sequence 0 is still free
+        assert (reply.accepted, reply.duplicate) == (3, False)
+        with pytest.raises(grpc.RpcError) as exc:
+            _upload(stub, 1, _images(2), edge="nobody")
+        assert _code(exc) == grpc.StatusCode.FAILED_PRECONDITION
+        assert run.server.service.stats()["edges"]["e1"]["samples"] == 3
+
+
+def test_auth_token(models) -> None:
+    with _Running(models, _config(token=TOKEN)) as run:
+        stub = run.stub
+        for token in ("", "wrong"):
+            with pytest.raises(grpc.RpcError) as exc:
+                stub.Register(pb.RegisterRequest(edge_id="e1", auth_token=token), timeout=10)
+            assert _code(exc) == grpc.StatusCode.UNAUTHENTICATED
+        reply = stub.Register(pb.RegisterRequest(edge_id="e1", auth_token=TOKEN), timeout=10)
+        assert reply.version == 0 and reply.next_sequence == 0 and reply.max_message_bytes >= 64 << 20
+        with pytest.raises(grpc.RpcError) as exc:
+            _upload(stub, 0, _images(2), auth_token="wrong")
+        assert _code(exc) == grpc.StatusCode.UNAUTHENTICATED
+        with pytest.raises(grpc.RpcError) as exc:
+            stub.ReportMetrics(pb.MetricsReport(edge_id="e1", values={"a": 1.0}), timeout=10)
+        assert _code(exc) == grpc.StatusCode.UNAUTHENTICATED
+        assert _upload(stub, 0, _images(2), auth_token=TOKEN).accepted == 2
+
+
+def test_register_refuses_a_different_model(models) -> None:
+    with _Running(models, _config()) as run:
+        with pytest.raises(grpc.RpcError) as exc:
+            run.stub.Register(pb.RegisterRequest(edge_id="e1", norm_names=["features.1.weight", "x.bias"]), timeout=10)
+        assert _code(exc) == grpc.StatusCode.FAILED_PRECONDITION
+        names = list(get_norm_state(models[0]))
+        assert run.stub.Register(pb.RegisterRequest(edge_id="e1", norm_names=names), timeout=10).version == 0
+
+
+def test_duplicate_sequence_is_acknowledged_not_requeued(models) -> None:
+    with _Running(models, _config()) as run:
+        stub, service = run.stub, run.server.service
+        stub.Register(pb.RegisterRequest(edge_id="e1"), timeout=10)
+        assert _upload(stub, 5, _images(4)).accepted == 4
+        again = _upload(stub, 5, _images(4, seed=1))
+        assert again.duplicate and again.accepted == 0
+        assert service.wait_idle(30)
+        learner = service.learner("e1")
+        assert learner.student_steps == 1 and learner.queue_size == 0 and len(learner.replay) == 4
+        stats = service.stats()["edges"]["e1"]
+        assert (stats["uploads"], stats["samples"], stats["duplicates"]) == (1, 4, 1)
+        # a restarted edge resumes after the highest sequence the cloud has seen
+        assert stub.Register(pb.RegisterRequest(edge_id="e1"), timeout=10).next_sequence == 6
+
+
+def test_subscriber_receives_increasing_versions(models) -> None:
+    with _Running(models, _config()) as run:
+        stub = run.stub
+        stub.Register(pb.RegisterRequest(edge_id="e1"), timeout=10)
+        stream = stub.Subscribe(pb.SubscribeRequest(edge_id="e1", after_version=0))
+        received: list[pb.ParameterUpdate] = []
+
+        def consume() -> None:
+            for update in stream:
+                received.append(update)
+                if update.version >= 3:
+                    return
+
+        reader = threading.Thread(target=consume)
+        reader.start()
+        for seq in range(3):
+            assert _upload(stub, seq, _images(4, seed=seq)).accepted == 4
+        reader.join(30)
+        stream.cancel()
+        versions = [u.version for u in received]
+        assert versions and versions[-1] == 3 and versions == sorted(set(versions)), versions
+        last = received[-1]
+        assert last.cloud_step == 3 and last.episode == 0 and last.created_unix > 0
+        assert set(decode_state(last.tensors)) == set(get_norm_state(models[0]))
+        # a late subscriber that is behind gets only the newest version
+        late = stub.Subscribe(pb.SubscribeRequest(edge_id="e1", after_version=0))
+        assert next(late).version == 3
+        late.cancel()
+
+
+def test_published_state_matches_edge_runtime(models, tmp_path: Path) -> None:
+    student = models[0]
+    path = tmp_path / "edge.onnx"
+    export_onnx(student, path, (3, SIZE, SIZE), model_name="edge_cnn")
+    runtime = EdgeRuntime(path)
+    with _Running(models, _config()) as run:
+        stub, service = run.stub, run.server.service
+        stub.Register(pb.RegisterRequest(edge_id="e1", norm_names=list(runtime.norm_names)), timeout=10)
+        for seq in range(4):
+            _upload(stub, seq, _images(6, seed=10 + seq))
+        assert service.wait_idle(30)
+        stream = stub.Subscribe(pb.SubscribeRequest(edge_id="e1", after_version=runtime.version))
+        update = next(stream)
+        stream.cancel()
+        adapted = copy.deepcopy(service.learner("e1").student).eval()
+    state = decode_state(update.tensors)
+    assert update.version == 6  # 24 samples, batches of 4
+    assert runtime.apply(state, update.version)
+    images = _images(8, seed=99)
+    with torch.no_grad():
+        expected = adapted(to_tensor(images)).numpy()
+    np.testing.assert_allclose(runtime.predict(images), expected, atol=1e-4)
+    # only the normalization state changed: the initial model + the published state is the student
+    rebuilt = copy.deepcopy(student)
+    set_norm_state(rebuilt, state)
+    with torch.no_grad():
+        np.testing.assert_allclose(rebuilt.eval()(to_tensor(images)).numpy(), expected, atol=1e-5)
+    assert not np.allclose(EdgeRuntime(path).predict(images), expected, atol=1e-4)  # it did adapt
+
+
+def test_reset_restores_initial_state(models) -> None:
+    initial = get_norm_state(models[0])
+    with _Running(models, _config()) as run:
+        stub, service = run.stub, run.server.service
+        stub.Register(pb.RegisterRequest(edge_id="e1"), timeout=10)
+        for seq in range(3):
+            _upload(stub, seq, _images(4, seed=seq))
+        assert service.wait_idle(30)
+        assert any(not np.array_equal(v, initial[k]) for k, v in service.learner("e1").norm_state().items())
+        reply = stub.Reset(pb.ResetRequest(edge_id="e1", episode=1), timeout=10)
+        assert (reply.version, reply.episode) == (4, 1)
+        for k, v in service.learner("e1").norm_state().items():
+            np.testing.assert_array_equal(v, initial[k])
+        stream = stub.Subscribe(pb.SubscribeRequest(edge_id="e1", after_version=3))
+        update = next(stream)
+        stream.cancel()
+        assert (update.version, update.episode) == (4, 1)
+        for k, v in decode_state(update.tensors).items():
+            np.testing.assert_array_equal(v, initial[k])
+        # a retried Reset changes nothing; going back is refused
+        assert stub.Reset(pb.ResetRequest(edge_id="e1", episode=1), timeout=10).version == 4
+        with pytest.raises(grpc.RpcError) as exc:
+            stub.Reset(pb.ResetRequest(edge_id="e1", episode=0), timeout=10)
+        assert _code(exc) == grpc.StatusCode.FAILED_PRECONDITION
+        # samples of the past episode are acknowledged but not learned from; future ones are refused
+        stale = _upload(stub, 10, _images(4), episode=0)
+        assert (stale.accepted, stale.duplicate) == (0, False)
+        with pytest.raises(grpc.RpcError) as exc:
+            _upload(stub, 11, _images(4), episode=2)
+        assert _code(exc) == grpc.StatusCode.FAILED_PRECONDITION
+        assert _upload(stub, 12, _images(4), episode=1).accepted == 4
+        assert service.wait_idle(30)
+        assert service.learner("e1").student_steps == 1
+        assert service.stats()["edges"]["e1"]["stale_samples"] == 4
+
+
+def test_shared_student_serves_all_edges(models) -> None:
+    with _Running(models, _config(shared=True)) as run:
+        stub, service = run.stub, run.server.service
+        for edge in ("a", "b"):
+            stub.Register(pb.RegisterRequest(edge_id=edge), timeout=10)
+        _upload(stub, 0, _images(2), edge="a")
+        _upload(stub, 0, _images(2, seed=1), edge="b")  # together one batch of 4
+        assert service.wait_idle(30)
+        assert service.learner("a") is service.learner("b") and service.learner("a").student_steps == 1
+        assert stub.Register(pb.RegisterRequest(edge_id="b"), timeout=10).version == 1
+        # the first edge entering episode 1 resets the shared student, the second one just joins
+        assert stub.Reset(pb.ResetRequest(edge_id="a", episode=1), timeout=10).version == 2
+        assert stub.Reset(pb.ResetRequest(edge_id="b", episode=1), timeout=10).version == 2
+
+
+def test_metrics_tensorboard_and_clean_shutdown(models, tmp_path: Path) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    before = set(threading.enumerate())
+    server = CloudServer(models[0], models[1], _config(tmp_path))
+    server.start()
+    channel = grpc.insecure_channel(f"127.0.0.1:{server.port}", options=GRPC_OPTIONS)
+    stub = pb_grpc.EdgeServiceStub(channel)
+    stub.Register(pb.RegisterRequest(edge_id="e1"), timeout=10)
+    stream = stub.Subscribe(pb.SubscribeRequest(edge_id="e1"))
+    outcome: dict[str, object] = {}
+
+    def consume() -> None:
+        try:
+            outcome["versions"] = [u.version for u in stream]
+        except grpc.RpcError as exc:  # pragma: no cover - reported by the assertion below
+            outcome["error"] = exc.code()
+
+    reader = threading.Thread(target=consume)
+    reader.start()
+    for seq in range(2):
+        _upload(stub, seq, _images(4, seed=seq))
+    stub.ReportMetrics(pb.MetricsReport(edge_id="e1", step=7, values={"accuracy": 0.5, "uploaded": 8}), timeout=10)
+    assert server.service.wait_idle(30)
+    assert server.service.stats()["edges"]["e1"]["metrics"] == {"accuracy": 0.5, "uploaded": 8.0}
+    time.sleep(0.2)
+    server.stop(grace=1.0)
+    reader.join(10)
+    assert not reader.is_alive() and "error" not in outcome  # the stream ended cleanly (status OK)
+    assert outcome["versions"][-1] == 2
+    channel.close()
+    deadline = time.monotonic() + 10
+    while (left := set(threading.enumerate()) - before) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not left, [t.name for t in left]
+    log_dir = tmp_path / "cloud"
+    assert (log_dir / "config.json").is_file() and (log_dir / "stats.json").is_file()
+    acc = EventAccumulator(str(log_dir))
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    assert {"edge/e1/accuracy", "edge/e1/uploaded", "cloud/e1/loss/student_loss", "cloud/e1/loss/teacher_loss",
+            "cloud/e1/queue", "cloud/e1/replay", "cloud/e1/step_latency_ms", "cloud/versions_per_s"} <= tags
+    assert [e.value for e in acc.Scalars("edge/e1/accuracy")] == [0.5]
+    assert len(acc.Scalars("cloud/e1/loss/student_loss")) == 2

@@ -1,0 +1,270 @@
+"""Edge node and ``fedshift edge`` end to end against the fake cloud; the edge stays torch-free."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from _edge_fake import FakeCloud, export_tiny_model, perturbed, serve
+
+from edge.client import CloudClient, RetryPolicy
+from edge.node import TIMELINE_KEYS, EdgeNode, NodeConfig
+from edge.runtime import EdgeRuntime
+from edge.selection import EntropySelector, SelectionConfig
+from edge.sources import EdgeBatch, NpzSource, save_stream_npz
+from simulations.cli import main as fedshift
+
+ROOT = Path(__file__).resolve().parents[1]
+FAST = RetryPolicy(max_attempts=5, initial_backoff_s=0.01, max_backoff_s=0.05, max_total_s=5.0)
+SUMMARY_KEYS = {
+    "edge_id", "server", "method", "selection", "model", "seen", "batches", "kept", "kept_rate", "excluded",
+    "uploaded", "upload_failed", "uploads", "upload_errors", "upload_retries", "duplicates", "upload_rate",
+    "bytes_up", "bytes_down", "updates_received", "versions_applied", "reset_versions_applied",
+    "stale_ignored", "episode_ignored", "apply_errors", "reconnects", "update_latency_s", "initial_version",
+    "final_version", "cloud_version", "resets", "episode", "labelled", "correct", "accuracy",
+    "per_corruption", "per_shift", "mean_entropy", "e_max_final", "metrics_reports", "metrics_errors",
+    "wall_s", "samples_per_s", "stopped_early", "error", "timeline", "sync_waits", "sync_timeouts", "sync_wait_s",
+}
+
+
+@pytest.fixture(scope="module")
+def model_path(tmp_path_factory) -> Path:
+    return export_tiny_model(tmp_path_factory.mktemp("edge") / "edge.onnx")
+
+
+@pytest.fixture(scope="module")
+def stream_path(tmp_path_factory) -> Path:
+    rng = np.random.default_rng(0)
+    segs = [(name, 5, rng.integers(0, 256, (n, 8, 8, 3), dtype=np.uint8), rng.integers(0, 4, n))
+            for name, n in (("gaussian_noise", 20), ("fog", 13))]
+    return save_stream_npz(tmp_path_factory.mktemp("stream") / "s.npz", segs, "reset")
+
+
+@pytest.fixture()
+def cloud():
+    fake = FakeCloud()
+    with serve(fake) as address:
+        yield fake, address
+
+
+def _node(runtime, source, client, method="all", **kw) -> EdgeNode:
+    sel = EntropySelector(SelectionConfig(num_classes=runtime.num_classes, method=method,
+                                          random_rate=kw.pop("random_rate", None), warmup=8))
+    return EdgeNode(runtime, source, client, sel, config=NodeConfig(**kw))
+
+
+def test_end_to_end_counts_resets_and_bytes(cloud, model_path, stream_path) -> None:
+    fake, address = cloud
+    runtime = EdgeRuntime(model_path)
+    fake.initial_state = runtime.norm_state()  # Reset publishes the restored state, as the cloud does
+    fake.fail_uploads, fake.record_then_fail = 2, True  # two lost replies: re-sent, counted once
+    with CloudClient(address, "edge-1", retry=FAST) as client:
+        summary = _node(runtime, NpzSource(stream_path, 8), client, metrics_every=2).run()
+    assert SUMMARY_KEYS == set(summary) and set(summary["timeline"]) == set(TIMELINE_KEYS)
+    assert summary["seen"] == 33 and summary["batches"] == 3 + 2
+    assert summary["uploaded"] == summary["kept"] == 33  # method "all"
+    assert sum(fake.accepted.values()) == 33 and summary["uploads"] == len(fake.accepted) == 5
+    assert summary["duplicates"] == 1 and summary["upload_retries"] == 2
+    assert summary["bytes_up"] == sum(fake.request_bytes.values())
+    assert sorted(seq for _, seq in fake.accepted) == [1, 2, 3, 4, 5]  # from register's next_sequence
+    assert fake.resets == [("edge-1", 1), ("edge-1", 2)] and summary["resets"] == 2
+    assert fake.episodes_seen == [1, 1, 1, 2, 2] and fake.labels_seen == 33
+    assert summary["versions_applied"] >= 2 and summary["final_version"] == 2
+    assert summary["per_corruption"]["gaussian_noise"]["seen"] == 20
+    assert summary["per_shift"]["fog@5"]["uploaded"] == 13
+    assert summary["labelled"] == 33 and 0 <= summary["accuracy"] <= 1
+    assert summary["accuracy"] == pytest.approx(
+        sum(v["correct"] for v in summary["per_corruption"].values()) / 33)
+    assert summary["timeline"]["seen"] == [8, 16, 20, 28, 33]
+    assert fake.metrics and dict(fake.metrics[-1].values)["final"] == 1.0
+    assert dict(fake.metrics[-1].values)["seen"] == 33
+    json.dumps(summary, allow_nan=False)
+
+
+class _PublishingSource:
+    """Publishes a new parameter version after the second batch and waits until it is in force."""
+
+    def __init__(self, inner, fake: FakeCloud, runtime: EdgeRuntime) -> None:
+        self.inner, self.fake, self.runtime = inner, fake, runtime
+
+    def __iter__(self):
+        for i, batch in enumerate(self.inner):
+            yield batch
+            if i == 1:
+                self.fake.wait_subscribers(1)
+                # an update of the episode before the reset is stale; the current episode's is applied
+                self.fake.publish(perturbed(self.runtime.norm_state(), 6), version=9, episode=0)
+                self.fake.publish(perturbed(self.runtime.norm_state(), 7), version=10, episode=1)
+                deadline = time.monotonic() + 5
+                while self.runtime.version < 10 and time.monotonic() < deadline:
+                    time.sleep(0.01)
+
+
+def test_updates_apply_between_batches_with_cema_selection(cloud, model_path, tmp_path) -> None:
+    fake, address = cloud
+    runtime = EdgeRuntime(model_path)
+    rng = np.random.default_rng(1)
+    path = save_stream_npz(tmp_path / "c.npz", [("x", 3, rng.integers(0, 256, (40, 8, 8, 3), dtype=np.uint8), None)],
+                           "continual")
+    with CloudClient(address, "edge-2", retry=FAST) as client:
+        node = _node(runtime, _PublishingSource(NpzSource(path, 8), fake, runtime), client, method="cema")
+        summary = node.run()
+    # first batch resets (episode 1, version 1 from the fake); the update lands before batch 3
+    assert summary["timeline"]["version"] == [1, 1, 10, 10, 10]
+    assert summary["final_version"] == 10 and summary["updates_received"] == 2
+    assert summary["episode_ignored"] == 1 and summary["versions_applied"] == 2  # reset state + v10
+    assert summary["uploaded"] == summary["kept"] == sum(summary["timeline"]["kept"])
+    assert summary["kept"] + sum(summary["excluded"].values()) == summary["seen"] == 40
+    assert all(e is not None and e > 0 for e in summary["timeline"]["e_max"])
+    assert summary["accuracy"] is None and summary["labelled"] == 0
+
+
+def test_failed_uploads_are_counted_not_hidden(cloud, model_path, stream_path) -> None:
+    fake, address = cloud
+    fake.fail_uploads = 2  # the first upload outlasts a 2-attempt policy
+    policy = RetryPolicy(max_attempts=2, initial_backoff_s=0.01, max_total_s=1.0)
+    with CloudClient(address, "edge-3", retry=policy) as client:
+        summary = _node(EdgeRuntime(model_path), NpzSource(stream_path, 8), client, limit=16).run()
+    assert summary["seen"] == 16 and summary["upload_failed"] == 8 and summary["upload_errors"] == 1
+    assert summary["uploaded"] == 8 and summary["uploaded"] + summary["upload_failed"] == summary["kept"]
+    assert sorted(seq for _, seq in fake.accepted) == [2]  # sequence 1 is never reused
+
+
+def test_forward_only_without_cloud(model_path, stream_path) -> None:
+    runtime = EdgeRuntime(model_path)
+    summary = _node(runtime, NpzSource(stream_path, 8), None, method="random", random_rate=0.5,
+                    limit=21, edge_id="solo").run()
+    assert summary["seen"] == 21 and summary["timeline"]["n"] == [8, 8, 4, 1]  # the limit cuts a batch
+    assert summary["uploaded"] == 0 and summary["bytes_up"] == 0 and summary["kept"] > 0
+    assert summary["edge_id"] == "solo" and summary["server"] is None and summary["resets"] == 2
+    assert summary["final_version"] == summary["initial_version"] == 0
+    expected = np.concatenate([b.labels for b in NpzSource(stream_path, 64)])[:21]
+    preds = np.concatenate([runtime.predict(b.images).argmax(1) for b in NpzSource(stream_path, 64)])[:21]
+    assert summary["correct"] == int((preds == expected).sum())
+
+
+def test_stop_ends_at_a_batch_boundary(model_path) -> None:
+    node_ref = {}
+
+    class Endless:
+        def __iter__(self):
+            while True:
+                yield EdgeBatch(np.zeros((4, 8, 8, 3), np.uint8), None, "x", 1, False)
+                if node_ref["node"].summary(timeline=False)["seen"] >= 12:
+                    node_ref["node"].stop()
+
+    node = _node(EdgeRuntime(model_path), Endless(), None)
+    node_ref["node"] = node
+    summary = node.run()
+    assert summary["stopped_early"] and summary["seen"] == 16
+
+
+def test_cli_without_cloud_writes_summary(model_path, stream_path, tmp_path) -> None:
+    out = tmp_path / "o" / "summary.json"
+    rc = fedshift(["edge", "--server", "none", "--model", str(model_path), "--source", f"npz:{stream_path}",
+                   "--method", "cema", "--redundancy", "0.9", "--batch-size", "16", "--out", str(out)])
+    assert rc == 0
+    summary = json.loads(out.read_text())
+    assert summary["seen"] == 33 and summary["selection"]["redundancy"] == 0.9 and summary["uploaded"] == 0
+
+
+def test_cli_against_cloud_and_bad_arguments(cloud, model_path, stream_path, tmp_path, capsys) -> None:
+    fake, address = cloud
+    out = tmp_path / "s.json"
+    rc = fedshift(["edge", "--server", address, "--model", str(model_path), "--source", f"npz:{stream_path}",
+                   "--edge-id", "cli-edge", "--method", "all", "--limit", "20", "--out", str(out)])
+    assert rc == 0
+    summary = json.loads(out.read_text())
+    assert summary["uploaded"] == summary["kept"] == 20 == sum(fake.accepted.values())
+    assert summary["edge_id"] == "cli-edge"
+    assert fedshift(["edge", "--server", "none", "--model", str(model_path), "--source", "webcam:0"]) == 2
+    assert fedshift(["edge", "--server", "none", "--model", str(model_path), "--source", f"npz:{stream_path}",
+                     "--method", "random"]) == 2
+    assert "random_rate" in capsys.readouterr().err
+    fake.token = "secret"  # a refused edge fails with status 1 and still writes its summary
+    rc = fedshift(["edge", "--server", address, "--model", str(model_path), "--source", f"npz:{stream_path}",
+                   "--token", "wrong", "--out", str(out)])
+    assert rc == 1 and "UNAUTHENTICATED" in json.loads(out.read_text())["error"]
+
+
+def _env() -> dict:
+    return {**os.environ, "PYTHONPATH": str(ROOT), "ORT_DISABLE_TELEMETRY": "1"}
+
+
+def test_edge_imports_without_torch_or_core() -> None:
+    code = ("import sys; sys.modules['torch'] = None; sys.modules['core'] = None; "
+            "import edge.node, edge.client, edge.selection, edge.sources, edge.cli, edge.runtime")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=_env(), capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 0, out.stderr
+
+
+def test_sigterm_while_waiting_on_stdin_writes_summary(model_path, tmp_path) -> None:
+    """A torch-free edge process: two batches of frames, then SIGTERM while it waits for more."""
+    out = tmp_path / "summary.json"
+    code = ("import sys; sys.modules['torch'] = None; sys.modules['core'] = None; "
+            "from simulations.cli import main; sys.exit(main(sys.argv[1:]))")
+    cmd = [sys.executable, "-c", code, "edge", "--server", "none", "--model", str(model_path),
+           "--source", "stdin:8x8x3", "--batch-size", "2", "--method", "all", "--log-every", "0",
+           "--out", str(out)]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdin=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        proc.stdin.write(np.zeros((4, 8, 8, 3), np.uint8).tobytes())
+        proc.stdin.flush()
+        deadline = time.monotonic() + 30
+        lines = []
+        while time.monotonic() < deadline:  # progress lines (log every batch) tell us both batches ran
+            line = proc.stderr.readline().decode()
+            lines.append(line)
+            if "seen 4," in line or not line:
+                break
+        assert any("seen 4," in ln for ln in lines), "".join(lines)
+        proc.send_signal(signal.SIGTERM)
+        rc = proc.wait(timeout=20)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stdin.close()
+        proc.stderr.close()
+    assert rc == 0
+    summary = json.loads(out.read_text())
+    assert summary["stopped_early"] and summary["seen"] == 4 and summary["batches"] == 2
+
+
+def test_stop_from_another_thread_during_a_blocking_source_is_graceful(model_path) -> None:
+    gate = threading.Event()
+
+    class Slow:
+        def __iter__(self):
+            yield EdgeBatch(np.zeros((2, 8, 8, 3), np.uint8), None, "x", 1, True)
+            gate.wait(5)
+            yield EdgeBatch(np.zeros((2, 8, 8, 3), np.uint8), None, "x", 1, False)
+            yield EdgeBatch(np.zeros((2, 8, 8, 3), np.uint8), None, "x", 1, False)
+
+    node = _node(EdgeRuntime(model_path), Slow(), None)
+    t = threading.Thread(target=lambda: (time.sleep(0.1), node.stop(), gate.set()))
+    t.start()
+    try:
+        summary = node.run()
+    finally:
+        t.join()
+    assert summary["stopped_early"] and summary["seen"] == 4  # the batch in hand is finished, no more
+
+
+def test_lockstep_predicts_each_batch_with_the_step_on_the_previous(cloud, model_path, stream_path) -> None:
+    fake, address = cloud
+    runtime = EdgeRuntime(model_path)
+    fake.step_on_upload = perturbed(runtime.norm_state(), 3)  # each upload -> one "cloud step" 50 ms later
+    with CloudClient(address, "edge-sync", retry=FAST) as client:
+        node = _node(runtime, NpzSource(stream_path, 8), client, limit=20, sync_timeout_s=5.0)
+        summary = node.run()
+    # batch 1: reset -> v1; each upload then yields the next version before the next batch
+    assert summary["timeline"]["version"] == [1, 2, 3]
+    assert summary["sync_waits"] == 3 and summary["sync_timeouts"] == 0 and summary["sync_wait_s"] > 0
