@@ -237,8 +237,7 @@ class EdgeNode:
     def _step(self, batch: EdgeBatch) -> None:
         if batch.reset:
             self._reset()
-        version = self.runtime.version  # in force for this prediction (updates swap atomically)
-        logits = self.runtime.predict(batch.images)
+        logits, version = self.runtime.predict_versioned(batch.images)  # version that produced them
         sel = self.selector.select(logits)
         correct = None
         if batch.labels is not None:

@@ -65,6 +65,9 @@ class EdgeRuntime:
             raise FileNotFoundError(f"edge model not found: {self.path}")
         self._bytes = bytearray(self.path.read_bytes())
         self._options = ort.SessionOptions()
+        # warnings only: batch-statistics exports leave running stats unused, and ORT would log
+        # one line per such tensor at every session rebuild
+        self._options.log_severity_level = 3
         if threads:
             self._options.intra_op_num_threads = int(threads)
         self._lock = threading.Lock()
@@ -117,13 +120,17 @@ class EdgeRuntime:
 
     def predict(self, batch: np.ndarray) -> np.ndarray:
         """Logits for a batch (see the class docstring for accepted layouts)."""
+        return self.predict_versioned(batch)[0]
+
+    def predict_versioned(self, batch: np.ndarray) -> tuple[np.ndarray, int]:
+        """Logits and the parameter version that produced them (read with the same session)."""
         x = self.prepare(batch)
         with self._lock:
-            session, state = self._session, self._state
+            session, state, version = self._session, self._state, self._version
         feeds = {self.input_name: x}
         if self.norm_mode == "inputs":
             feeds.update((n, v) for n, v in state.items() if n in self._graph_inputs)
-        return session.run(None, feeds)[0]
+        return session.run(None, feeds)[0], version
 
     def prepare(self, batch: np.ndarray) -> np.ndarray:
         """Validate a batch and turn it into the model's float32 NCHW input."""

@@ -16,6 +16,7 @@ from typing import Sequence
 # subcommand -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "data": ("simulations.commands.data", "built-in data: preview the digits-shift domains and corruptions"),
+    "adapt": ("simulations.commands.adapt", "cloud + N edge processes on loopback: one CEMA-family method, or --compare"),
     "export": ("simulations.commands.export", "export a registry model to ONNX with live-swappable normalization"),
     "cloud": ("server.cloud_cli", "serve CEMA cloud-edge adaptation (gRPC) to forward-only edges"),
     "edge": ("edge.cli", "run a forward-only edge node (ONNX Runtime) against a cloud, or none"),

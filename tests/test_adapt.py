@@ -1,0 +1,82 @@
+"""`fedshift adapt` end to end: a cloud process and two edge processes on loopback."""
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from core.models import create_model
+from simulations.adapt import METHODS, AdaptConfig, aggregate, run_adapt
+
+
+def _live_processes_mentioning(text: str) -> list[str]:
+    found = []
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if text in cmd:
+            found.append(f"{pid}: {cmd}")
+    return found
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory):
+    """Untrained models: this test checks the plumbing, not accuracy (no cache, no training)."""
+    d = tmp_path_factory.mktemp("weights")
+    torch.manual_seed(0)
+    torch.save(create_model("edge_cnn", 10).state_dict(), d / "edge.pt")
+    torch.save(create_model("teacher_resnet", 10).state_dict(), d / "teacher.pt")
+    return d
+
+
+def test_cema_with_two_edge_processes(tmp_path, weights) -> None:
+    out = tmp_path / "run"
+    cfg = AdaptConfig(method="distill_all", edges=2, corruptions=("contrast", "fog"), limit=96, batch_size=32,
+                      edge_weights=str(weights / "edge.pt"), teacher_weights=str(weights / "teacher.pt"), sync_s=2.0)
+    results = run_adapt(cfg, out)
+    on_disk = json.loads((out / "results.json").read_text())
+    assert on_disk["method"] == "distill_all" and on_disk["edges"] == 2
+    for key in ("accuracy", "no_adapt_accuracy", "seen", "uploaded", "bytes_up", "bytes_down", "versions_applied"):
+        assert key in on_disk
+    assert results["seen"] == 2 * 96
+    assert results["uploaded"] == results["kept"] == 2 * 96  # distill_all uploads everything
+    assert set(results["accuracy"]["per_corruption"]) == {"contrast", "fog"}
+    assert results["versions_applied"] > 2  # the two reset states plus cloud updates
+    assert results["bytes_down"] > 0 and results["bytes_up"] > 96 * 32 * 32 * 3
+    assert 0.0 <= results["accuracy"]["overall"] <= 1.0
+    # TensorBoard: cloud and one run per edge
+    assert list((out / "cloud").glob("events.out.tfevents.*"))
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(out / "edges" / "edge0"))
+    acc.Reload()
+    assert {"edge/online_accuracy", "edge/upload_rate", "edge/version"} <= set(acc.Tags()["scalars"])
+    assert not _live_processes_mentioning(str(out)), "a process outlived the run"
+
+
+def test_forward_only_baseline_needs_no_cloud(tmp_path, weights) -> None:
+    cfg = AdaptConfig(method="bn_stats", edges=1, corruptions=("contrast",), limit=64,
+                      edge_weights=str(weights / "edge.pt"))
+    results = run_adapt(cfg, tmp_path / "bn")
+    assert results["uploaded"] == 0 and results["bytes_up"] == 0
+    assert not (tmp_path / "bn" / "cloud").exists()
+
+
+def test_config_and_aggregate_validation() -> None:
+    with pytest.raises(ValueError, match="unknown method"):
+        AdaptConfig(method="magic")
+    with pytest.raises(ValueError, match="random_rate"):
+        AdaptConfig(method="random")
+    with pytest.raises(ValueError, match="each edge needs one"):
+        AdaptConfig(edges=3, corruptions=("fog", "snow"))
+    assert set(METHODS) >= {"no_adapt", "bn_stats", "tent", "eata", "cema", "distill_all", "random"}
+    summary = {"edge_id": "e", "server": "x", "seen": 10, "kept": 4, "uploaded": 3, "upload_failed": 0,
+               "per_corruption": {}}
+    with pytest.raises(RuntimeError, match="uploaded"):
+        aggregate(AdaptConfig(), [summary], {"overall": 0.0, "per_corruption": {}})
