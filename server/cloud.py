@@ -65,6 +65,9 @@ class CloudConfig:
     out_dir: str = ""  # "" → no TensorBoard, no config/stats files
     max_workers: int = 32  # RPC threads; each open Subscribe stream holds one
     rate_interval_s: float = 5.0  # window of the logged version / upload rates
+    # backpressure: uploads are refused with RESOURCE_EXHAUSTED (edges retry with backoff) while
+    # this many samples wait for the learners, so a flood cannot grow memory without bound
+    max_backlog: int = 8192
     cema: CemaConfig = field(default_factory=CemaConfig)
 
     def __post_init__(self) -> None:
@@ -72,6 +75,8 @@ class CloudConfig:
             raise ValueError(f"image_shape must be (H, W, 1|3), got {self.image_shape}")
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port must be in 0..65535, got {self.port}")
+        if self.max_backlog < 1:
+            raise ValueError(f"max_backlog must be >= 1, got {self.max_backlog}")
         if self.max_workers < 2:
             raise ValueError("max_workers must be >= 2 (Subscribe streams each hold a thread)")
 
@@ -330,10 +335,15 @@ class CloudService(pb_grpc.EdgeServiceServicer):
         except ValueError as exc:
             log.warning("edge %s upload %d refused: %s", request.edge_id, seq, exc)
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"upload {seq}: {exc}")
+        n = len(images)
         with self._work:
             if self._stopping:
                 context.abort(grpc.StatusCode.UNAVAILABLE, "the cloud is shutting down")
-        n = len(images)
+            backlog = self._backlog()
+        if backlog + n > self.config.max_backlog:
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                          f"upload {seq}: {backlog} samples already wait for the learners (limit "
+                          f"{self.config.max_backlog}); retry later")
         with self._lock:
             if seq in edge.sequences:  # a concurrent retry of the same upload won the race
                 edge.duplicates += 1
@@ -362,6 +372,10 @@ class CloudService(pb_grpc.EdgeServiceServicer):
             self._pending.append(item)
             self._work.notify_all()
         return pb.UploadReply(sequence=seq, duplicate=False, accepted=n, latest_version=edge.slot.version)
+
+    def _backlog(self) -> int:
+        """Samples queued but not yet learned from (caller holds ``_work``, not ``_lock``)."""
+        return sum(len(i.images) for i in self._pending) + sum(s.learner.queue_size for s in self._slots())
 
     def Subscribe(self, request: pb.SubscribeRequest, context: grpc.ServicerContext) -> Iterator[pb.ParameterUpdate]:
         self._check_token(request.auth_token, context)

@@ -310,3 +310,18 @@ def test_metrics_tensorboard_and_clean_shutdown(models, tmp_path: Path) -> None:
             "cloud/e1/queue", "cloud/e1/replay", "cloud/e1/step_latency_ms", "cloud/versions_per_s"} <= tags
     assert [e.value for e in acc.Scalars("edge/e1/accuracy")] == [0.5]
     assert len(acc.Scalars("cloud/e1/loss/student_loss")) == 2
+
+
+
+def test_backlog_limit_refuses_with_resource_exhausted_and_recovers(models) -> None:
+    """Beyond max_backlog waiting samples an upload is refused with a retryable code, not queued."""
+    with pytest.raises(ValueError, match="max_backlog"):
+        _config(max_backlog=0)
+    with _Running(models, _config(max_backlog=4)) as run:
+        stub = run.stub
+        stub.Register(pb.RegisterRequest(edge_id="e1"), timeout=10)
+        with pytest.raises(grpc.RpcError) as exc:
+            _upload(stub, 0, _images(6))
+        assert _code(exc) == grpc.StatusCode.RESOURCE_EXHAUSTED and "limit 4" in exc.value.details()
+        assert _upload(stub, 0, _images(3)).accepted == 3  # the refused sequence is still free
+        assert run.server.service.stats()["edges"]["e1"]["samples"] == 3

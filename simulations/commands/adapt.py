@@ -23,7 +23,7 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--sync", type=float, default=2.0, help="edge lockstep bound, seconds (0: free-running)")
     p.add_argument("--random-rate", type=float, help="method random: keep probability")
-    p.add_argument("--redundancy", type=float, help="edge redundancy threshold d (default: off; eata 0.95)")
+    p.add_argument("--redundancy", type=float, help="edge redundancy threshold d (default: off; eata 0.5)")
     p.add_argument("--edge-weights", help="edge model weights (default: the built-in edge model)")
     p.add_argument("--teacher-weights", help="teacher weights (default: the built-in teacher)")
     p.add_argument("--cache", help="cache folder of the built-in models")

@@ -1,0 +1,76 @@
+"""Smoke test of ``benchmarks/cloud_edge.py --quick``: it runs end to end and its JSON is complete
+and consistent. Structure and arithmetic only — never speeds (the machine is shared and noisy).
+
+Run as a subprocess so its spawned edge processes never inherit pytest's state."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PIXELS = 32 * 32 * 3
+
+
+def test_cloud_edge_benchmark_quick(tmp_path: Path) -> None:
+    out = tmp_path / "cloud_edge.json"
+    proc = subprocess.run([sys.executable, "benchmarks/cloud_edge.py", "--quick", "--out", str(out)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "| batch |" in proc.stdout and "| edges |" in proc.stdout and "| model |" in proc.stdout
+    report = json.loads(out.read_text())
+    assert report["benchmark"] == "cloud_edge" and report["wall_s"] > 0
+    settings, machine, results = report["settings"], report["machine"], report["results"]
+    assert settings["quick"] is True and settings["edges"] == [1, 2] and settings["latency_batches"] == [1, 16, 64]
+    assert machine["cpus"] >= 1 and len(machine["loadavg_before"]) == 3
+    kinds = settings["kinds"]
+    assert kinds == ["ack", "cloud"]
+
+    # upload round trips: every server x batch, positive, p90 not below the median
+    for kind in kinds:
+        for n in (1, 16, 64):
+            r = results["upload_latency"][kind][str(n)]
+            assert r["batch"] == n and r["uploads_per_repeat"] == settings["latency_uploads"]
+            assert 0 < r["median_ms"] <= r["p90_ms"]
+            assert len(r["repeat_median_ms"]) == settings["repeats"]
+
+    # sustained uploads: every request carries sustain_batch samples, all accepted
+    batch = settings["sustain_batch"]
+    for kind in kinds:
+        for edges in (1, 2):
+            r = results["throughput"][kind][str(edges)]
+            assert r["edges"] == edges and r["requests_per_s"] > 0
+            assert math.isclose(r["samples_per_s"], batch * r["requests_per_s"])
+            for rep in r["repeats"]:
+                assert len(rep["per_edge_requests"]) == edges and all(k >= 0 for k in rep["per_edge_requests"])
+                assert rep["samples"] == batch * rep["requests"] == batch * sum(rep["per_edge_requests"])
+
+    # update latency: every upload produced one version, each applied once at the edge
+    upd = results["update_latency"]
+    assert upd["updates"] == upd["versions_applied"] == upd["final_version"] == settings["updates"]
+    assert upd["update_latency"]["count"] == upd["apply"]["count"] == settings["updates"]
+    for key in ("update_latency", "apply", "upload_to_applied"):
+        assert 0 < upd[key]["median_ms"] <= upd[key]["max_ms"]
+
+    # bytes: payloads are arithmetic; serialized sizes differ from them only by small framing
+    for n in (1, 16, 64):
+        b = results["bytes"]["upload"][str(n)]
+        assert b["payload_bytes_uint8"] == n * PIXELS
+        assert b["payload_bytes_float32"] == 4 * n * PIXELS
+        assert b["request_bytes_uint8_cloudclient"] == b["request_bytes_uint8"]  # the mirror is exact
+        assert b["overhead_bytes_uint8"] == b["request_bytes_uint8"] - n * PIXELS > 0
+        assert 0 <= b["request_bytes_float32"] - b["request_bytes_uint8"] - 3 * n * PIXELS <= 4  # varint lengths
+        assert math.isclose(b["per_sample_uint8"], b["request_bytes_uint8"] / n)
+        assert math.isclose(b["float32_over_uint8"], b["request_bytes_float32"] / b["request_bytes_uint8"])
+        assert 3.9 < b["float32_over_uint8"] < 4.0
+    for name in ("edge_cnn", "teacher_resnet"):
+        u = results["bytes"]["update"][name]
+        assert u["update_payload_bytes"] == 4 * u["norm_floats"] < u["update_bytes"]
+        assert u["model_param_bytes_fp32"] == 4 * u["parameters"] < u["model_state_bytes_fp32"]
+        assert math.isclose(u["update_over_model_params"], u["update_bytes"] / u["model_param_bytes_fp32"])
+        assert u["update_bytes"] < u["model_param_bytes_fp32"]
+    # what the edge received over the wire is the message the bytes section serialized
+    assert abs(upd["bytes_per_update_received"] - results["bytes"]["update"]["edge_cnn"]["update_bytes"]) <= 4
