@@ -1,0 +1,240 @@
+"""The Flower ClientApp: one local training loop for every strategy, state in ``Context.state``.
+
+A client message runs in a reused simulation actor (shared across clients) or in a fresh
+deployment process, so nothing about a client may live in module globals. Everything that must
+survive between rounds — the layers the strategy keeps local (FedBN's norm layers, the whole
+model for local-only), SGD momentum, FRAug's RTNet, prototypes and auxiliary optimizers — is
+stored in the client's ``Context.state`` records and restored at the start of each message.
+
+The only cache here is :func:`client_data`, an ``lru_cache`` over a *pure* function (the same
+arguments always build byte-identical data), so it cannot leak state between clients or runs.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from typing import Any, Mapping
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from core.fl_config import (
+    GENERATOR_PREFIX,
+    PARTITION_KEY,
+    WEIGHT_KEY,
+    FLConfig,
+    build_model,
+    clients_per_domain,
+    local_key_filter,
+)
+
+log = logging.getLogger(__name__)
+
+# Context.state record names
+STATE_LOCAL = "local-model"
+STATE_OPT = "opt-model"
+STATE_RTNET = "fraug-rtnet"
+STATE_PROTOS = "fraug-prototypes"
+STATE_OPT_G = "opt-generator"
+STATE_OPT_T = "opt-rtnet"
+STATE_META = "meta"
+
+
+@functools.lru_cache(maxsize=4)
+def client_data(seed: int, image_size: int, domains: tuple[str, ...], per_domain: int, train_per_client: int) -> Any:
+    """The digits-shift dataset for these arguments (pure, so caching it per process is safe)."""
+    from core.data import make_digits_shift
+
+    return make_digits_shift(seed, image_size=image_size, domains=domains, clients_per_domain=per_domain,
+                             train_per_client=train_per_client or None)
+
+
+def _dataset(cfg: FLConfig) -> Any:
+    return client_data(cfg.seed, cfg.image_size, cfg.domains(), clients_per_domain(cfg.clients),
+                       cfg.train_per_client)
+
+
+def _arrays_to_numpy(record: ArrayRecord | None) -> dict[str, np.ndarray]:
+    return {} if record is None else {k: v.numpy() for k, v in record.items()}
+
+
+def _numpy_record(arrays: Mapping[str, np.ndarray]) -> ArrayRecord:
+    return ArrayRecord(array_dict={k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
+
+
+def _partition_id(context: Context, cfg: FLConfig) -> int:
+    if PARTITION_KEY not in context.node_config:
+        raise ValueError(f"node config lacks {PARTITION_KEY!r} (start the SuperNode with --node-config)")
+    pid = int(context.node_config[PARTITION_KEY])
+    cfg.client_domain(pid)  # range check with a clear message
+    return pid
+
+
+def _load_state_dict(model: Any, arrays: Mapping[str, np.ndarray]) -> None:
+    """Write named arrays into the model; unknown names are an error, missing ones keep their value."""
+    import torch
+
+    own = model.state_dict()
+    unknown = sorted(set(arrays) - set(own))
+    if unknown:
+        raise ValueError(f"received arrays the model does not have: {unknown[:6]}")
+    model.load_state_dict({k: torch.from_numpy(np.array(v)).to(own[k].dtype) for k, v in arrays.items()},
+                          strict=False)
+
+
+def _assemble_model(cfg: FLConfig, context: Context, received: Mapping[str, np.ndarray]) -> tuple[Any, set[str]]:
+    """Fresh init → the client's local layers from Context.state → this round's global arrays."""
+    model = build_model(cfg)
+    local_keys = local_key_filter(model, cfg)
+    stored = _arrays_to_numpy(context.state.array_records.get(STATE_LOCAL))
+    _load_state_dict(model, stored)
+    stray = sorted(local_keys & set(received))
+    if stray:
+        raise ValueError(f"server sent layers this strategy keeps local: {stray[:6]}")
+    _load_state_dict(model, received)
+    return model, local_keys
+
+
+def _split_received(msg: Message) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """(model arrays, generator arrays) of an incoming message."""
+    arrays = _arrays_to_numpy(msg.content.array_records.get("arrays"))
+    model = {k: v for k, v in arrays.items() if not k.startswith(GENERATOR_PREFIX)}
+    gen = {k[len(GENERATOR_PREFIX):]: v for k, v in arrays.items() if k.startswith(GENERATOR_PREFIX)}
+    return model, gen
+
+
+def _global_round(msg: Message) -> int:
+    config = msg.content.config_records.get("config")
+    if config is None:
+        return 1
+    return int(config.get("global-round", config.get("server-round", 1)))
+
+
+def fraug_settings(cfg: FLConfig) -> Any:
+    from core.fraug import FRAugSettings
+
+    return FRAugSettings(noise=cfg.fraug_noise, latent_dim=cfg.fraug_latent_dim, lambda_max=cfg.fraug_lambda_max,
+                         gamma=cfg.fraug_gamma, warmup_rounds=cfg.fraug_warmup_rounds, lambda_g=cfg.fraug_lambda_g,
+                         g_distance=cfg.fraug_g_distance, lambda_t=cfg.fraug_lambda_t, lr_aux=cfg.fraug_lr_aux,
+                         momentum=cfg.momentum, rtnet_final_bn=cfg.fraug_rtnet_final_bn,
+                         interpolate=cfg.fraug_interpolate, proto_momentum=cfg.fraug_proto_momentum)
+
+
+def _fraug_hook(cfg: FLConfig, context: Context, model: Any, gen_arrays: Mapping[str, np.ndarray],
+                rnd: int, pid: int) -> Any:
+    """Build this round's FRAug hook: received G, stored RTNet / prototypes / optimizer states."""
+    import torch
+
+    from core.fraug import FRAugHook, RTNet, make_generator
+
+    settings = fraug_settings(cfg)
+    d, c = model.embedding_dim, model.num_classes
+    generator = make_generator(cfg.seed, d, c, cfg.fraug_latent_dim)
+    if not gen_arrays:
+        raise ValueError("FRAug: the server sent no generator")
+    _load_state_dict(generator, gen_arrays)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed * 1000 + pid + 2)
+        rtnet = RTNet(d, c, cfg.fraug_latent_dim, final_bn=cfg.fraug_rtnet_final_bn)
+    _load_state_dict(rtnet, _arrays_to_numpy(context.state.array_records.get(STATE_RTNET)))
+    protos_np = _arrays_to_numpy(context.state.array_records.get(STATE_PROTOS)).get("mu")
+    protos = torch.zeros(c, d) if protos_np is None else torch.from_numpy(protos_np.copy())
+    states = {"generator": _arrays_to_numpy(context.state.array_records.get(STATE_OPT_G)),
+              "rtnet": _arrays_to_numpy(context.state.array_records.get(STATE_OPT_T))}
+    return FRAugHook(settings, generator, rtnet, protos, server_round=rnd, total_rounds=cfg.rounds,
+                     seed=(cfg.seed * 1_000_003 + pid) * 10_007 + rnd, optimizer_states=states)
+
+
+def handle_train(msg: Message, context: Context, cfg: FLConfig) -> Message:
+    """One round of local training; returns the shared arrays and the client's metrics."""
+    import torch
+
+    from core.training import LocalSpec, train_local
+
+    torch.set_num_threads(cfg.threads)
+    pid = _partition_id(context, cfg)
+    split = _dataset(cfg).clients[pid].train
+    received, gen_arrays = _split_received(msg)
+    rnd = _global_round(msg)
+    model, local_keys = _assemble_model(cfg, context, received)
+    config = msg.content.config_records.get("config") or {}
+    mu = float(config.get("proximal-mu", 0.0))
+    spec = LocalSpec(epochs=cfg.local_epochs, steps=cfg.local_steps, batch_size=cfg.batch_size, lr=cfg.lr,
+                     momentum=cfg.momentum, weight_decay=cfg.weight_decay, proximal_mu=mu)
+    global_params = ({n: p.detach().clone() for n, p in model.named_parameters() if n in received}
+                     if mu > 0 else None)
+    hook = _fraug_hook(cfg, context, model, gen_arrays, rnd, pid) if cfg.strategy == "fraug" else None
+    opt_in = _arrays_to_numpy(context.state.array_records.get(STATE_OPT)) if cfg.keep_momentum else None
+    result = train_local(model, split, spec, rng=np.random.default_rng([cfg.seed, pid, rnd]),
+                         global_params=global_params, hook=hook, optimizer_state_in=opt_in)
+
+    state = model.state_dict()
+    context.state[STATE_LOCAL] = ArrayRecord(torch_state_dict={k: state[k] for k in local_keys})
+    if cfg.keep_momentum:
+        context.state[STATE_OPT] = _numpy_record(result.optimizer_state)
+    reply_arrays: dict[str, Any] = {k: v for k, v in state.items() if k not in local_keys}
+    metrics: dict[str, float | int] = {
+        WEIGHT_KEY: result.num_examples, PARTITION_KEY: pid, "train-loss": result.loss,
+        "train-accuracy": result.accuracy, "steps": result.steps,
+    }
+    if hook is not None:
+        context.state[STATE_RTNET] = ArrayRecord(torch_state_dict=hook.T.state_dict())
+        context.state[STATE_PROTOS] = _numpy_record({"mu": hook.protos.numpy()})
+        opt_states = hook.optimizer_states()
+        context.state[STATE_OPT_G] = _numpy_record(opt_states["generator"])
+        context.state[STATE_OPT_T] = _numpy_record(opt_states["rtnet"])
+        reply_arrays.update({GENERATOR_PREFIX + k: v for k, v in hook.G.state_dict().items()})
+        metrics.update({f"fraug-{k}": float(v) for k, v in result.metrics.items()})
+    rounds_trained = int(context.state.config_records[STATE_META]["rounds-trained"]) + 1 \
+        if STATE_META in context.state.config_records else 1
+    context.state[STATE_META] = ConfigRecord({"rounds-trained": rounds_trained, "last-round": rnd})
+    log.debug("client %d round %d: loss %.4f acc %.3f (%d steps)", pid, rnd, result.loss, result.accuracy,
+              result.steps)
+    content = RecordDict({"arrays": ArrayRecord(torch_state_dict=reply_arrays), "metrics": MetricRecord(metrics)})
+    return Message(content=content, reply_to=msg)
+
+
+def handle_evaluate(msg: Message, context: Context, cfg: FLConfig) -> Message:
+    """The client's model (global arrays + its local layers) on its own validation and test splits."""
+    import torch
+
+    from core.training import evaluate
+
+    torch.set_num_threads(cfg.threads)
+    pid = _partition_id(context, cfg)
+    data = _dataset(cfg).clients[pid]
+    received, _ = _split_received(msg)
+    model, _ = _assemble_model(cfg, context, received)
+    test_loss, test_acc = evaluate(model, data.test)
+    val_loss, val_acc = evaluate(model, data.val)
+    metrics = MetricRecord({WEIGHT_KEY: len(data.test), PARTITION_KEY: pid, "test-loss": test_loss,
+                            "test-accuracy": test_acc, "val-loss": val_loss, "val-accuracy": val_acc})
+    return Message(content=RecordDict({"metrics": metrics}), reply_to=msg)
+
+
+def make_client_app(overrides: Mapping[str, Any] | None = None) -> ClientApp:
+    """A ClientApp whose config is the run config with ``overrides`` on top.
+
+    ``fedshift fl`` passes its flags as overrides (the deprecated in-process ``run_simulation``
+    gives apps an empty run config); ``flwr run`` uses the module-level :data:`app` (no overrides).
+    """
+    fixed = dict(overrides or {})
+    client_app = ClientApp()
+
+    def config_of(context: Context) -> FLConfig:
+        return FLConfig.from_run_config({**context.run_config, **fixed})
+
+    @client_app.train()
+    def train(msg: Message, context: Context) -> Message:
+        return handle_train(msg, context, config_of(context))
+
+    @client_app.evaluate()
+    def evaluate(msg: Message, context: Context) -> Message:
+        return handle_evaluate(msg, context, config_of(context))
+
+    return client_app
+
+
+app = make_client_app()

@@ -1,0 +1,126 @@
+"""The Flower ServerApp: parse the run config once, pick a strategy, run it, record everything.
+
+``flwr run .`` loads the module-level :data:`app`; ``fedshift fl`` builds one with
+:func:`make_server_app` and its flags as overrides (the in-process simulation API gives apps an
+empty run config).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any, Mapping
+
+from flwr.app import ArrayRecord, Context
+from flwr.serverapp import Grid, ServerApp
+
+from core.fl_config import FLConfig, build_model, local_key_filter
+from server.recorder import CHECKPOINT_FILE, RESULTS_FILE, Checkpoint, RunRecorder, load_checkpoint, save_checkpoint
+from server.strategies import make_strategy
+
+log = logging.getLogger(__name__)
+
+
+def output_dir(cfg: FLConfig) -> Path:
+    """``out-dir``, or ``runs/<run name>`` under the working directory."""
+    return Path(cfg.out_dir) if cfg.out_dir else Path("runs") / cfg.run_name
+
+
+def _previous_history(ckpt_path: Path, upto: int) -> list[dict[str, Any]]:
+    """History of the run a checkpoint came from (results.json beside it), cut at its round."""
+    results = (ckpt_path if ckpt_path.is_dir() else ckpt_path.parent) / RESULTS_FILE
+    if not results.is_file():
+        return []
+    history = json.loads(results.read_text()).get("history", [])
+    return [h for h in history if int(h.get("round", 0)) <= upto]
+
+
+def wait_for_nodes(grid: Grid, clients: int, timeout: float = 120.0) -> None:
+    """Wait until exactly ``clients`` nodes are connected; refuse a mismatched federation.
+
+    Without this a federation of the wrong size hangs (too few nodes: Flower waits forever) or
+    fails obscurely (too many: a node's partition-id has no data).
+    """
+    import time
+
+    deadline = time.monotonic() + timeout
+    while True:
+        n = len(list(grid.get_node_ids()))
+        if n > clients or (n < clients and time.monotonic() > deadline):
+            raise ValueError(
+                f"run config clients={clients} but {n} SuperNode(s) connected; make them match "
+                f"(e.g. flwr run . --federation-config num-supernodes={clients}, or --run-config clients={n})")
+        if n == clients:
+            return
+        time.sleep(0.5)
+
+
+def run_server(grid: Grid, cfg: FLConfig) -> dict[str, Any]:
+    """Run ``cfg.rounds`` rounds (minus those a resumed checkpoint already did); return results."""
+    import torch
+
+    from core.fraug import make_generator
+
+    torch.set_num_threads(cfg.threads)
+    out = output_dir(cfg)
+    model = build_model(cfg)
+    generator = make_generator(cfg.seed, model.embedding_dim, model.num_classes, cfg.fraug_latent_dim) \
+        if cfg.strategy == "fraug" else None
+    start_round, history = 0, []
+    if cfg.resume:
+        ckpt = load_checkpoint(cfg.resume)
+        model.load_state_dict(ckpt.model)
+        if generator is not None:
+            if ckpt.generator is None:
+                raise ValueError(f"{cfg.resume}: checkpoint has no generator; cannot resume FRAug from it")
+            generator.load_state_dict(ckpt.generator)
+        start_round = ckpt.round
+        history = _previous_history(Path(cfg.resume), start_round)
+        log.info("resuming from %s at round %d", cfg.resume, start_round)
+    remaining = cfg.rounds - start_round
+    if remaining < 1:
+        raise ValueError(f"checkpoint is at round {start_round}; rounds={cfg.rounds} leaves nothing to run")
+
+    wait_for_nodes(grid, cfg.clients)
+    recorder = RunRecorder(out, cfg, start_round=start_round, previous_history=history)
+    full_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    def on_round_end(rnd: int, arrays: ArrayRecord, gen: ArrayRecord | None) -> None:
+        state = {**full_state, **arrays.to_torch_state_dict()}
+        save_checkpoint(out / CHECKPOINT_FILE, Checkpoint(
+            model=state, generator=gen.to_torch_state_dict() if gen is not None else None, round=rnd,
+            config=cfg.to_run_config()))
+        recorder.write_results()
+
+    strategy = make_strategy(
+        cfg.strategy, num_clients=cfg.clients, local_keys=local_key_filter(model, cfg),
+        proximal_mu=cfg.proximal_mu,
+        generator=ArrayRecord(torch_state_dict=generator.state_dict()) if generator is not None else None,
+        recorder=recorder, round_offset=start_round, on_round_end=on_round_end)
+    log.info("%s: %d rounds (from %d), %d clients, output %s", cfg.run_name, remaining, start_round,
+             cfg.clients, out.resolve())
+    try:
+        strategy.start(grid=grid, initial_arrays=ArrayRecord(torch_state_dict=full_state), num_rounds=remaining)
+    finally:
+        path = recorder.write_results()
+        recorder.close()
+    results = recorder.results()
+    log.info("%s finished: mean accuracy %s; results in %s", cfg.run_name,
+             f"{results['mean_accuracy']:.4f}" if results["mean_accuracy"] is not None else "n/a", path)
+    return results
+
+
+def make_server_app(overrides: Mapping[str, Any] | None = None) -> ServerApp:
+    """A ServerApp whose config is the run config with ``overrides`` on top."""
+    fixed = dict(overrides or {})
+    server_app = ServerApp()
+
+    @server_app.main()
+    def main(grid: Grid, context: Context) -> None:
+        run_server(grid, FLConfig.from_run_config({**context.run_config, **fixed}))
+
+    return server_app
+
+
+app = make_server_app()

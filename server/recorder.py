@@ -1,0 +1,189 @@
+"""What a federated run leaves behind: TensorBoard events, per-round history, results.json and
+checkpoints — all under one run directory.
+
+The strategy reports each round's per-client replies here; nothing in it talks to Flower, so the
+same recorder serves the simulation and the deployment engine.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+
+from core.fl_config import FLConfig
+
+log = logging.getLogger(__name__)
+
+RESULTS_FILE = "results.json"
+CHECKPOINT_FILE = "checkpoint.pt"
+RESULTS_KEYS = ("strategy", "seed", "rounds", "clients", "per_client_accuracy", "mean_accuracy",
+                "history", "config")
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A global model (full state dict) + generator after ``round`` rounds."""
+
+    model: dict[str, torch.Tensor]
+    generator: dict[str, torch.Tensor] | None
+    round: int
+    config: dict[str, Any]
+
+
+def save_checkpoint(path: Path, ckpt: Checkpoint) -> None:
+    """Write atomically (tmp + rename), so a crash never leaves a half-written checkpoint."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save({"model": ckpt.model, "generator": ckpt.generator, "round": ckpt.round,
+                "config": ckpt.config}, tmp)
+    tmp.replace(path)
+
+
+def load_checkpoint(path: str | Path) -> Checkpoint:
+    """Read a checkpoint written by :func:`save_checkpoint` (``weights_only``: no code runs)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / CHECKPOINT_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    raw = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(raw, dict) or not {"model", "round"} <= set(raw):
+        raise ValueError(f"{path} is not a fedshift FL checkpoint")
+    return Checkpoint(model=raw["model"], generator=raw.get("generator"), round=int(raw["round"]),
+                      config=dict(raw.get("config") or {}))
+
+
+def _finite(x: float) -> float | None:
+    return float(x) if math.isfinite(float(x)) else None
+
+
+class RunRecorder:
+    """Collects per-round, per-client metrics; writes TensorBoard scalars and results.json."""
+
+    def __init__(self, out_dir: Path, cfg: FLConfig, *, start_round: int = 0,
+                 previous_history: list[dict[str, Any]] | None = None) -> None:
+        self.out_dir = Path(out_dir)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.cfg = cfg
+        self.start_round = start_round
+        self.history: list[dict[str, Any]] = list(previous_history or [])
+        self._current: dict[str, Any] = {}
+        self._writer: Any = None
+        self._t0 = time.perf_counter()
+        self._t_round = self._t0
+        if cfg.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._writer = SummaryWriter(log_dir=str(self.out_dir / "tensorboard"))
+        (self.out_dir / "config.json").write_text(json.dumps(cfg.to_run_config(), indent=2) + "\n")
+
+    # ------------------------------------------------------------------ per round
+    def _scalar(self, tag: str, value: float, step: int) -> None:
+        if self._writer is not None and math.isfinite(float(value)):
+            self._writer.add_scalar(tag, float(value), step)
+
+    def _entry(self, rnd: int) -> dict[str, Any]:
+        if self._current.get("round") != rnd:
+            self._current = {"round": rnd, "clients": {}, "bytes_down": 0, "bytes_up": 0}
+        return self._current
+
+    def train_round(self, rnd: int, per_client: Mapping[int, Mapping[str, float]], bytes_down: int,
+                    bytes_up: int) -> None:
+        """Local-training metrics of each client (loss, FRAug losses, label consistency)."""
+        entry = self._entry(rnd)
+        entry["bytes_down"] += bytes_down
+        entry["bytes_up"] += bytes_up
+        fraug_means: dict[str, list[float]] = {}
+        for pid, metrics in sorted(per_client.items()):
+            name = self.cfg.client_label(pid)
+            client = entry["clients"].setdefault(name, {"partition_id": pid})
+            client["train_loss"] = _finite(metrics.get("train-loss", float("nan")))
+            client["train_accuracy"] = _finite(metrics.get("train-accuracy", float("nan")))
+            self._scalar(f"train_loss/{name}", metrics.get("train-loss", float("nan")), rnd)
+            fr = {k[len("fraug-"):]: float(v) for k, v in metrics.items() if k.startswith("fraug-")}
+            if fr:
+                client["fraug"] = {k: _finite(v) for k, v in fr.items()}
+                for k, v in fr.items():
+                    self._scalar(f"fraug/{k}/{name}", v, rnd)
+                    fraug_means.setdefault(k, []).append(v)
+        if fraug_means:
+            entry["fraug"] = {k: _finite(float(np.mean(v))) for k, v in fraug_means.items()}
+            for k, v in entry["fraug"].items():
+                if v is not None:
+                    self._scalar(f"fraug/{k}/mean", v, rnd)
+
+    def eval_round(self, rnd: int, per_client: Mapping[int, Mapping[str, float]], bytes_down: int,
+                   bytes_up: int) -> dict[str, Any]:
+        """Each client's model (with its local parts) on its own val/test split; closes the round."""
+        entry = self._entry(rnd)
+        entry["bytes_down"] += bytes_down
+        entry["bytes_up"] += bytes_up
+        for pid, metrics in sorted(per_client.items()):
+            name = self.cfg.client_label(pid)
+            client = entry["clients"].setdefault(name, {"partition_id": pid})
+            for key in ("test-accuracy", "test-loss", "val-accuracy", "val-loss"):
+                client[key.replace("-", "_")] = _finite(metrics[key])
+            self._scalar(f"accuracy/{name}", metrics["test-accuracy"], rnd)
+            self._scalar(f"loss/{name}", metrics["test-loss"], rnd)
+            self._scalar(f"val_accuracy/{name}", metrics["val-accuracy"], rnd)
+        clients = entry["clients"].values()
+        entry["mean_accuracy"] = float(np.mean([c["test_accuracy"] for c in clients]))
+        entry["mean_val_accuracy"] = float(np.mean([c["val_accuracy"] for c in clients]))
+        now = time.perf_counter()
+        entry["round_seconds"] = now - self._t_round
+        self._t_round = now
+        self._scalar("accuracy/mean", entry["mean_accuracy"], rnd)
+        self._scalar("val_accuracy/mean", entry["mean_val_accuracy"], rnd)
+        self._scalar("bytes/down", entry["bytes_down"], rnd)
+        self._scalar("bytes/up", entry["bytes_up"], rnd)
+        self.history.append(entry)
+        self._current = {}
+        if self._writer is not None:
+            self._writer.flush()
+        fr = entry.get("fraug")
+        log.info("%s round %d/%d: mean acc %.3f (val %.3f)%s, %.1f KB down / %.1f KB up, %.1fs",
+                 self.cfg.run_name, rnd, self.cfg.rounds, entry["mean_accuracy"], entry["mean_val_accuracy"],
+                 f", label consistency {fr['label_consistency_real']:.2f}/{fr['label_consistency_proto']:.2f}"
+                 if fr and fr.get("label_consistency_real") is not None else "",
+                 entry["bytes_down"] / 1e3, entry["bytes_up"] / 1e3, entry["round_seconds"])
+        return entry
+
+    # ------------------------------------------------------------------ end of run
+    def results(self) -> dict[str, Any]:
+        """The results.json document (final = last recorded round)."""
+        last = self.history[-1] if self.history else {"clients": {}, "mean_accuracy": None}
+        per_client = {name: c.get("test_accuracy") for name, c in last["clients"].items()}
+        return {
+            "strategy": self.cfg.strategy,
+            "seed": self.cfg.seed,
+            "rounds": self.cfg.rounds,
+            "clients": self.cfg.clients,
+            "per_client_accuracy": per_client,
+            "mean_accuracy": last.get("mean_accuracy"),
+            "per_client_val_accuracy": {name: c.get("val_accuracy") for name, c in last["clients"].items()},
+            "mean_val_accuracy": last.get("mean_val_accuracy"),
+            "history": self.history,
+            "config": self.cfg.to_run_config(),
+            "resumed_from_round": self.start_round,
+            "wall_seconds": time.perf_counter() - self._t0,
+        }
+
+    def write_results(self) -> Path:
+        path = self.out_dir / RESULTS_FILE
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(self.results(), indent=1) + "\n")
+        tmp.replace(path)
+        return path
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None

@@ -1,0 +1,255 @@
+"""Server strategies: FedAvg, FedProx, FedBN, local-only and FRAug, all on Flower's FedAvg.
+
+They differ only in what crosses the network:
+
+- FedAvg / FedProx: the whole model (FedProx also sends ``proximal-mu`` for the client's term);
+- FedBN: everything but the normalization layers (selected by module type via
+  :func:`core.norm.is_norm_key`); norm tensors are never sent and, should a client send them
+  anyway, never averaged;
+- local-only: nothing (each client keeps its whole model; the reference FL must beat);
+- FRAug: FedBN's split plus the generator G, which this strategy holds: averaged from the clients
+  by sample count each round and sent back with the model (as ``generator.*`` arrays).
+
+Every strategy also counts the bytes each way and hands each client's metrics to the
+:class:`~server.recorder.RunRecorder`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Collection, Iterable
+from typing import Any, Callable
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg
+
+from core.fl_config import GENERATOR_PREFIX, PARTITION_KEY
+from server.recorder import RunRecorder
+
+log = logging.getLogger(__name__)
+
+
+def message_bytes(content: RecordDict) -> int:
+    """Bytes of the arrays a message carries (array payloads + key names; metrics are tiny)."""
+    return sum(rec.count_bytes() for rec in content.array_records.values())
+
+
+def mean_metrics(records: list[RecordDict], weight_key: str) -> MetricRecord:
+    """Example-weighted means of every numeric metric except the weight and the partition id."""
+    weights = np.array([float(next(iter(r.metric_records.values()))[weight_key]) for r in records])
+    weights = weights / weights.sum()
+    out = MetricRecord()
+    first = next(iter(records[0].metric_records.values()))
+    for key, value in first.items():
+        if key in (weight_key, PARTITION_KEY) or isinstance(value, list):
+            continue
+        vals = [float(next(iter(r.metric_records.values()))[key]) for r in records]
+        out[key] = float(np.dot(weights, vals))
+    return out
+
+
+def _client_metrics(replies: Iterable[Message]) -> dict[int, dict[str, float]]:
+    out: dict[int, dict[str, float]] = {}
+    for msg in replies:
+        if msg.has_error():
+            continue
+        metrics = next(iter(msg.content.metric_records.values()))
+        pid = int(metrics[PARTITION_KEY]) if PARTITION_KEY in metrics else int(msg.metadata.src_node_id)
+        out[pid] = {k: float(v) for k, v in metrics.items() if not isinstance(v, list)}
+    return out
+
+
+def in_client_order(replies: Iterable[Message]) -> list[Message]:
+    """Replies sorted by partition id: replies arrive in whatever order the actors finish, and
+    a float sum in arrival order would make otherwise seeded runs differ from run to run."""
+
+    def key(msg: Message) -> tuple[int, int]:
+        if msg.has_error():
+            return (1, 0)
+        metrics = next(iter(msg.content.metric_records.values()), {})
+        return (0, int(metrics.get(PARTITION_KEY, msg.metadata.src_node_id)))
+
+    return sorted(replies, key=key)
+
+
+def without_keys(record: ArrayRecord, drop: Collection[str]) -> ArrayRecord:
+    """A new ArrayRecord holding the same Arrays minus ``drop``."""
+    return ArrayRecord(array_dict={k: v for k, v in record.items() if k not in drop})
+
+
+class FedShiftStrategy(FedAvg):
+    """FedAvg + what every fedshift strategy shares: local keys, byte counting, recording.
+
+    ``local_keys`` are state-dict keys that stay on the clients: filtered out of what is sent and
+    out of every reply before averaging. ``round_offset`` shifts round numbers after a resume.
+    """
+
+    def __init__(
+        self,
+        *,
+        local_keys: Collection[str] = (),
+        recorder: RunRecorder | None = None,
+        round_offset: int = 0,
+        on_round_end: Callable[[int, ArrayRecord, "ArrayRecord | None"], None] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        kwargs.setdefault("train_metrics_aggr_fn", mean_metrics)
+        kwargs.setdefault("evaluate_metrics_aggr_fn", mean_metrics)
+        super().__init__(**kwargs)
+        self.local_keys = frozenset(local_keys)
+        self.recorder = recorder
+        self.round_offset = round_offset
+        self.on_round_end = on_round_end
+        self.latest_arrays: ArrayRecord | None = None
+        self._down: dict[str, int] = {"train": 0, "evaluate": 0}
+
+    # ---------------------------------------------------------------- hooks for subclasses
+    def outgoing(self, arrays: ArrayRecord) -> ArrayRecord:
+        """What the clients receive: the global arrays minus the local keys."""
+        return without_keys(arrays, self.local_keys)
+
+    def incoming(self, aggregated: ArrayRecord | None) -> ArrayRecord | None:
+        """Post-process the averaged arrays (FRAug splits its generator off here)."""
+        return aggregated
+
+    def generator_arrays(self) -> ArrayRecord | None:
+        return None
+
+    def round_config(self, config: ConfigRecord, server_round: int) -> ConfigRecord:
+        config["global-round"] = server_round + self.round_offset
+        return config
+
+    # ---------------------------------------------------------------- Flower API
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        self.latest_arrays = arrays
+        messages = list(super().configure_train(server_round, self.outgoing(arrays),
+                                                self.round_config(config, server_round), grid))
+        self._down["train"] = sum(message_bytes(m.content) for m in messages)
+        return messages
+
+    def aggregate_train(self, server_round: int,
+                        replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        replies = in_client_order(replies)
+        up = sum(message_bytes(m.content) for m in replies if not m.has_error())
+        for msg in replies:  # local layers are never averaged, whatever a client sends
+            if not msg.has_error():
+                for key, rec in list(msg.content.array_records.items()):
+                    if self.local_keys & set(rec.keys()):
+                        msg.content[key] = without_keys(rec, self.local_keys)
+        arrays, metrics = super().aggregate_train(server_round, replies)
+        arrays = self.incoming(arrays)
+        if arrays is not None:
+            self.latest_arrays = arrays
+        if self.recorder is not None:
+            self.recorder.train_round(server_round + self.round_offset, _client_metrics(replies),
+                                      self._down["train"], up)
+        return arrays, metrics
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                           grid: Grid) -> Iterable[Message]:
+        messages = list(super().configure_evaluate(server_round, self.outgoing(arrays),
+                                                   self.round_config(config, server_round), grid))
+        self._down["evaluate"] = sum(message_bytes(m.content) for m in messages)
+        return messages
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        replies = in_client_order(replies)
+        metrics = super().aggregate_evaluate(server_round, replies)
+        rnd = server_round + self.round_offset
+        if self.recorder is not None:
+            self.recorder.eval_round(rnd, _client_metrics(replies), self._down["evaluate"], 0)
+        if self.on_round_end is not None and self.latest_arrays is not None:
+            self.on_round_end(rnd, self.latest_arrays, self.generator_arrays())
+        return metrics
+
+
+class FedAvgStrategy(FedShiftStrategy):
+    """Plain FedAvg: the whole model is averaged by sample count."""
+
+
+class FedProxStrategy(FedShiftStrategy):
+    """FedAvg on the server; clients add ``μ/2‖w − w_global‖²`` (μ sent as ``proximal-mu``)."""
+
+    def __init__(self, *, proximal_mu: float, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        if proximal_mu < 0:
+            raise ValueError(f"proximal_mu must be >= 0, got {proximal_mu}")
+        self.proximal_mu = proximal_mu
+
+    def round_config(self, config: ConfigRecord, server_round: int) -> ConfigRecord:
+        config = super().round_config(config, server_round)
+        config["proximal-mu"] = float(self.proximal_mu)
+        return config
+
+
+class FedBNStrategy(FedShiftStrategy):
+    """FedBN: normalization layers stay local (pass ``local_keys`` = the norm keys)."""
+
+    def __init__(self, *, local_keys: Collection[str], **kwargs: Any) -> None:
+        if not local_keys:
+            raise ValueError("FedBN needs the normalization keys to keep local")
+        super().__init__(local_keys=local_keys, **kwargs)
+
+
+class LocalOnlyStrategy(FedShiftStrategy):
+    """No aggregation: nothing is sent, each client trains its own model (the FL reference)."""
+
+    def outgoing(self, arrays: ArrayRecord) -> ArrayRecord:
+        return ArrayRecord()
+
+    def incoming(self, aggregated: ArrayRecord | None) -> ArrayRecord | None:
+        return None  # keep the (unused) initial arrays as the "global" model
+
+
+class FRAugStrategy(FedShiftStrategy):
+    """FRAug: FedBN-style model sharing plus the server-held generator G.
+
+    G goes out with the model as ``generator.<key>`` arrays in the same ArrayRecord; the clients
+    return their updated G the same way and it is averaged by sample count with the model.
+    """
+
+    def __init__(self, *, generator: ArrayRecord, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        if not len(generator):
+            raise ValueError("FRAug needs the initial generator arrays")
+        self.generator = generator
+
+    def generator_arrays(self) -> ArrayRecord:
+        return self.generator
+
+    def outgoing(self, arrays: ArrayRecord) -> ArrayRecord:
+        merged: dict[str, Array] = dict(without_keys(arrays, self.local_keys).items())
+        merged.update({GENERATOR_PREFIX + k: v for k, v in self.generator.items()})
+        return ArrayRecord(array_dict=merged)
+
+    def incoming(self, aggregated: ArrayRecord | None) -> ArrayRecord | None:
+        if aggregated is None:
+            return None
+        gen = {k[len(GENERATOR_PREFIX):]: v for k, v in aggregated.items() if k.startswith(GENERATOR_PREFIX)}
+        if set(gen) != set(self.generator.keys()):
+            raise ValueError(f"clients returned generator keys {sorted(gen)}, expected {sorted(self.generator.keys())}")
+        self.generator = ArrayRecord(array_dict=gen)
+        return ArrayRecord(array_dict={k: v for k, v in aggregated.items() if not k.startswith(GENERATOR_PREFIX)})
+
+
+def make_strategy(name: str, *, num_clients: int, local_keys: Collection[str], proximal_mu: float = 0.0,
+                  generator: ArrayRecord | None = None, **kwargs: Any) -> FedShiftStrategy:
+    """Build strategy ``name`` sampling all ``num_clients`` clients every round."""
+    common: dict[str, Any] = dict(fraction_train=1.0, fraction_evaluate=1.0, min_train_nodes=num_clients,
+                                  min_evaluate_nodes=num_clients, min_available_nodes=num_clients, **kwargs)
+    if name == "fedavg":
+        return FedAvgStrategy(local_keys=local_keys, **common)
+    if name == "fedprox":
+        return FedProxStrategy(proximal_mu=proximal_mu, local_keys=local_keys, **common)
+    if name == "fedbn":
+        return FedBNStrategy(local_keys=local_keys, **common)
+    if name == "local":
+        return LocalOnlyStrategy(local_keys=local_keys, **common)
+    if name == "fraug":
+        if generator is None:
+            raise ValueError("FRAug needs a generator")
+        return FRAugStrategy(generator=generator, local_keys=local_keys, **common)
+    raise ValueError(f"unknown strategy {name!r}")

@@ -1,0 +1,87 @@
+"""Run one federated experiment in Flower's simulation engine, in this process.
+
+Flower 1.42 still ships the in-process ``flwr.simulation.run_simulation`` (deprecated in favour
+of ``flwr run``, which needs a SuperLink and packages the app as a FAB). It hands apps an empty
+run config, so the settings travel as overrides baked into the apps built here — the same
+``FLConfig`` keys ``flwr run --run-config`` accepts. Ray is started and shut down by Flower's Ray
+backend within the call.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import warnings
+from pathlib import Path
+from typing import Any, Mapping
+
+from core.fl_config import FLConfig
+
+log = logging.getLogger(__name__)
+
+# Environment for every Flower process we start: no telemetry, no update check, no dependency
+# installation at run time (it would pull a multi-GB CUDA torch into a fresh environment).
+FLOWER_ENV = {
+    "FLWR_TELEMETRY_ENABLED": "0",
+    "FLWR_DISABLE_UPDATE_CHECK": "1",
+    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+    "RAY_DEDUP_LOGS": "0",
+    "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
+}
+
+
+def backend_config(num_cpus: int, cpus_per_client: int) -> dict[str, Any]:
+    """Ray resources: ``num_cpus // cpus_per_client`` clients train in parallel."""
+    if cpus_per_client < 1 or num_cpus < cpus_per_client:
+        raise ValueError(f"need 1 <= cpus-per-client ({cpus_per_client}) <= num-cpus ({num_cpus})")
+    return {"client_resources": {"num_cpus": cpus_per_client, "num_gpus": 0.0},
+            "init_args": {"num_cpus": num_cpus, "num_gpus": 0, "include_dashboard": False}}
+
+
+def quiet_flower(verbose: bool = False) -> None:
+    """Flower logs every round's full metric dump through its own handler *and* the root logger
+    (twice on screen); keep its handler only, at WARNING unless ``verbose``. Our recorder logs
+    one progress line per round instead."""
+    flwr_logger = logging.getLogger("flwr")
+    flwr_logger.propagate = False
+    flwr_logger.setLevel(logging.DEBUG if verbose else logging.WARNING)
+
+
+def run_fl_simulation(overrides: Mapping[str, Any], *, num_cpus: int | None = None,
+                      cpus_per_client: int = 1, verbose: bool = False) -> dict[str, Any]:
+    """Run the federated experiment the run-config ``overrides`` describe; return results.json."""
+    from flwr.simulation import run_simulation
+
+    from client.app import make_client_app
+    from server.app import make_server_app, output_dir
+
+    cfg = FLConfig.from_run_config(overrides)  # refuse bad settings before Ray starts
+    quiet_flower(verbose)
+    for key, value in FLOWER_ENV.items():
+        os.environ.setdefault(key, value)
+    os.environ.setdefault("OMP_NUM_THREADS", str(cfg.threads))
+    cpus = num_cpus or min(os.cpu_count() or 1, cfg.clients * cpus_per_client)
+    out = output_dir(cfg)
+    out.mkdir(parents=True, exist_ok=True)
+    stale = out / "results.json"
+    if stale.exists() and not cfg.resume:
+        stale.unlink()
+    log.info("simulation: %s, %d clients on %d CPU(s), %d round(s) -> %s", cfg.strategy, cfg.clients, cpus,
+             cfg.rounds, out)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+        run_simulation(server_app=make_server_app(overrides), client_app=make_client_app(overrides),
+                       num_supernodes=cfg.clients, backend_config=backend_config(cpus, cpus_per_client))
+    results_path = out / "results.json"
+    if not results_path.is_file():
+        raise RuntimeError(f"the simulation ended without writing {results_path}")
+    return json.loads(results_path.read_text())
+
+
+def load_results(path: str | Path) -> dict[str, Any]:
+    """Read a results.json (or the one inside a run directory)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "results.json"
+    return json.loads(path.read_text())

@@ -1,0 +1,249 @@
+"""Run the Flower app through Flower's own CLI, offline, and stop every process it starts.
+
+Two engines, both from the repository root (the app is this project's pyproject.toml):
+
+- ``simulation``: plain ``flwr run .`` against Flower's managed local SuperLink (``:local:``
+  connection, simulation runtime, Ray). ``flwr`` starts that SuperLink *detached* and leaves it
+  running; we find it by its database path inside our private ``FLWR_HOME`` and stop it by PID.
+- ``deployment``: a SuperLink and N SuperNodes on 127.0.0.1 (free ports), then
+  ``flwr run . <connection>``; each SuperNode gets ``partition-id``/``num-partitions``.
+
+Both use a private ``FLWR_HOME`` (Flower 1.42 keeps connections in ``$FLWR_HOME/config.toml``)
+and ``FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1``: without it Flower installs the app's
+dependencies into a fresh environment per run (a multi-GB CUDA torch, ignoring our pins).
+
+    python -m simulations.flwr_local simulation --num-supernodes 5 --run-config 'strategy="fedbn" rounds=3'
+    python -m simulations.flwr_local deployment --num-supernodes 2 --run-config 'rounds=2 clients=2'
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import os
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Mapping
+
+from simulations.fl_sim import FLOWER_ENV
+
+log = logging.getLogger(__name__)
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    """A currently free TCP port on 127.0.0.1 (the OS picks it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def flower_env(flwr_home: Path, **extra: str) -> dict[str, str]:
+    """Environment for Flower processes: private home, no runtime installs, venv tools on PATH."""
+    env = dict(os.environ)
+    env.update(FLOWER_ENV)
+    env["FLWR_HOME"] = str(flwr_home)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env.update(extra)
+    return env
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    return json.dumps(str(value))  # a TOML basic string
+
+
+def run_config_arg(run_config: Mapping[str, Any]) -> str:
+    """``--run-config`` text: space-separated ``key=value`` with TOML values."""
+    return " ".join(f"{k}={_toml_value(v)}" for k, v in run_config.items())
+
+
+def _stop_pid(pid: int, name: str, grace: float = 10.0) -> None:
+    """SIGTERM the process group led by ``pid`` (its children too), SIGKILL after ``grace`` s."""
+    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
+        try:
+            os.killpg(pid, sig)
+        except ProcessLookupError:
+            return
+        except PermissionError:
+            os.kill(pid, sig)
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                return
+            with contextlib.suppress(ChildProcessError):
+                if os.waitpid(pid, os.WNOHANG)[0] == pid:
+                    return
+            time.sleep(0.1)
+    log.warning("%s (pid %d) did not stop", name, pid)
+
+
+class Processes:
+    """Processes started in their own sessions, each stopped by PID on exit (even on error)."""
+
+    def __init__(self, log_dir: Path) -> None:
+        self.log_dir = log_dir
+        self.procs: list[tuple[str, subprocess.Popen]] = []
+        self.extra_pids: list[tuple[str, int]] = []
+
+    def start(self, name: str, cmd: list[str], env: Mapping[str, str], cwd: Path | None = None) -> subprocess.Popen:
+        out = (self.log_dir / f"{name}.log").open("w")
+        proc = subprocess.Popen(cmd, env=dict(env), cwd=cwd, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        out.close()
+        log.info("started %s (pid %d): %s", name, proc.pid, shlex.join(cmd))
+        self.procs.append((name, proc))
+        return proc
+
+    def adopt(self, name: str, pid: int) -> None:
+        """Also stop a process we did not spawn but are responsible for (flwr's local SuperLink)."""
+        self.extra_pids.append((name, pid))
+
+    def stop_all(self) -> None:
+        for name, pid in reversed(self.extra_pids):
+            _stop_pid(pid, name)
+        for name, proc in reversed(self.procs):
+            if proc.poll() is None:
+                _stop_pid(proc.pid, name)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=5)
+        log.info("stopped %d process(es)", len(self.procs) + len(self.extra_pids))
+
+    def __enter__(self) -> "Processes":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop_all()
+
+
+def _pids_with_arg(fragment: str) -> list[int]:
+    """PIDs whose command line contains ``fragment`` (a path unique to our FLWR_HOME)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                if fragment in (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace"):
+                    pids.append(int(entry.name))
+    return pids
+
+
+def _wait_port(port: int, proc: subprocess.Popen, name: str, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{name} exited with code {proc.returncode} before listening on {port}")
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.2)
+    raise TimeoutError(f"{name} did not listen on port {port} within {timeout:.0f} s")
+
+
+def _write_connection(flwr_home: Path, name: str, body: str) -> None:
+    flwr_home.mkdir(parents=True, exist_ok=True)
+    (flwr_home / "config.toml").write_text(f'[superlink]\ndefault = "{name}"\n\n[superlink.{name}]\n{body}\n')
+
+
+def _flwr_run(procs: Processes, env: Mapping[str, str], connection: str, run_config: Mapping[str, Any],
+              timeout: float, extra: list[str] | None = None) -> None:
+    cmd = ["flwr", "run", str(REPO_ROOT), connection, "--stream", "--run-config", run_config_arg(run_config),
+           *(extra or [])]
+    proc = procs.start("flwr-run", cmd, env, cwd=REPO_ROOT)
+    try:
+        rc = proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired as exc:
+        raise TimeoutError(f"`flwr run` did not finish within {timeout:.0f} s (logs: {procs.log_dir})") from exc
+    if rc != 0:
+        raise RuntimeError(f"`flwr run` exited with {rc}; see {procs.log_dir / 'flwr-run.log'}")
+
+
+def _results(out_dir: Path, rounds: int, timeout: float) -> dict[str, Any]:
+    """results.json once the ServerApp has recorded every round (it runs in another process)."""
+    path = out_dir / "results.json"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if path.is_file():
+            with contextlib.suppress(json.JSONDecodeError):
+                results = json.loads(path.read_text())
+                if len(results.get("history", [])) >= rounds:
+                    return results
+        time.sleep(1.0)
+    raise TimeoutError(f"{path} not complete within {timeout:.0f} s")
+
+
+def run_simulation_cli(run_config: Mapping[str, Any], *, num_supernodes: int, work_dir: Path,
+                       timeout: float = 1800.0) -> dict[str, Any]:
+    """``flwr run .`` with the managed local simulation SuperLink; returns results.json."""
+    flwr_home = work_dir / "flwr-home"
+    out_dir = Path(str(run_config.get("out-dir") or work_dir / "run")).resolve()
+    run_config = {**run_config, "out-dir": str(out_dir), "clients": num_supernodes}
+    _write_connection(flwr_home, "local", f'address = ":local:"\noptions.num-supernodes = {num_supernodes}')
+    env = flower_env(flwr_home, FLWR_LOCAL_SUPERLINK_HTTP_API_PORT=str(free_port()),
+                     FLWR_LOCAL_CONTROL_API_PORT=str(free_port()))
+    with Processes(work_dir) as procs:
+        try:
+            _flwr_run(procs, env, "local", run_config, timeout)
+            return _results(out_dir, int(run_config.get("rounds", 1)), 60.0)
+        finally:
+            for pid in _pids_with_arg(str(flwr_home / "local-superlink")):
+                procs.adopt("local-superlink", pid)
+
+
+def run_deployment(run_config: Mapping[str, Any], *, num_supernodes: int, work_dir: Path,
+                   timeout: float = 1800.0) -> dict[str, Any]:
+    """A SuperLink + ``num_supernodes`` SuperNodes on loopback run the app; returns results.json."""
+    flwr_home = work_dir / "flwr-home"
+    out_dir = Path(str(run_config.get("out-dir") or work_dir / "run")).resolve()
+    run_config = {**run_config, "out-dir": str(out_dir), "clients": num_supernodes}
+    port = free_port()
+    _write_connection(flwr_home, "deploy", f'address = "127.0.0.1:{port}"\ninsecure = true')
+    env = flower_env(flwr_home)
+    with Processes(work_dir) as procs:
+        link = procs.start("superlink", ["flower-superlink", "--insecure", "--host", "127.0.0.1", "--port", str(port),
+                                         "--disable-runtime-dependency-installation"], env)
+        _wait_port(port, link, "SuperLink")
+        for i in range(num_supernodes):
+            procs.start(f"supernode-{i}", [
+                "flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{port}", "--port", str(free_port()),
+                "--node-config", f"partition-id={i} num-partitions={num_supernodes}"], env)
+        _flwr_run(procs, env, "deploy", run_config, timeout)
+        return _results(out_dir, int(run_config.get("rounds", 1)), 120.0)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("engine", choices=("simulation", "deployment"))
+    p.add_argument("--num-supernodes", type=int, default=5)
+    p.add_argument("--run-config", default="", help="space-separated key=value (TOML values)")
+    p.add_argument("--work-dir", type=Path, help="logs + private FLWR_HOME (default: a temp dir)")
+    p.add_argument("--timeout", type=float, default=1800.0)
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    import tomllib
+
+    run_config = tomllib.loads("\n".join(shlex.split(args.run_config, posix=False))) if args.run_config else {}
+    work_dir = args.work_dir or Path(tempfile.mkdtemp(prefix=f"fedshift-{args.engine}-"))
+    work_dir.mkdir(parents=True, exist_ok=True)
+    fn = run_simulation_cli if args.engine == "simulation" else run_deployment
+    results = fn(run_config, num_supernodes=args.num_supernodes, work_dir=work_dir, timeout=args.timeout)
+    log.info("%s via %s: mean accuracy %.4f; logs in %s", results["strategy"], args.engine, results["mean_accuracy"],
+             work_dir)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

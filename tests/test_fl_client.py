@@ -1,0 +1,116 @@
+"""The ClientApp's handlers called directly with a Context: state persists in Context.state only."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
+
+from client.app import (
+    STATE_LOCAL,
+    STATE_META,
+    STATE_OPT,
+    STATE_PROTOS,
+    STATE_RTNET,
+    handle_evaluate,
+    handle_train,
+)
+from core.fl_config import GENERATOR_PREFIX, FLConfig, build_model, local_key_filter, shared_keys
+from core.fraug import make_generator
+
+SMALL = dict(model_width=0.125, image_size=16, clients=2, train_per_client=40, batch_size=16, tensorboard=False)
+
+
+@pytest.fixture(autouse=True)
+def _task_identity(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Messages built outside a Flower process need a task identity (a Flower class attribute)."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for attr, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):
+        monkeypatch.setattr(TaskIdentity, attr, value)
+
+
+def _context(pid: int) -> Context:
+    return Context(run_id=1, node_id=pid + 1, node_config={"partition-id": pid, "num-partitions": 2},
+                   state=RecordDict(), run_config={})
+
+
+def _message(cfg: FLConfig, arrays: dict[str, torch.Tensor], rnd: int, kind: str = MessageType.TRAIN) -> Message:
+    config = ConfigRecord({"server-round": rnd, "global-round": rnd})
+    if cfg.strategy == "fedprox":
+        config["proximal-mu"] = cfg.proximal_mu
+    content = RecordDict({"arrays": ArrayRecord(torch_state_dict=arrays), "config": config})
+    return Message(content=content, dst_node_id=1, message_type=kind)
+
+
+def _global_arrays(cfg: FLConfig) -> dict[str, torch.Tensor]:
+    model = build_model(cfg)
+    keep = set(shared_keys(model, cfg))
+    arrays = {k: v for k, v in model.state_dict().items() if k in keep}
+    if cfg.strategy == "fraug":
+        gen = make_generator(cfg.seed, model.embedding_dim, 10)
+        arrays.update({GENERATOR_PREFIX + k: v for k, v in gen.state_dict().items()})
+    return arrays
+
+
+@pytest.mark.parametrize("strategy", ["fedbn", "fraug", "local", "fedprox"])
+def test_state_persists_across_rounds_in_context(strategy: str) -> None:
+    cfg = FLConfig(strategy=strategy, **SMALL)
+    ctx = _context(0)
+    arrays = _global_arrays(cfg)
+    reply1 = handle_train(_message(cfg, arrays, 1), ctx, cfg)
+    model = build_model(cfg)
+    local = local_key_filter(model, cfg)
+    sent = set(reply1.content["arrays"].keys())
+    assert not sent & local, "local layers must not leave the client"
+    assert reply1.content["metrics"]["partition-id"] == 0
+    stored1 = {k: v.numpy().copy() for k, v in ctx.state[STATE_LOCAL].items()}
+    assert set(stored1) == local
+    assert len(ctx.state[STATE_OPT]) > 0, "SGD momentum is kept"
+    assert ctx.state[STATE_META]["rounds-trained"] == 1
+
+    # round 2 starts from the stored local layers: evaluate them before training again
+    ev = handle_evaluate(_message(cfg, arrays, 1, MessageType.EVALUATE), ctx, cfg)
+    m = ev.content["metrics"]
+    assert 0.0 <= m["test-accuracy"] <= 1.0 and 0.0 <= m["val-accuracy"] <= 1.0
+
+    momentum1 = {k: v.numpy().copy() for k, v in ctx.state[STATE_OPT].items()}
+    handle_train(_message(cfg, arrays, 2), ctx, cfg)
+    assert ctx.state[STATE_META]["rounds-trained"] == 2
+    stored2 = {k: v.numpy() for k, v in ctx.state[STATE_LOCAL].items()}
+    if local:
+        changed = [k for k in local if k.endswith("running_mean") and not np.allclose(stored1[k], stored2[k])]
+        assert changed, "round 2 kept training the stored local layers"
+    assert any(not np.allclose(momentum1[k], v.numpy()) for k, v in ctx.state[STATE_OPT].items())
+    if strategy == "fraug":
+        assert len(ctx.state[STATE_RTNET]) > 0
+        protos = ctx.state[STATE_PROTOS]["mu"].numpy()
+        assert np.abs(protos).sum() > 0
+        assert any(k.startswith(GENERATOR_PREFIX) for k in sent)
+        metrics = reply1.content["metrics"]
+        for key in ("fraug-label_consistency_real", "fraug-label_consistency_proto", "fraug-g_ce", "fraug-t_dist"):
+            assert key in metrics
+        assert 0.0 <= metrics["fraug-label_consistency_real"] <= 1.0
+
+
+def test_local_state_is_per_context_not_per_process() -> None:
+    """Two clients served by the same process (a reused simulation actor) do not share state."""
+    cfg = FLConfig(strategy="fedbn", **SMALL)
+    arrays = _global_arrays(cfg)
+    ctx0, ctx1 = _context(0), _context(1)
+    handle_train(_message(cfg, arrays, 1), ctx0, cfg)
+    handle_train(_message(cfg, arrays, 1), ctx1, cfg)
+    key = next(k for k in ctx0.state[STATE_LOCAL].keys() if k.endswith("running_mean"))
+    a, b = ctx0.state[STATE_LOCAL][key].numpy(), ctx1.state[STATE_LOCAL][key].numpy()
+    assert not np.allclose(a, b), "different domains give different BN statistics"
+    fresh = _context(0)
+    handle_train(_message(cfg, arrays, 1), fresh, cfg)
+    np.testing.assert_allclose(fresh.state[STATE_LOCAL][key].numpy(), a, rtol=1e-5, atol=1e-6)
+
+
+def test_client_refuses_local_layers_from_the_server() -> None:
+    cfg = FLConfig(strategy="fedbn", **SMALL)
+    full = dict(build_model(cfg).state_dict())
+    with pytest.raises(ValueError, match="keeps local"):
+        handle_train(_message(cfg, full, 1), _context(0), cfg)

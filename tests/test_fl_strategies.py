@@ -1,0 +1,185 @@
+"""Server strategies on hand-made replies: what is sent, what is averaged, what never is."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+
+from core.fl_config import GENERATOR_PREFIX, FLConfig, build_model, local_key_filter, shared_keys
+from core.norm import is_norm_key
+from core.training import proximal_term
+from server.strategies import make_strategy
+
+
+@pytest.fixture(autouse=True)
+def _task_identity(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Messages built outside a Flower process need a task identity (a Flower class attribute)."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for attr, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):
+        monkeypatch.setattr(TaskIdentity, attr, value)
+
+
+class FakeGrid:
+    """Just enough of a Grid for configure_*: a fixed set of connected nodes."""
+
+    def __init__(self, n: int) -> None:
+        self.ids = list(range(1, n + 1))
+
+    def get_node_ids(self) -> list[int]:
+        return self.ids
+
+
+def _record(arrays: dict[str, np.ndarray]) -> ArrayRecord:
+    return ArrayRecord(array_dict={k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
+
+
+def _reply(arrays: dict[str, np.ndarray], n: int, pid: int) -> Message:
+    content = RecordDict({"arrays": _record(arrays),
+                          "metrics": MetricRecord({"num-examples": n, "partition-id": pid, "train-loss": 1.0})})
+    return Message(content=content, dst_node_id=pid + 1, message_type=MessageType.TRAIN)
+
+
+@pytest.fixture(scope="module")
+def model_state() -> tuple[torch.nn.Module, dict[str, np.ndarray]]:
+    cfg = FLConfig(strategy="fedbn", model_width=0.125, image_size=16)
+    model = build_model(cfg)
+    return model, {k: v.numpy().astype(np.float32) for k, v in model.state_dict().items()}
+
+
+def _client_states(state: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    a = {k: np.full_like(v, 1.0) for k, v in state.items()}
+    b = {k: np.full_like(v, 4.0) for k, v in state.items()}
+    return a, b
+
+
+def test_fedavg_averages_everything_by_sample_count(model_state) -> None:
+    model, state = model_state
+    strat = make_strategy("fedavg", num_clients=2, local_keys=set())
+    a, b = _client_states(state)
+    arrays, _ = strat.aggregate_train(1, [_reply(a, 100, 0), _reply(b, 300, 1)])
+    assert set(arrays.keys()) == set(state)
+    for k, v in arrays.items():
+        np.testing.assert_allclose(v.numpy(), 0.25 * 1.0 + 0.75 * 4.0, rtol=1e-6)
+
+
+def test_fedbn_never_sends_or_averages_norm_layers(model_state) -> None:
+    model, state = model_state
+    cfg = FLConfig(strategy="fedbn")
+    local = local_key_filter(model, cfg)
+    assert local and all(is_norm_key(model, k) for k in local)
+    assert {k for k in state if is_norm_key(model, k)} == local  # selected by type: every norm tensor
+    strat = make_strategy("fedbn", num_clients=2, local_keys=local)
+
+    sent = list(strat.configure_train(1, _record(state), ConfigRecord(), FakeGrid(2)))
+    assert len(sent) == 2
+    for msg in sent:
+        keys = set(msg.content["arrays"].keys())
+        assert keys == set(shared_keys(model, cfg)) and not keys & local
+
+    # clients that (wrongly) send their norm layers: they are dropped, never averaged
+    a, b = _client_states(state)
+    arrays, metrics = strat.aggregate_train(1, [_reply(a, 1, 0), _reply(b, 1, 1)])
+    assert not set(arrays.keys()) & local
+    assert set(arrays.keys()) == set(state) - local
+    for v in arrays.values():
+        np.testing.assert_allclose(v.numpy(), 2.5, rtol=1e-6)
+    assert "partition-id" not in metrics and metrics["train-loss"] == pytest.approx(1.0)
+
+
+def test_fedprox_sends_mu_and_its_term_is_zero_at_the_global_weights(model_state) -> None:
+    model, state = model_state
+    strat = make_strategy("fedprox", num_clients=2, local_keys=set(), proximal_mu=0.01)
+    msg = next(iter(strat.configure_train(3, _record(state), ConfigRecord(), FakeGrid(2))))
+    assert msg.content["config"]["proximal-mu"] == pytest.approx(0.01)
+    assert msg.content["config"]["server-round"] == 3
+
+    global_params = {n: p.detach().clone() for n, p in model.named_parameters()}
+    term = proximal_term(model, global_params).detach()
+    assert float(term) == 0.0
+    with torch.no_grad():
+        first = next(model.parameters())
+        first.add_(0.1)
+    moved = proximal_term(model, global_params).detach()
+    assert float(moved) == pytest.approx(0.5 * 0.01 * first.numel(), rel=1e-4)
+    with torch.no_grad():
+        first.sub_(0.1)
+
+
+def test_local_only_sends_nothing_and_keeps_no_global_model(model_state) -> None:
+    model, state = model_state
+    strat = make_strategy("local", num_clients=2, local_keys=set(state))
+    sent = list(strat.configure_train(1, _record(state), ConfigRecord(), FakeGrid(2)))
+    assert all(len(m.content["arrays"]) == 0 for m in sent)
+    empty = {}
+    arrays, _ = strat.aggregate_train(1, [_reply(empty, 5, 0), _reply(empty, 5, 1)])
+    assert arrays is None
+
+
+def test_fraug_averages_the_generator_by_sample_count_and_sends_it_back(model_state) -> None:
+    from core.fraug import make_generator
+
+    model, state = model_state
+    local = local_key_filter(model, FLConfig(strategy="fraug"))
+    gen = make_generator(0, model.embedding_dim, 10)
+    gen_state = {k: v.numpy().astype(np.float32) for k, v in gen.state_dict().items()}
+    strat = make_strategy("fraug", num_clients=2, local_keys=local, generator=_record(gen_state))
+
+    sent = list(strat.configure_train(1, _record(state), ConfigRecord(), FakeGrid(2)))
+    keys = set(sent[0].content["arrays"].keys())
+    assert {GENERATOR_PREFIX + k for k in gen_state} <= keys
+    assert not keys & local
+
+    shared = {k: v for k, v in state.items() if k not in local}
+    replies = []
+    for pid, (n, value) in enumerate(((100, 1.0), (300, 5.0))):
+        arrays = {k: np.full_like(v, value) for k, v in shared.items()}
+        arrays.update({GENERATOR_PREFIX + k: np.full_like(v, value) for k, v in gen_state.items()})
+        replies.append(_reply(arrays, n, pid))
+    model_arrays, _ = strat.aggregate_train(1, replies)
+    assert not any(k.startswith(GENERATOR_PREFIX) for k in model_arrays.keys())
+    expected = 0.25 * 1.0 + 0.75 * 5.0
+    for k, v in strat.generator.items():
+        np.testing.assert_allclose(v.numpy(), expected, rtol=1e-6)
+    # the averaged generator goes out with the next round's model
+    nxt = next(iter(strat.configure_train(2, model_arrays, ConfigRecord(), FakeGrid(2))))
+    out = nxt.content["arrays"]
+    for k in gen_state:
+        np.testing.assert_allclose(out[GENERATOR_PREFIX + k].numpy(), expected, rtol=1e-6)
+
+
+def test_byte_counts_and_per_client_metrics_reach_the_recorder(model_state, tmp_path) -> None:
+    from server.recorder import RunRecorder
+
+    model, state = model_state
+    cfg = FLConfig(strategy="fedavg", clients=2, tensorboard=False)
+    rec = RunRecorder(tmp_path, cfg)
+    strat = make_strategy("fedavg", num_clients=2, local_keys=set(), recorder=rec)
+    sent = list(strat.configure_train(1, _record(state), ConfigRecord(), FakeGrid(2)))
+    a, b = _client_states(state)
+    strat.aggregate_train(1, [_reply(a, 1, 0), _reply(b, 1, 1)])
+    ev = [Message(content=RecordDict({"metrics": MetricRecord(
+        {"num-examples": 10, "partition-id": pid, "test-accuracy": acc, "test-loss": 1.0, "val-accuracy": acc,
+         "val-loss": 1.0})}), dst_node_id=pid + 1, message_type=MessageType.EVALUATE)
+        for pid, acc in ((0, 0.5), (1, 0.7))]
+    strat.aggregate_evaluate(1, ev)
+    entry = rec.history[-1]
+    one_model = sum(len(v.data) + len(k) for k, v in _record(state).items())
+    assert entry["bytes_up"] == 2 * one_model and entry["bytes_down"] == sum(
+        m.content["arrays"].count_bytes() for m in sent)
+    assert entry["clients"]["mnist"]["test_accuracy"] == 0.5
+    assert entry["clients"]["inverse"]["test_accuracy"] == 0.7
+    assert entry["mean_accuracy"] == pytest.approx(0.6)
+    rec.close()
+
+
+def test_a_federation_of_the_wrong_size_is_refused_not_waited_on_forever() -> None:
+    from server.app import wait_for_nodes
+
+    wait_for_nodes(FakeGrid(2), 2)
+    with pytest.raises(ValueError, match="clients=2 but 3"):
+        wait_for_nodes(FakeGrid(3), 2)
+    with pytest.raises(ValueError, match="num-supernodes=2"):
+        wait_for_nodes(FakeGrid(1), 2, timeout=0.2)
