@@ -20,7 +20,9 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from core.norm import is_norm_key
 from core.fl_config import (
+    DEPLOY_NORM_RECORD,
     GENERATOR_PREFIX,
     PARTITION_KEY,
     WEIGHT_KEY,
@@ -193,6 +195,9 @@ def handle_train(msg: Message, context: Context, cfg: FLConfig) -> Message:
     log.debug("client %d round %d: loss %.4f acc %.3f (%d steps)", pid, rnd, result.loss, result.accuracy,
               result.steps)
     content = RecordDict({"arrays": ArrayRecord(torch_state_dict=reply_arrays), "metrics": MetricRecord(metrics)})
+    local_norm = {k: state[k] for k in local_keys if is_norm_key(model, k)}
+    if local_norm:  # for the deployed model's normalization (FedBN / FRAug keep these local)
+        content[DEPLOY_NORM_RECORD] = ArrayRecord(torch_state_dict=local_norm)
     return Message(content=content, reply_to=msg)
 
 

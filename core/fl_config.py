@@ -26,6 +26,9 @@ if TYPE_CHECKING:  # torch stays out of module import: the CLI parses flags with
 GENERATOR_PREFIX = "generator."  # FRAug's generator travels in the model's ArrayRecord under this prefix
 PARTITION_KEY = "partition-id"  # every reply's MetricRecord names its client
 WEIGHT_KEY = "num-examples"  # Flower's default weighting key
+# Clients whose normalization layers stay local also report them under this record; the server
+# averages them by sample count for the *deployed* model only (never sent back to clients).
+DEPLOY_NORM_RECORD = "deploy-norm"
 
 STRATEGIES: tuple[str, ...] = ("local", "fedavg", "fedprox", "fedbn", "fraug")
 _NOISES = ("uniform", "normal")

@@ -86,11 +86,12 @@ def run_server(grid: Grid, cfg: FLConfig) -> dict[str, Any]:
     recorder = RunRecorder(out, cfg, start_round=start_round, previous_history=history)
     full_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
 
-    def on_round_end(rnd: int, arrays: ArrayRecord, gen: ArrayRecord | None) -> None:
+    def on_round_end(rnd: int, arrays: ArrayRecord, gen: ArrayRecord | None, deploy_norm: ArrayRecord | None) -> None:
         state = {**full_state, **arrays.to_torch_state_dict()}
         save_checkpoint(out / CHECKPOINT_FILE, Checkpoint(
             model=state, generator=gen.to_torch_state_dict() if gen is not None else None, round=rnd,
-            config=cfg.to_run_config()))
+            config=cfg.to_run_config(),
+            deploy_norm=deploy_norm.to_torch_state_dict() if deploy_norm is not None else None))
         recorder.write_results()
 
     strategy = make_strategy(

@@ -36,6 +36,9 @@ class Checkpoint:
     generator: dict[str, torch.Tensor] | None
     round: int
     config: dict[str, Any]
+    # local normalization layers (FedBN / FRAug) averaged over clients by sample count: what an
+    # exported model uses in place of ``model``'s never-aggregated ones
+    deploy_norm: dict[str, torch.Tensor] | None = None
 
 
 def save_checkpoint(path: Path, ckpt: Checkpoint) -> None:
@@ -43,7 +46,7 @@ def save_checkpoint(path: Path, ckpt: Checkpoint) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
     torch.save({"model": ckpt.model, "generator": ckpt.generator, "round": ckpt.round,
-                "config": ckpt.config}, tmp)
+                "config": ckpt.config, "deploy_norm": ckpt.deploy_norm}, tmp)
     tmp.replace(path)
 
 
@@ -58,6 +61,7 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     if not isinstance(raw, dict) or not {"model", "round"} <= set(raw):
         raise ValueError(f"{path} is not a fedshift FL checkpoint")
     return Checkpoint(model=raw["model"], generator=raw.get("generator"), round=int(raw["round"]),
+                      deploy_norm=raw.get("deploy_norm"),
                       config=dict(raw.get("config") or {}))
 
 

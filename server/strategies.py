@@ -25,7 +25,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, Re
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
-from core.fl_config import GENERATOR_PREFIX, PARTITION_KEY
+from core.fl_config import DEPLOY_NORM_RECORD, GENERATOR_PREFIX, PARTITION_KEY, WEIGHT_KEY
 from server.recorder import RunRecorder
 
 log = logging.getLogger(__name__)
@@ -92,7 +92,7 @@ class FedShiftStrategy(FedAvg):
         local_keys: Collection[str] = (),
         recorder: RunRecorder | None = None,
         round_offset: int = 0,
-        on_round_end: Callable[[int, ArrayRecord, "ArrayRecord | None"], None] | None = None,
+        on_round_end: Callable[[int, ArrayRecord, "ArrayRecord | None", "ArrayRecord | None"], None] | None = None,
         **kwargs: Any,
     ) -> None:
         kwargs.setdefault("train_metrics_aggr_fn", mean_metrics)
@@ -103,6 +103,7 @@ class FedShiftStrategy(FedAvg):
         self.round_offset = round_offset
         self.on_round_end = on_round_end
         self.latest_arrays: ArrayRecord | None = None
+        self.deploy_norm: ArrayRecord | None = None  # averaged local norm layers, for export only
         self._down: dict[str, int] = {"train": 0, "evaluate": 0}
 
     # ---------------------------------------------------------------- hooks for subclasses
@@ -134,6 +135,7 @@ class FedShiftStrategy(FedAvg):
                         replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         replies = in_client_order(replies)
         up = sum(message_bytes(m.content) for m in replies if not m.has_error())
+        self._take_deploy_norm(replies)
         for msg in replies:  # local layers are never averaged, whatever a client sends
             if not msg.has_error():
                 for key, rec in list(msg.content.array_records.items()):
@@ -147,6 +149,25 @@ class FedShiftStrategy(FedAvg):
             self.recorder.train_round(server_round + self.round_offset, _client_metrics(replies),
                                       self._down["train"], up)
         return arrays, metrics
+
+    def _take_deploy_norm(self, replies: list[Message]) -> None:
+        """Pop the clients' local norm records (Flower averages exactly one ArrayRecord per reply)
+        and keep their sample-weighted average for the deployed model."""
+        parts = []
+        for msg in replies:
+            if not msg.has_error() and DEPLOY_NORM_RECORD in msg.content.array_records:
+                record = msg.content[DEPLOY_NORM_RECORD]
+                del msg.content[DEPLOY_NORM_RECORD]
+                weight = float(next(iter(msg.content.metric_records.values()))[WEIGHT_KEY])
+                parts.append((weight, {k: v.numpy() for k, v in record.items()}))
+        if not parts:
+            return
+        total = sum(w for w, _ in parts)
+        keys = parts[0][1].keys()
+        self.deploy_norm = ArrayRecord(array_dict={
+            k: Array(np.asarray(sum(w * p[k].astype(np.float64) for w, p in parts) / total,
+                                dtype=parts[0][1][k].dtype))
+            for k in parts[0][1]})
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:
@@ -162,7 +183,7 @@ class FedShiftStrategy(FedAvg):
         if self.recorder is not None:
             self.recorder.eval_round(rnd, _client_metrics(replies), self._down["evaluate"], 0)
         if self.on_round_end is not None and self.latest_arrays is not None:
-            self.on_round_end(rnd, self.latest_arrays, self.generator_arrays())
+            self.on_round_end(rnd, self.latest_arrays, self.generator_arrays(), self.deploy_norm)
         return metrics
 
 

@@ -18,7 +18,7 @@ import json
 import logging
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Sequence
 
@@ -72,6 +72,8 @@ class AdaptConfig:
     limit: int | None = None  # samples per edge
     batch_size: int = 64
     seed: int = 0
+    data_seed: int = 0  # digits-shift split: the streams are its test images (never trained on)
+    image_size: int = 32
     sync_s: float = 2.0  # lockstep bound: an edge waits this long for the cloud's next version
     random_rate: float | None = None  # method "random"
     redundancy: float | None = None  # edge redundancy threshold d (None: off; "eata": EATA_REDUNDANCY)
@@ -79,6 +81,9 @@ class AdaptConfig:
     edge_weights: str | None = None  # None: the built-in edge model (trained once, cached)
     teacher: str = "teacher_resnet"
     teacher_weights: str | None = None  # None: the built-in robust teacher (trained once, cached)
+    teacher_epochs: int = 30  # the built-in teacher's training epochs (each setting cached apart)
+    device: str = "cpu"  # the cloud learners' torch device ("cuda" on a GPU machine)
+    cloud_address: str = ""  # HOST:PORT of a running cloud: no local cloud process is started
     cache: str | None = None
     threads: int = 1
     timeout_s: float = 1800.0
@@ -115,35 +120,38 @@ def prepare(cfg: AdaptConfig, out: Path) -> Prepared:
     from core.export import export_onnx
     from core.models import create_model
     from core.streams import build_stream
-    from core.teacher import default_edge_model, default_teacher, eval_split
+    from core.teacher import DEFAULT_EDGE, DEFAULT_TEACHER, cached_model, eval_split
     from edge.sources import save_stream_npz
 
     spec = METHODS[cfg.method]
+    builtin = {"data_seed": cfg.data_seed, "image_size": cfg.image_size}
     if cfg.edge_weights:
-        model = create_model(cfg.edge_model, 10, weights=cfg.edge_weights)
+        model = create_model(cfg.edge_model, 10, image_size=cfg.image_size, weights=cfg.edge_weights)
         edge_weights = Path(cfg.edge_weights)
     else:
         if cfg.edge_model != "edge_cnn":
             raise ValueError("without edge_weights the built-in edge model (edge_cnn) is used")
-        model, edge_weights = default_edge_model(cfg.cache)
+        model, edge_weights = cached_model(replace(DEFAULT_EDGE, **builtin), cfg.cache)
     model.eval()
     teacher_weights = None
-    if spec.cloud is not None and spec.cloud != "tent":
+    if spec.cloud is not None and spec.cloud != "tent" and not cfg.cloud_address:
         if cfg.teacher_weights:
             teacher_weights = Path(cfg.teacher_weights)
         elif cfg.teacher == "teacher_resnet":
-            _, teacher_weights = default_teacher(cfg.cache)
+            _, teacher_weights = cached_model(replace(DEFAULT_TEACHER, epochs=cfg.teacher_epochs, **builtin),
+                                              cfg.cache)
         else:
             raise ValueError("without teacher_weights the built-in teacher (teacher_resnet) is used")
     models_dir = out / "models"
     edge_onnx = models_dir / "edge.onnx"
     plain_onnx = models_dir / "edge_running_stats.onnx"
-    export_onnx(model, plain_onnx, (3, 32, 32), model_name=cfg.edge_model)
+    shape = (3, cfg.image_size, cfg.image_size)
+    export_onnx(model, plain_onnx, shape, model_name=cfg.edge_model)
     if spec.batch_stats:
-        export_onnx(model, edge_onnx, (3, 32, 32), model_name=cfg.edge_model, batch_stats=True)
+        export_onnx(model, edge_onnx, shape, model_name=cfg.edge_model, batch_stats=True)
     else:
         edge_onnx = plain_onnx
-    test = eval_split(make_digits_shift(seed=0))
+    test = eval_split(make_digits_shift(seed=cfg.data_seed, image_size=cfg.image_size))
     prepared = Prepared(edge_onnx, plain_onnx, edge_weights, teacher_weights)
     for i in range(cfg.edges):
         mine = cfg.corruptions[i::cfg.edges]
@@ -185,6 +193,7 @@ def _cloud_argv(cfg: AdaptConfig, prep: Prepared, out: Path, port_file: Path) ->
     argv = fedshift_argv("cloud", "--host", "127.0.0.1", "--port", "0", "--port-file", str(port_file),
                          "--student", cfg.edge_model, "--student-weights", str(prep.edge_weights),
                          "--method", str(spec.cloud), "--seed", str(cfg.seed), "--threads", str(cfg.threads),
+                         "--image-size", str(cfg.image_size), "--device", cfg.device,
                          "--max-workers", str(2 * cfg.edges + 4), "--out", str(out), *spec.cloud_args)
     if prep.teacher_weights is not None:
         argv += ["--teacher", cfg.teacher, "--teacher-weights", str(prep.teacher_weights)]
@@ -207,7 +216,10 @@ def run_adapt(cfg: AdaptConfig, out: str | os.PathLike) -> dict:
     edge_names = [f"edge{i}" for i in range(cfg.edges)]
     with ProcessGroup(out / "logs") as group:
         server = "none"
-        if spec.cloud is not None:
+        if spec.cloud is not None and cfg.cloud_address:
+            server = cfg.cloud_address
+            log.info("using the running cloud at %s", server)
+        elif spec.cloud is not None:
             port_file = out / "cloud.port"
             port_file.unlink(missing_ok=True)
             cloud = group.start("cloud", _cloud_argv(cfg, prep, out, port_file))
@@ -222,7 +234,7 @@ def run_adapt(cfg: AdaptConfig, out: str | os.PathLike) -> dict:
         if failed:
             tails = "\n".join(f"--- {n} ---\n{group.tail(n)}" for n in failed)
             raise RuntimeError(f"edge process(es) failed: {failed}\n{tails}")
-        if spec.cloud is not None:
+        if spec.cloud is not None and not cfg.cloud_address:
             group.stop("cloud", grace=30)
     summaries = [json.loads((out / "edges" / f"{n}.json").read_text()) for n in edge_names]
     no_adapt = _no_adapt_accuracy(prep)

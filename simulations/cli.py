@@ -16,11 +16,12 @@ from typing import Sequence
 # subcommand -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "data": ("simulations.commands.data", "built-in data: preview the digits-shift domains and corruptions"),
+    "run": ("simulations.commands.run", "the whole system: data -> FL -> export -> cloud + edges -> report"),
+    "report": ("simulations.commands.report", "rebuild report.md and plots from a run folder"),
     "adapt": ("simulations.commands.adapt", "cloud + N edge processes on loopback: one CEMA-family method, or --compare"),
     "export": ("simulations.commands.export", "export a registry model to ONNX with live-swappable normalization"),
     "cloud": ("server.cloud_cli", "serve CEMA cloud-edge adaptation (gRPC) to forward-only edges"),
     "edge": ("edge.cli", "run a forward-only edge node (ONNX Runtime) against a cloud, or none"),
-    "fl": ("simulations.commands.fl", "federated training on Flower (FedAvg, FedProx, FedBN, local-only, FRAug); compare"),
 }
 
 

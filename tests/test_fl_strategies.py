@@ -183,3 +183,25 @@ def test_a_federation_of_the_wrong_size_is_refused_not_waited_on_forever() -> No
         wait_for_nodes(FakeGrid(3), 2)
     with pytest.raises(ValueError, match="num-supernodes=2"):
         wait_for_nodes(FakeGrid(1), 2, timeout=0.2)
+
+
+def test_deploy_norm_is_averaged_apart_and_never_mixed_into_the_model(model_state) -> None:
+    """FedBN clients report their local norm layers for the exported model only."""
+    from core.fl_config import DEPLOY_NORM_RECORD
+
+    model, state = model_state
+    local = local_key_filter(model, FLConfig(strategy="fedbn"))
+    strat = make_strategy("fedbn", num_clients=2, local_keys=local)
+    a, b = _client_states(state)
+    replies = []
+    for arrays, n, pid in ((a, 100, 0), (b, 300, 1)):
+        msg = _reply({k: v for k, v in arrays.items() if k not in local}, n, pid)
+        msg.content[DEPLOY_NORM_RECORD] = _record({k: v for k, v in arrays.items() if k in local})
+        replies.append(msg)
+    arrays, _ = strat.aggregate_train(1, replies)
+    assert not set(arrays.keys()) & local  # the shared model never contains the local layers
+    assert set(strat.deploy_norm.keys()) == local
+    for k, v in strat.deploy_norm.items():
+        expected = 0.25 * 1.0 + 0.75 * 4.0
+        np.testing.assert_allclose(v.numpy(), np.asarray(expected, dtype=state[k].dtype), rtol=1e-6)
+    assert all(DEPLOY_NORM_RECORD not in m.content.array_records for m in replies)

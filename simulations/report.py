@@ -1,0 +1,138 @@
+"""``report.md`` + PNG plots from a run folder's results (``fedshift report RUN_DIR`` rebuilds it).
+
+Reads only files the stages wrote — ``fl/<strategy>/results.json``, ``adapt/results.json``,
+``adapt/edges/*.json``, ``stages.json``, ``scenario.toml``, ``command.txt`` — so a report can be
+regenerated any time, also for a run that stopped early (missing parts are said to be missing).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+
+def _load(path: Path) -> dict | None:
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def fl_table(fl: dict[str, dict]) -> str:
+    domains = list(next(iter(fl.values()))["per_client_accuracy"])
+    lines = ["| strategy | " + " | ".join(domains) + " | mean |", "|" + "---|" * (len(domains) + 2)]
+    for name, r in fl.items():
+        cells = [f"{100 * r['per_client_accuracy'][d]:.1f}" for d in domains]
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {100 * r['mean_accuracy']:.1f} |")
+    return "\n".join(lines)
+
+
+def adapt_table(r: dict) -> str:
+    per, base = r["accuracy"]["per_corruption"], r["no_adapt_accuracy"]["per_corruption"]
+    up = r.get("uploaded_per_corruption", {})
+    lines = [f"| corruption | no adaptation | {r['method']} | gain |", "|---|---|---|---|"]
+    for c in per:
+        lines.append(f"| {c} | {100 * base.get(c, float('nan')):.1f} | {100 * per[c]:.1f} | "
+                     f"{100 * (per[c] - base.get(c, float('nan'))):+.1f} |")
+    lines.append(f"| **mean** | {100 * r['no_adapt_accuracy']['overall']:.1f} | {100 * r['accuracy']['overall']:.1f} | "
+                 f"{100 * (r['accuracy']['overall'] - r['no_adapt_accuracy']['overall']):+.1f} |")
+    lines += ["", f"Uploaded {r['uploaded']:,} of {r['seen']:,} samples ({100 * r['upload_rate']:.1f}%); "
+              f"{r['bytes_up'] / 1e6:.2f} MB up, {r['bytes_down'] / 1e6:.2f} MB down; "
+              f"{r['versions_applied']} parameter versions applied at the edges."]
+    if up:
+        lines.append("Uploads per corruption: " + ", ".join(f"{c} {n}" for c, n in up.items()) + ".")
+    return "\n".join(lines)
+
+
+def plot_fl(fl: dict[str, dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for name, r in fl.items():
+        rounds = [h["round"] for h in r["history"]]
+        ax.plot(rounds, [100 * (h.get("mean_accuracy") or 0) for h in r["history"]], label=name)
+    ax.set_xlabel("round")
+    ax.set_ylabel("mean client test accuracy (%)")
+    ax.set_title("federated training")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_edges(edges: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for s in edges:
+        t = s.get("timeline") or {}
+        correct = labelled = 0
+        xs, ys = [], []
+        for seen, n, c in zip(t.get("seen", []), t.get("n", []), t.get("correct", [])):
+            if c is None:
+                continue
+            correct, labelled = correct + c, labelled + n
+            xs.append(seen)
+            ys.append(100 * correct / labelled)
+        if xs:
+            ax.plot(xs, ys, label=str(s["edge_id"]))
+    ax.set_xlabel("samples seen by the edge")
+    ax.set_ylabel("online accuracy (%)")
+    ax.set_title("edges: online accuracy")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_report(run_dir: str | Path) -> Path:
+    run = Path(run_dir)
+    if not run.is_dir():
+        raise FileNotFoundError(f"run folder not found: {run}")
+    plots = run / "plots"
+    plots.mkdir(exist_ok=True)
+    parts = [f"# fedshift run: {run.name}", ""]
+    command = (run / "command.txt").read_text().strip() if (run / "command.txt").is_file() else "(unknown)"
+    scenario = (run / "scenario.toml").read_text() if (run / "scenario.toml").is_file() else ""
+    parts += ["Reproduce (same seed → same numbers):", "", "```bash", command, "```", ""]
+
+    fl = {p.parent.name: _load(p) for p in sorted((run / "fl").glob("*/results.json"))}
+    parts += ["## Federated training", ""]
+    if fl:
+        parts += ["Final test accuracy per client domain (%):", "", fl_table(fl), ""]
+        plot_fl(fl, plots / "fl_accuracy.png")
+        parts += ["![accuracy vs round](plots/fl_accuracy.png)", ""]
+    else:
+        parts += ["(no federated results in this folder)", ""]
+
+    adapt = _load(run / "adapt" / "results.json")
+    parts += ["## Cloud-edge adaptation", ""]
+    if adapt:
+        cfg = adapt["config"]
+        parts += [f"Method `{adapt['method']}` ({adapt['about']}); {adapt['edges']} edge process(es); "
+                  f"{len(cfg['corruptions'])} corruption(s) at severity {cfg['severity']}, protocol "
+                  f"{cfg['protocol']}. Online accuracy (%):", "", adapt_table(adapt), ""]
+        edges = [json.loads(p.read_text()) for p in sorted((run / "adapt" / "edges").glob("*.json"))]
+        plot_edges(edges, plots / "edge_accuracy.png")
+        parts += ["![online accuracy vs samples](plots/edge_accuracy.png)", ""]
+    else:
+        parts += ["(no adaptation results in this folder)", ""]
+
+    stages = _load(run / "stages.json") or {}
+    parts += ["## Timing", "", "| stage | seconds |", "|---|---|"]
+    parts += [f"| {k} | {v['seconds']:.1f} |" for k, v in stages.items()]
+    parts += [f"| **total** | {sum(v['seconds'] for v in stages.values()):.1f} |", ""]
+    parts += ["## Monitoring", "", "```bash", f"tensorboard --logdir {run}", "```", ""]
+    if scenario:
+        parts += ["## Resolved scenario", "", "```toml", scenario.strip(), "```", ""]
+    path = run / "report.md"
+    path.write_text("\n".join(parts))
+    return path

@@ -1,0 +1,198 @@
+"""Scenarios: one TOML file describes a whole run; parsed once into frozen dataclasses.
+
+Every key can be overridden from the command line (``--set fl.rounds=10``); a key that does not
+exist is refused with an error naming it and the keys that do. Values are TOML literals
+(``fl.strategies=["fedbn","fraug"]``, ``cloud.method="eata"``); a bare word is taken as a string.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Mapping, Sequence, get_args, get_origin, get_type_hints
+
+from core.corruptions import CORRUPTIONS
+
+SCENARIO_DIR = Path(__file__).resolve().parent / "scenarios"
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    dataset: str = "digits-shift"  # the built-in benchmark (user folders: see core.data)
+    image_size: int = 32
+    train_per_client: int = 0  # 0: each client's whole training split
+
+
+@dataclass(frozen=True)
+class FLSpec:
+    strategies: tuple[str, ...] = ("fraug", "fedbn")
+    deploy: str = "fraug"  # whose trained model the edges run
+    rounds: int = 20
+    clients: int = 5  # one per domain; 10 → two clients per domain
+    model: str = "edge_cnn"  # also the edge model and the cloud's student
+    local_epochs: int = 1
+    batch_size: int = 32
+    lr: float = 0.05
+    momentum: float = 0.9
+    superlink: str = ""  # deployment: a running SuperLink's address instead of the simulation engine
+
+
+@dataclass(frozen=True)
+class EdgeSpec:
+    count: int = 5
+    corruptions: tuple[str, ...] = CORRUPTIONS  # dealt round-robin to the edges
+    severity: int = 5
+    protocol: str = "reset"
+    passes: int = 1
+    limit: int = 0  # samples per edge; 0: the whole stream
+    batch_size: int = 64
+    sync_s: float = 2.0
+
+
+@dataclass(frozen=True)
+class CloudSpec:
+    method: str = "cema"  # simulations.adapt.METHODS
+    teacher: str = "teacher_resnet"
+    teacher_weights: str = ""  # "" → the built-in teacher (trained once, cached)
+    teacher_epochs: int = 30  # built-in teacher: training epochs (cached per setting)
+    device: str = "cpu"  # "cuda" moves the teacher and the distillation to the GPU
+    address: str = ""  # a running remote cloud (HOST:PORT) instead of a local process
+
+
+@dataclass(frozen=True)
+class ResourceSpec:
+    num_cpus: int = 0  # 0: all of this machine's
+    cpus_per_client: int = 1  # Flower simulation: CPUs per client (parallel clients = num_cpus / this)
+    gpus_per_client: float = 0.0
+    threads: int = 1  # torch / ONNX Runtime threads per process
+    cache: str = ""  # cache of the built-in models ("" → $FEDSHIFT_CACHE or ~/.cache/fedshift)
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str = "default"
+    seed: int = 0
+    data: DataSpec = field(default_factory=DataSpec)
+    fl: FLSpec = field(default_factory=FLSpec)
+    edge: EdgeSpec = field(default_factory=EdgeSpec)
+    cloud: CloudSpec = field(default_factory=CloudSpec)
+    resources: ResourceSpec = field(default_factory=ResourceSpec)
+
+    def __post_init__(self) -> None:
+        if self.fl.deploy not in self.fl.strategies:
+            raise ValueError(f"fl.deploy = {self.fl.deploy!r} is not among fl.strategies {list(self.fl.strategies)}")
+        if unknown := [c for c in self.edge.corruptions if c not in CORRUPTIONS]:
+            raise ValueError(f"edge.corruptions: unknown {unknown}; valid: {', '.join(CORRUPTIONS)}")
+        if self.edge.count < 1 or self.edge.count > len(self.edge.corruptions):
+            raise ValueError(f"edge.count must be 1..{len(self.edge.corruptions)} (one corruption per edge at least)")
+        if self.data.dataset != "digits-shift":
+            raise ValueError(f"data.dataset: only 'digits-shift' is wired into `fedshift run` (got {self.data.dataset!r})")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _coerce(value: Any, hint: Any, key: str) -> Any:
+    origin = get_origin(hint)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"{key}: expected a list, got {value!r}")
+        inner = get_args(hint)[0]
+        return tuple(_coerce(v, inner, key) for v in value)
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint in (int, float, str, bool) and not (isinstance(value, hint) and not (hint is int and isinstance(value, bool))):
+        raise ValueError(f"{key}: expected {hint.__name__}, got {value!r}")
+    return value
+
+
+def _build(cls: type, data: Mapping[str, Any], prefix: str) -> Any:
+    hints = get_type_hints(cls)
+    names = [f.name for f in fields(cls)]
+    unknown = sorted(set(data) - set(names))
+    if unknown:
+        where = f"[{prefix.rstrip('.')}]" if prefix else "the top level"
+        raise ValueError(f"unknown scenario key {prefix}{unknown[0]!s} in {where}; known: {', '.join(names)}")
+    kwargs = {}
+    for name, value in data.items():
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            if not isinstance(value, Mapping):
+                raise ValueError(f"{prefix}{name}: expected a table")
+            kwargs[name] = _build(hint, value, f"{prefix}{name}.")
+        else:
+            kwargs[name] = _coerce(value, hint, f"{prefix}{name}")
+    return cls(**kwargs)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``"fl.rounds=10"`` → (["fl", "rounds"], 10); values are TOML literals or bare strings."""
+    if "=" not in text:
+        raise ValueError(f"override {text!r}: expected KEY=VALUE (e.g. fl.rounds=10)")
+    key, raw = (part.strip() for part in text.split("=", 1))
+    if not key or any(not p for p in key.split(".")):
+        raise ValueError(f"override {text!r}: empty key")
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    return key.split("."), value
+
+
+def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    out = {k: (dict(v) if isinstance(v, Mapping) else v) for k, v in data.items()}
+    for text in overrides:
+        path, value = parse_override(text)
+        node = out
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"override {text!r}: {part} is not a table")
+        node[path[-1]] = value
+    return out
+
+
+def resolve_path(name_or_path: str | Path | None) -> Path:
+    """A scenario name (``default``, ``tiny``) or a path to a TOML file."""
+    if name_or_path is None:
+        name_or_path = "default"
+    path = Path(name_or_path)
+    if path.suffix != ".toml":
+        candidate = SCENARIO_DIR / f"{name_or_path}.toml"
+        if candidate.is_file():
+            return candidate
+        known = ", ".join(sorted(p.stem for p in SCENARIO_DIR.glob("*.toml")))
+        raise FileNotFoundError(f"no scenario {name_or_path!r}: built-ins are {known}; or give a .toml path")
+    if not path.is_file():
+        raise FileNotFoundError(f"scenario file not found: {path}")
+    return path
+
+
+def load_scenario(name_or_path: str | Path | None = None, overrides: Sequence[str] = ()) -> Scenario:
+    path = resolve_path(name_or_path)
+    try:
+        data = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as exc:
+        raise ValueError(f"{path}: {exc}") from exc
+    return _build(Scenario, apply_overrides(data, overrides), "")
+
+
+def to_toml(scenario: Scenario) -> str:
+    """The resolved scenario as TOML (written into every run folder)."""
+    def value(v: Any) -> str:
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, (list, tuple)):
+            return "[" + ", ".join(value(x) for x in v) + "]"
+        if isinstance(v, str):
+            return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+        return repr(v)
+
+    d = scenario.to_dict()
+    lines = [f"{k} = {value(v)}" for k, v in d.items() if not isinstance(v, dict)]
+    for k, v in d.items():
+        if isinstance(v, dict):
+            lines += ["", f"[{k}]", *[f"{kk} = {value(vv)}" for kk, vv in v.items()]]
+    return "\n".join(lines) + "\n"
