@@ -22,6 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "export": ("simulations.commands.export", "export a registry model to ONNX with live-swappable normalization"),
     "cloud": ("server.cloud_cli", "serve CEMA cloud-edge adaptation (gRPC) to forward-only edges"),
     "edge": ("edge.cli", "run a forward-only edge node (ONNX Runtime) against a cloud, or none"),
+    "fl": ("simulations.commands.fl", "federated training on Flower (FedAvg, FedProx, FedBN, local-only, FRAug); compare"),
 }
 
 
