@@ -59,8 +59,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--metrics-every", type=int, default=20, help="batches between metric reports")
     parser.add_argument("--log-every", type=float, default=10.0, help="seconds between progress lines")
     parser.add_argument("--sync", type=float, default=0.0, metavar="SECONDS",
-                        help="simulation lockstep: after each upload wait up to SECONDS for the cloud's next "
-                             "version (default 0: never wait, as deployed)")
+                        help="simulation lockstep: after each upload wait up to SECONDS for the version the ack names "
+                             "(pair with `fedshift cloud --lockstep`; default 0: never wait, as deployed)")
     parser.add_argument("--out", type=Path, default=None, help="write the summary JSON here")
     parser.add_argument("--seed", type=int, default=0)
 

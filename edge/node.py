@@ -4,7 +4,8 @@ Why this order: CEMA's timing is "predict first, adapt after" — each batch is 
 parameters in force when it arrives (applied in the background by :class:`edge.client.Subscriber`),
 so the edge never waits for the cloud — unless a simulation asks for a bounded lockstep with
 ``NodeConfig.sync_timeout_s`` (an edge reading a file is far faster than the cloud's steps, and
-CEMA's protocol predicts batch t with the cloud's step on batch t-1). A ``reset`` batch
+CEMA's protocol predicts batch t with the cloud's step on batch t-1): after each upload it waits
+for the version the cloud's ack names, which a ``--lockstep`` cloud sends after learning from it. A ``reset`` batch
 (reset-per-shift protocol) first starts a new episode at the cloud and puts the edge's start-up
 normalization state back in force under the version the cloud returns. With ``client=None`` the node runs forward-only without a cloud (the
 "no adaptation" and "edge BN statistics" baselines); selection still runs and is counted as
@@ -245,14 +246,17 @@ class EdgeNode:
         uploaded = self._upload(batch, sel, version) if self.client is not None else 0
         self._count(batch, sel, correct, uploaded, version)
         if uploaded and self.config.sync_timeout_s > 0:
-            self._sync(version)
+            self._sync()
 
-    def _sync(self, version: int) -> None:
-        """Lockstep (simulation only): wait, bounded, for the cloud's step on what we just sent."""
-        if self._subscriber is None:
+    def _sync(self) -> None:
+        """Lockstep (simulation only): wait, bounded, until the version the upload's ack named is in
+        force. A cloud started with ``--lockstep`` acks after learning from the upload, so that is
+        the version its steps on it produced; nothing to wait for when they produced none."""
+        target = self._c.cloud_version
+        if self._subscriber is None or target is None or self.runtime.version >= target:
             return
         t0 = time.monotonic()
-        ok = self._subscriber.wait_for_version(version + 1, self.config.sync_timeout_s)
+        ok = self._subscriber.wait_for_version(target, self.config.sync_timeout_s)
         c = self._c
         c.sync_waits += 1
         c.sync_timeouts += int(not ok)

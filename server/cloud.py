@@ -68,6 +68,11 @@ class CloudConfig:
     # backpressure: uploads are refused with RESOURCE_EXHAUSTED (edges retry with backoff) while
     # this many samples wait for the learners, so a flood cannot grow memory without bound
     max_backlog: int = 8192
+    # simulation lockstep: an Upload is answered only after its learner has processed it (every
+    # step it enabled), with the resulting version, so a run is reproducible from its seed; a
+    # deployed cloud answers at once and learns in the background
+    lockstep: bool = False
+    lockstep_timeout_s: float = 120.0
     cema: CemaConfig = field(default_factory=CemaConfig)
 
     def __post_init__(self) -> None:
@@ -165,6 +170,7 @@ class _Item:
     episode: int
     images: torch.Tensor  # float NCHW, preprocessed
     labels: np.ndarray  # (N,) or (0,)
+    done: threading.Event = field(default_factory=threading.Event)  # set when its learner went idle
 
 
 def _num_classes(model: nn.Module, image_shape: tuple[int, int, int]) -> int:
@@ -371,6 +377,9 @@ class CloudService(pb_grpc.EdgeServiceServicer):
         with self._work:
             self._pending.append(item)
             self._work.notify_all()
+        if self.config.lockstep and not item.done.wait(self.config.lockstep_timeout_s):
+            log.warning("edge %s upload %d: not processed within %.0f s (lockstep)", request.edge_id, seq,
+                        self.config.lockstep_timeout_s)
         return pb.UploadReply(sequence=seq, duplicate=False, accepted=n, latest_version=edge.slot.version)
 
     def _backlog(self) -> int:
@@ -492,11 +501,14 @@ class CloudService(pb_grpc.EdgeServiceServicer):
         """The learner loop: feed queued uploads to their learners, then step the learners round-robin
         (one step each per pass, so no edge waits behind another's backlog), publishing after each."""
         active: dict[int, _Slot] = {}
+        waiting: dict[int, list[_Item]] = {}  # items whose learner has not gone idle since
         while True:
             with self._work:
                 while not self._pending and not active and not self._stopping:
                     self._work.wait()
                 if self._stopping:
+                    for item in [*self._pending, *(i for items in waiting.values() for i in items)]:
+                        item.done.set()
                     return
                 items = list(self._pending)
                 self._pending.clear()
@@ -504,10 +516,13 @@ class CloudService(pb_grpc.EdgeServiceServicer):
             try:
                 for item in items:
                     active.setdefault(id(item.slot), item.slot)
+                    waiting.setdefault(id(item.slot), []).append(item)
                 self._feed(items)
                 for key, slot in list(active.items()):
                     if self._stopping or not self._step_once(slot):
                         del active[key]
+                        for item in waiting.pop(key, []):
+                            item.done.set()
                 self._log_rates()
             finally:
                 with self._work:

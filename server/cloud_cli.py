@@ -61,6 +61,8 @@ def configure(p: argparse.ArgumentParser) -> None:
                    help="with --export-edge: the edge normalizes with each batch's BN statistics")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     p.add_argument("--max-workers", type=int, default=32, help="RPC threads (each subscribed edge holds one)")
+    p.add_argument("--lockstep", action="store_true",
+                   help="simulation: answer each upload after learning from it (reproducible runs)")
     p.add_argument("--max-backlog", type=int, default=8192,
                    help="samples waiting for the learners above which uploads get RESOURCE_EXHAUSTED")
 
@@ -116,7 +118,7 @@ def run(args: argparse.Namespace) -> int:
     config = CloudConfig(host=args.host, port=args.port, token=args.token, shared=args.shared,
                          image_shape=(args.image_size, args.image_size, args.in_chans), device=args.device,
                          out_dir=str(args.out), max_workers=args.max_workers,
-                         max_backlog=args.max_backlog, cema=cema)
+                         max_backlog=args.max_backlog, lockstep=args.lockstep, cema=cema)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(args.seed)
         student, teacher, info = _load_models(args, cema.uses_teacher)

@@ -195,6 +195,8 @@ def _cloud_argv(cfg: AdaptConfig, prep: Prepared, out: Path, port_file: Path) ->
                          "--method", str(spec.cloud), "--seed", str(cfg.seed), "--threads", str(cfg.threads),
                          "--image-size", str(cfg.image_size), "--device", cfg.device,
                          "--max-workers", str(2 * cfg.edges + 4), "--out", str(out), *spec.cloud_args)
+    if cfg.sync_s > 0:
+        argv.append("--lockstep")
     if prep.teacher_weights is not None:
         argv += ["--teacher", cfg.teacher, "--teacher-weights", str(prep.teacher_weights)]
     if cfg.cache:

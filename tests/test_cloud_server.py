@@ -325,3 +325,14 @@ def test_backlog_limit_refuses_with_resource_exhausted_and_recovers(models) -> N
         assert _code(exc) == grpc.StatusCode.RESOURCE_EXHAUSTED and "limit 4" in exc.value.details()
         assert _upload(stub, 0, _images(3)).accepted == 3  # the refused sequence is still free
         assert run.server.service.stats()["edges"]["e1"]["samples"] == 3
+
+
+def test_lockstep_acks_after_learning_with_the_resulting_version(models) -> None:
+    """--lockstep: an upload's ack names the version its own steps produced (reproducible runs)."""
+    with _Running(models, _config(lockstep=True)) as run:
+        stub = run.stub
+        stub.Register(pb.RegisterRequest(edge_id="e1"), timeout=10)
+        assert _upload(stub, 0, _images(4)).latest_version == 1  # one full cloud batch: one step
+        assert _upload(stub, 1, _images(2)).latest_version == 1  # < batch, replay < start: no step
+        assert _upload(stub, 2, _images(8, seed=3)).latest_version == 3  # two batches (queue 2+8 → 2 steps)
+        assert run.server.service.learner("e1").queue_size == 2
