@@ -69,18 +69,18 @@ class ProcessGroup:
             return ""
 
     def stop(self, name: str, grace: float = 10.0) -> int | None:
-        """SIGTERM, wait ``grace`` seconds, then SIGKILL; returns the exit code."""
+        """SIGTERM the child's whole process group (its own helpers — e.g. Ray's — included), wait
+        ``grace`` seconds, then SIGKILL whatever of the group is left; returns the exit code."""
         proc = self._procs[name]
         if proc.poll() is None:
+            _signal_group(proc.pid, signal.SIGTERM)
             try:
-                proc.send_signal(signal.SIGTERM)
                 proc.wait(timeout=grace)
             except subprocess.TimeoutExpired:
                 log.warning("%s (pid %d) ignored SIGTERM for %.0f s: killing", name, proc.pid, grace)
-                proc.kill()
-                proc.wait(timeout=grace)
-            except ProcessLookupError:
-                pass
+        _signal_group(proc.pid, signal.SIGKILL)  # stragglers of the group, if any
+        if proc.poll() is None:
+            proc.wait(timeout=grace)
         return proc.returncode
 
     def stop_all(self, grace: float = 10.0) -> None:
@@ -95,6 +95,14 @@ class ProcessGroup:
 
     def __exit__(self, *exc: object) -> None:
         self.stop_all()
+
+
+def _signal_group(pgid: int, sig: int) -> None:
+    """Children are started as session (and process-group) leaders, so pgid == their pid."""
+    try:
+        os.killpg(pgid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
 
 
 def wait_for_file(path: Path, proc: subprocess.Popen, timeout: float, what: str) -> str:

@@ -1,0 +1,113 @@
+"""`fedshift run`: the tiny scenario end to end, reproducibility, and clean interruption."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+
+def _descendants(pid: int) -> set[int]:
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                ppid = int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    found, stack = set(), [pid]
+    while stack:
+        for child in children.get(stack.pop(), []):
+            if child not in found:
+                found.add(child)
+                stack.append(child)
+    return found
+
+
+def _alive(pids: set[int]) -> set[int]:
+    alive = set()
+    for pid in pids:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if state != "Z":
+            alive.add(pid)
+    return alive
+
+
+def _run(out: Path, *extra: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "simulations.cli", "run", "tiny", "--out", str(out), *extra]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+
+
+def _numbers(run: Path) -> dict:
+    fl = json.loads((run / "fl" / "fedbn" / "results.json").read_text())
+    ad = json.loads((run / "adapt" / "results.json").read_text())
+    return {"fl": fl["per_client_accuracy"], "fl_history": [h["mean_accuracy"] for h in fl["history"]],
+            "acc": ad["accuracy"], "no_adapt": ad["no_adapt_accuracy"],
+            **{k: ad[k] for k in ("seen", "uploaded", "bytes_up", "bytes_down", "versions_applied")}}
+
+
+@pytest.mark.slow
+def test_tiny_scenario_end_to_end_is_reproducible(tmp_path) -> None:
+    runs = [tmp_path / "a", tmp_path / "b"]
+    for run in runs:
+        out = _run(run, "--set", "resources.cache=" + str(tmp_path / "cache"))
+        assert out.returncode == 0, out.stderr[-3000:]
+    a = runs[0]
+    for path in ("report.md", "scenario.toml", "stages.json", "command.txt", "export/edge.onnx",
+                 "fl/fedbn/results.json", "fl/fedbn/checkpoint.pt", "adapt/results.json", "data/domains.png",
+                 "plots/fl_accuracy.png", "plots/edge_accuracy.png"):
+        assert (a / path).is_file(), path
+    assert set(json.loads((a / "stages.json").read_text())) == {"data", "fl", "export", "adapt", "report"}
+    assert list(a.glob("fl/fedbn/**/events.out.tfevents.*")), "FL TensorBoard events"
+    assert list(a.glob("adapt/cloud/events.out.tfevents.*")), "cloud TensorBoard events"
+    assert list(a.glob("adapt/edges/edge0/events.out.tfevents.*")), "edge TensorBoard events"
+    report = (a / "report.md").read_text()
+    assert "## Federated training" in report and "## Cloud-edge adaptation" in report
+    assert "tensorboard --logdir" in report
+    # same seed → same numbers
+    assert _numbers(runs[0]) == _numbers(runs[1])
+    # a stage re-runs from the folder: the report alone
+    again = subprocess.run([sys.executable, "-m", "simulations.cli", "run", "tiny", "--out", str(a), "--from",
+                            "report"], capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0, again.stderr[-2000:]
+
+
+def test_interrupt_stops_every_process(tmp_path) -> None:
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "simulations.cli", "run", "tiny", "--out", str(out),
+           "--set", "resources.cache=" + str(tmp_path / "cache")]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    seen: set[int] = set()
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not (out / "logs" / "fl-fedbn.log").is_file():
+            time.sleep(0.2)
+        time.sleep(6)  # inside federated training: Flower + Ray are up
+        seen = _descendants(proc.pid)
+        assert seen, "the run started no child process"
+        proc.send_signal(signal.SIGINT)  # what Ctrl-C delivers
+        _, err = proc.communicate(timeout=90)
+        assert proc.returncode == 130, err[-2000:]
+        assert "interrupted" in err
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    deadline = time.monotonic() + 20
+    while _alive(seen) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not _alive(seen), f"left behind: {sorted(_alive(seen))}"
+
+
+def test_bad_scenario_key_is_a_clear_cli_error(tmp_path) -> None:
+    out = subprocess.run([sys.executable, "-m", "simulations.cli", "run", "tiny", "--set", "fl.roundz=2",
+                          "--out", str(tmp_path / "x")], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2
+    assert "unknown scenario key fl.roundz" in out.stderr
