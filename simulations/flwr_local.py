@@ -31,7 +31,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 from simulations.fl_sim import FLOWER_ENV
 
@@ -203,14 +203,12 @@ def run_simulation_cli(run_config: Mapping[str, Any], *, num_supernodes: int, wo
                 procs.adopt("local-superlink", pid)
 
 
-def run_deployment(run_config: Mapping[str, Any], *, num_supernodes: int, work_dir: Path,
-                   timeout: float = 1800.0) -> dict[str, Any]:
-    """A SuperLink + ``num_supernodes`` SuperNodes on loopback run the app; returns results.json."""
+@contextlib.contextmanager
+def local_deployment(num_supernodes: int, work_dir: Path) -> Iterator[str]:
+    """A SuperLink + ``num_supernodes`` SuperNodes on 127.0.0.1; yields the SuperLink address and
+    stops every process on exit (the deployment engine, as on real machines, on loopback)."""
     flwr_home = work_dir / "flwr-home"
-    out_dir = Path(str(run_config.get("out-dir") or work_dir / "run")).resolve()
-    run_config = {**run_config, "out-dir": str(out_dir), "clients": num_supernodes}
     port = free_port()
-    _write_connection(flwr_home, "deploy", f'address = "127.0.0.1:{port}"\ninsecure = true')
     env = flower_env(flwr_home)
     with Processes(work_dir) as procs:
         link = procs.start("superlink", ["flower-superlink", "--insecure", "--host", "127.0.0.1", "--port", str(port),
@@ -220,7 +218,31 @@ def run_deployment(run_config: Mapping[str, Any], *, num_supernodes: int, work_d
             procs.start(f"supernode-{i}", [
                 "flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{port}", "--port", str(free_port()),
                 "--node-config", f"partition-id={i} num-partitions={num_supernodes}"], env)
-        _flwr_run(procs, env, "deploy", run_config, timeout)
+        yield f"127.0.0.1:{port}"
+
+
+def run_deployment(run_config: Mapping[str, Any], *, num_supernodes: int, work_dir: Path,
+                   timeout: float = 1800.0) -> dict[str, Any]:
+    """A SuperLink + ``num_supernodes`` SuperNodes on loopback run the app; returns results.json."""
+    run_config = {**run_config, "clients": num_supernodes}
+    run_config.setdefault("out-dir", str(work_dir / "run"))
+    with local_deployment(num_supernodes, work_dir) as superlink:
+        return run_remote(run_config, superlink=superlink, work_dir=work_dir, timeout=timeout)
+
+
+def run_remote(run_config: Mapping[str, Any], *, superlink: str, work_dir: Path, insecure: bool = True,
+               timeout: float = 3600.0) -> dict[str, Any]:
+    """``flwr run .`` against a running SuperLink (deployment engine, SuperNodes elsewhere).
+
+    The ServerApp writes ``out-dir`` on the SuperLink's machine: it must be this folder (same
+    machine or a shared filesystem) for results.json and the checkpoint to be read back here.
+    """
+    flwr_home = work_dir / "flwr-home"
+    out_dir = Path(str(run_config.get("out-dir") or work_dir / "run")).resolve()
+    run_config = {**run_config, "out-dir": str(out_dir)}
+    _write_connection(flwr_home, "remote", f'address = "{superlink}"\ninsecure = {str(insecure).lower()}')
+    with Processes(work_dir) as procs:
+        _flwr_run(procs, flower_env(flwr_home), "remote", run_config, timeout)
         return _results(out_dir, int(run_config.get("rounds", 1)), 120.0)
 
 

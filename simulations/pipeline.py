@@ -25,19 +25,24 @@ log = logging.getLogger(__name__)
 STAGES = ("data", "fl", "export", "adapt", "report")
 
 
-def fl_overrides(s: Scenario, strategy: str, out: Path) -> list[str]:
-    """``fedshift fl --set`` arguments: the scenario's FL settings as Flower run config."""
-    keys = {
+def fl_run_config(s: Scenario, strategy: str, out: Path) -> dict:
+    """The scenario's FL settings as Flower run config (``[tool.flwr.app.config]`` keys)."""
+    return {
+        "strategy": strategy, "seed": s.seed, "rounds": s.fl.rounds, "clients": s.fl.clients,
         "model": s.fl.model, "image-size": s.data.image_size, "train-per-client": s.data.train_per_client,
         "local-epochs": s.fl.local_epochs, "batch-size": s.fl.batch_size, "lr": s.fl.lr,
-        "momentum": s.fl.momentum, "threads": s.resources.threads,
+        "momentum": s.fl.momentum, "threads": s.resources.threads, "out-dir": str(out.resolve()),
     }
-    args = ["fl", "--strategy", strategy, "--seed", str(s.seed), "--rounds", str(s.fl.rounds),
-            "--clients", str(s.fl.clients), "--out", str(out)]
+
+
+def fl_overrides(s: Scenario, strategy: str, out: Path) -> list[str]:
+    """``fedshift fl`` arguments running :func:`fl_run_config` on the simulation engine."""
+    config = fl_run_config(s, strategy, out)
+    args = ["fl", "--strategy", config.pop("strategy"), "--seed", str(config.pop("seed")),
+            "--cpus-per-client", str(s.resources.cpus_per_client)]
     if s.resources.num_cpus:
         args += ["--num-cpus", str(s.resources.num_cpus)]
-    args += ["--cpus-per-client", str(s.resources.cpus_per_client)]
-    for k, v in keys.items():
+    for k, v in config.items():
         args += ["--set", f"{k}={v}"]
     return args
 
@@ -89,6 +94,13 @@ class Pipeline:
     def fl(self) -> None:
         from simulations.processes import ProcessGroup, fedshift_argv
 
+        if self.s.fl.superlink:  # deployment engine: a running SuperLink and its SuperNodes
+            from simulations.flwr_local import run_remote
+
+            for strategy in self.s.fl.strategies:
+                run_remote(fl_run_config(self.s, strategy, self.out / "fl" / strategy), superlink=self.s.fl.superlink,
+                           work_dir=self.out / "logs" / f"flwr-{strategy}")
+            return
         with ProcessGroup(self.out / "logs") as group:
             for strategy in self.s.fl.strategies:
                 name = f"fl-{strategy}"

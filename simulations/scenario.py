@@ -36,7 +36,9 @@ class FLSpec:
     batch_size: int = 32
     lr: float = 0.05
     momentum: float = 0.9
-    superlink: str = ""  # deployment: a running SuperLink's address instead of the simulation engine
+    # deployment engine instead of the simulation: a running SuperLink's Control API address
+    # (HOST:PORT) whose SuperNodes serve the clients; its ServerApp must see this run folder
+    superlink: str = ""
 
 
 @dataclass(frozen=True)
@@ -65,7 +67,6 @@ class CloudSpec:
 class ResourceSpec:
     num_cpus: int = 0  # 0: all of this machine's
     cpus_per_client: int = 1  # Flower simulation: CPUs per client (parallel clients = num_cpus / this)
-    gpus_per_client: float = 0.0
     threads: int = 1  # torch / ONNX Runtime threads per process
     cache: str = ""  # cache of the built-in models ("" → $FEDSHIFT_CACHE or ~/.cache/fedshift)
 
@@ -87,6 +88,8 @@ class Scenario:
             raise ValueError(f"edge.corruptions: unknown {unknown}; valid: {', '.join(CORRUPTIONS)}")
         if self.edge.count < 1 or self.edge.count > len(self.edge.corruptions):
             raise ValueError(f"edge.count must be 1..{len(self.edge.corruptions)} (one corruption per edge at least)")
+        if self.fl.deploy == "local":
+            raise ValueError("fl.deploy = 'local': local-only training has no global model to deploy")
         if self.data.dataset != "digits-shift":
             raise ValueError(f"data.dataset: only 'digits-shift' is wired into `fedshift run` (got {self.data.dataset!r})")
 

@@ -111,3 +111,19 @@ def test_bad_scenario_key_is_a_clear_cli_error(tmp_path) -> None:
                           "--out", str(tmp_path / "x")], capture_output=True, text=True, timeout=60)
     assert out.returncode == 2
     assert "unknown scenario key fl.roundz" in out.stderr
+
+
+@pytest.mark.slow
+def test_fl_stage_on_a_running_superlink(tmp_path) -> None:
+    """fl.superlink points the same scenario at Flower's deployment engine instead of the simulation."""
+    from simulations.flwr_local import local_deployment
+    from simulations.pipeline import Pipeline
+    from simulations.scenario import load_scenario
+
+    (tmp_path / "deploy").mkdir()
+    with local_deployment(2, tmp_path / "deploy") as address:
+        scenario = load_scenario("tiny", [f"fl.superlink={address}"])
+        Pipeline(scenario, tmp_path / "run").fl()
+    results = json.loads((tmp_path / "run" / "fl" / "fedbn" / "results.json").read_text())
+    assert results["clients"] == 2 and [h["round"] for h in results["history"]] == [1, 2]
+    assert (tmp_path / "run" / "fl" / "fedbn" / "checkpoint.pt").is_file()
