@@ -44,26 +44,6 @@ def adapt_table(r: dict) -> str:
     return "\n".join(lines)
 
 
-def plot_fl(fl: dict[str, dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.5, 4))
-    for name, r in fl.items():
-        rounds = [h["round"] for h in r["history"]]
-        ax.plot(rounds, [100 * (h.get("mean_accuracy") or 0) for h in r["history"]], label=name)
-    ax.set_xlabel("round")
-    ax.set_ylabel("mean client test accuracy (%)")
-    ax.set_title("federated training")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
 def plot_edges(edges: list[dict], path: Path) -> None:
     import matplotlib
 
@@ -108,7 +88,9 @@ def write_report(run_dir: str | Path) -> Path:
     parts += ["## Federated training", ""]
     if fl:
         parts += ["Final test accuracy per client domain (%):", "", fl_table(fl), ""]
-        plot_fl(fl, plots / "fl_accuracy.png")
+        from simulations.fl_compare import plot_accuracy
+
+        plot_accuracy(list(fl.values()), plots / "fl_accuracy.png")
         parts += ["![accuracy vs round](plots/fl_accuracy.png)", ""]
     else:
         parts += ["(no federated results in this folder)", ""]
