@@ -119,7 +119,8 @@ class Pipeline:
         from core.models import create_model
         from server.recorder import load_checkpoint
 
-        ckpt = load_checkpoint(self.out / "fl" / self.s.fl.deploy)
+        deploy = self.deployed_strategy()
+        ckpt = load_checkpoint(self.out / "fl" / deploy)
         model = create_model(self.s.fl.model, 10, image_size=self.s.data.image_size)
         model.load_state_dict(deployable_state(ckpt))
         out = self.out / "export"
@@ -128,7 +129,20 @@ class Pipeline:
         size = self.s.data.image_size
         info = export_onnx(model.eval(), out / "edge.onnx", (3, size, size), model_name=self.s.fl.model,
                            version=0)
-        log.info("exported the %s model (round %d) to %s", self.s.fl.deploy, ckpt.round, info.path)
+        (out / "deployed.json").write_text(json.dumps({"strategy": deploy, "round": ckpt.round}, indent=2))
+        log.info("exported the %s model (round %d) to %s", deploy, ckpt.round, info.path)
+
+    def deployed_strategy(self) -> str:
+        """``fl.deploy``, or with ``best_val`` the strategy with the best mean validation accuracy
+        (never the test split: the edges' streams are built from it)."""
+        if self.s.fl.deploy != "best_val":
+            return self.s.fl.deploy
+        val = {s: json.loads((self.out / "fl" / s / "results.json").read_text())["mean_val_accuracy"]
+               for s in self.s.fl.strategies}
+        best = max(val, key=lambda s: (val[s], -self.s.fl.strategies.index(s)))
+        log.info("deploying %s (best mean validation accuracy: %s)", best,
+                 ", ".join(f"{s} {100 * v:.1f}%" for s, v in val.items()))
+        return best
 
     def adapt(self) -> None:
         from simulations.adapt import AdaptConfig, run_adapt

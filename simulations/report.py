@@ -88,6 +88,10 @@ def write_report(run_dir: str | Path) -> Path:
     parts += ["## Federated training", ""]
     if fl:
         parts += ["Final test accuracy per client domain (%):", "", fl_table(fl), ""]
+        deployed = _load(run / "export" / "deployed.json")
+        if deployed:
+            parts += [f"Exported to the edges: the **{deployed['strategy']}** model after round {deployed['round']} "
+                      "(`export/edge.onnx`).", ""]
         from simulations.fl_compare import plot_accuracy
 
         plot_accuracy(list(fl.values()), plots / "fl_accuracy.png")

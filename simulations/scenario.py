@@ -28,7 +28,7 @@ class DataSpec:
 @dataclass(frozen=True)
 class FLSpec:
     strategies: tuple[str, ...] = ("fraug", "fedbn")
-    deploy: str = "fraug"  # whose trained model the edges run
+    deploy: str = "best_val"  # whose trained model the edges run: a strategy, or the best on validation
     rounds: int = 20
     clients: int = 5  # one per domain; 10 → two clients per domain
     model: str = "edge_cnn"  # also the edge model and the cloud's student
@@ -82,14 +82,14 @@ class Scenario:
     resources: ResourceSpec = field(default_factory=ResourceSpec)
 
     def __post_init__(self) -> None:
-        if self.fl.deploy not in self.fl.strategies:
+        if self.fl.deploy != "best_val" and self.fl.deploy not in self.fl.strategies:
             raise ValueError(f"fl.deploy = {self.fl.deploy!r} is not among fl.strategies {list(self.fl.strategies)}")
         if unknown := [c for c in self.edge.corruptions if c not in CORRUPTIONS]:
             raise ValueError(f"edge.corruptions: unknown {unknown}; valid: {', '.join(CORRUPTIONS)}")
         if self.edge.count < 1 or self.edge.count > len(self.edge.corruptions):
             raise ValueError(f"edge.count must be 1..{len(self.edge.corruptions)} (one corruption per edge at least)")
-        if self.fl.deploy == "local":
-            raise ValueError("fl.deploy = 'local': local-only training has no global model to deploy")
+        if self.fl.deploy == "local" or (self.fl.deploy == "best_val" and "local" in self.fl.strategies):
+            raise ValueError("local-only training has no global model to deploy: set fl.deploy to another strategy")
         if self.data.dataset != "digits-shift":
             raise ValueError(f"data.dataset: only 'digits-shift' is wired into `fedshift run` (got {self.data.dataset!r})")
 
