@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from core.norm import NORM_TYPES, get_norm_state, norm_modules
+from core.norm import get_norm_state, norm_modules
 
 log = logging.getLogger(__name__)
 
@@ -157,7 +157,6 @@ def export_onnx(
     graph as the ``torch.export`` one ~20× faster (0.1 s vs 2.1 s for edge_cnn), and the latter
     could not take a dynamic batch axis together with the variadic norm inputs here.
     """
-    import onnx
     from onnx import numpy_helper
 
     shape = tuple(int(s) for s in input_shape)

@@ -163,7 +163,6 @@ class FedShiftStrategy(FedAvg):
         if not parts:
             return
         total = sum(w for w, _ in parts)
-        keys = parts[0][1].keys()
         self.deploy_norm = ArrayRecord(array_dict={
             k: Array(np.asarray(sum(w * p[k].astype(np.float64) for w, p in parts) / total,
                                 dtype=parts[0][1][k].dtype))

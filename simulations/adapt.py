@@ -9,7 +9,8 @@ starts is stopped on the way out, also on errors and Ctrl-C.
 Streams: the pooled digits-shift test splits, corrupted at one severity; the corruptions are dealt
 round-robin to the edges (edge i gets corruptions i, i+N, …), so every corruption is streamed once
 whatever N is. The no-adaptation accuracy of the same streams is measured in-process with the
-running-statistics export (``no_adapt_accuracy``).
+running-statistics export (``no_adapt_accuracy``), and, for methods whose edges normalize with
+batch statistics, the accuracy of that alone without any cloud (``bn_stats_accuracy``).
 """
 
 from __future__ import annotations
@@ -109,6 +110,7 @@ class Prepared:
 
     edge_onnx: Path
     plain_onnx: Path  # running-statistics export, for no_adapt_accuracy
+    bn_onnx: Path | None  # batch-statistics export, for bn_stats_accuracy (None: method uses none)
     edge_weights: Path
     teacher_weights: Path | None
     streams: list[Path] = field(default_factory=list)
@@ -152,7 +154,8 @@ def prepare(cfg: AdaptConfig, out: Path) -> Prepared:
     else:
         edge_onnx = plain_onnx
     test = eval_split(make_digits_shift(seed=cfg.data_seed, image_size=cfg.image_size))
-    prepared = Prepared(edge_onnx, plain_onnx, edge_weights, teacher_weights)
+    prepared = Prepared(edge_onnx, plain_onnx, edge_onnx if spec.batch_stats else None, edge_weights,
+                        teacher_weights)
     for i in range(cfg.edges):
         mine = cfg.corruptions[i::cfg.edges]
         stream = build_stream(test.images, test.labels, corruptions=mine, severities=(cfg.severity,),
@@ -239,8 +242,10 @@ def run_adapt(cfg: AdaptConfig, out: str | os.PathLike) -> dict:
         if spec.cloud is not None and not cfg.cloud_address:
             group.stop("cloud", grace=30)
     summaries = [json.loads((out / "edges" / f"{n}.json").read_text()) for n in edge_names]
-    no_adapt = _no_adapt_accuracy(prep)
+    no_adapt = forward_only_accuracy(prep.plain_onnx, prep.streams, cfg.batch_size, cfg.limit)
     results = aggregate(cfg, summaries, no_adapt)
+    if prep.bn_onnx is not None:
+        results["bn_stats_accuracy"] = forward_only_accuracy(prep.bn_onnx, prep.streams, cfg.batch_size, cfg.limit)
     results["timing_s"] = {"prepare": t_prepared - t0, "adapt": time.monotonic() - t_prepared}
     write_edge_tensorboard(summaries, out / "edges")
     (out / "results.json").write_text(json.dumps(results, indent=2))
@@ -264,21 +269,28 @@ def _wait_with_progress(group, names: Sequence[str], out: Path, timeout: float) 
                     log.info("%s: %s", name, line[-160:])
 
 
-def _no_adapt_accuracy(prep: Prepared) -> dict:
-    """Accuracy of the unadapted model (running statistics) on the same streams, in-process."""
+def forward_only_accuracy(model: Path, streams: Sequence[Path], batch_size: int, limit: int | None = None) -> dict:
+    """Accuracy of an exported model on the streams, in-process, without any cloud: the running-
+    statistics export gives ``no_adapt_accuracy``, the batch-statistics one ``bn_stats_accuracy``
+    (batches as the edges form them: ``batch_size`` samples, never across segments; ``limit``
+    samples per stream, like ``fedshift edge --limit``)."""
     from edge.runtime import EdgeRuntime
     from edge.sources import load_stream_npz
 
-    runtime = EdgeRuntime(prep.plain_onnx)
+    runtime = EdgeRuntime(model)
     correct: dict[str, int] = {}
     total: dict[str, int] = {}
-    for path in prep.streams:
-        stream = load_stream_npz(path)
-        for seg in stream.segments:
-            pred = np.concatenate([runtime.predict(seg.images[i:i + 256]).argmax(1)
-                                   for i in range(0, len(seg.images), 256)])
-            correct[seg.corruption] = correct.get(seg.corruption, 0) + int((pred == seg.labels).sum())
-            total[seg.corruption] = total.get(seg.corruption, 0) + len(seg.labels)
+    for path in streams:
+        left = limit if limit else None
+        for seg in load_stream_npz(path).segments:
+            n = len(seg.images) if left is None else min(left, len(seg.images))
+            if n == 0:
+                break
+            pred = np.concatenate([runtime.predict(seg.images[i:min(i + batch_size, n)]).argmax(1)
+                                   for i in range(0, n, batch_size)])
+            correct[seg.corruption] = correct.get(seg.corruption, 0) + int((pred == seg.labels[:n]).sum())
+            total[seg.corruption] = total.get(seg.corruption, 0) + n
+            left = None if left is None else left - n
     return {"overall": sum(correct.values()) / max(1, sum(total.values())),
             "per_corruption": {c: correct[c] / total[c] for c in total}}
 

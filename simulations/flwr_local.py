@@ -24,7 +24,6 @@ import json
 import logging
 import os
 import shlex
-import signal
 import socket
 import subprocess
 import sys
@@ -34,6 +33,7 @@ from pathlib import Path
 from typing import Any, Iterator, Mapping
 
 from simulations.fl_sim import FLOWER_ENV
+from simulations.processes import ProcessGroup
 
 log = logging.getLogger(__name__)
 
@@ -70,66 +70,6 @@ def run_config_arg(run_config: Mapping[str, Any]) -> str:
     return " ".join(f"{k}={_toml_value(v)}" for k, v in run_config.items())
 
 
-def _stop_pid(pid: int, name: str, grace: float = 10.0) -> None:
-    """SIGTERM the process group led by ``pid`` (its children too), SIGKILL after ``grace`` s."""
-    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
-        try:
-            os.killpg(pid, sig)
-        except ProcessLookupError:
-            return
-        except PermissionError:
-            os.kill(pid, sig)
-        deadline = time.monotonic() + wait
-        while time.monotonic() < deadline:
-            try:
-                os.kill(pid, 0)
-            except ProcessLookupError:
-                return
-            with contextlib.suppress(ChildProcessError):
-                if os.waitpid(pid, os.WNOHANG)[0] == pid:
-                    return
-            time.sleep(0.1)
-    log.warning("%s (pid %d) did not stop", name, pid)
-
-
-class Processes:
-    """Processes started in their own sessions, each stopped by PID on exit (even on error)."""
-
-    def __init__(self, log_dir: Path) -> None:
-        self.log_dir = log_dir
-        self.procs: list[tuple[str, subprocess.Popen]] = []
-        self.extra_pids: list[tuple[str, int]] = []
-
-    def start(self, name: str, cmd: list[str], env: Mapping[str, str], cwd: Path | None = None) -> subprocess.Popen:
-        out = (self.log_dir / f"{name}.log").open("w")
-        proc = subprocess.Popen(cmd, env=dict(env), cwd=cwd, stdout=out, stderr=subprocess.STDOUT,
-                                start_new_session=True)
-        out.close()
-        log.info("started %s (pid %d): %s", name, proc.pid, shlex.join(cmd))
-        self.procs.append((name, proc))
-        return proc
-
-    def adopt(self, name: str, pid: int) -> None:
-        """Also stop a process we did not spawn but are responsible for (flwr's local SuperLink)."""
-        self.extra_pids.append((name, pid))
-
-    def stop_all(self) -> None:
-        for name, pid in reversed(self.extra_pids):
-            _stop_pid(pid, name)
-        for name, proc in reversed(self.procs):
-            if proc.poll() is None:
-                _stop_pid(proc.pid, name)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(timeout=5)
-        log.info("stopped %d process(es)", len(self.procs) + len(self.extra_pids))
-
-    def __enter__(self) -> "Processes":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop_all()
-
-
 def _pids_with_arg(fragment: str) -> list[int]:
     """PIDs whose command line contains ``fragment`` (a path unique to our FLWR_HOME)."""
     pids = []
@@ -158,7 +98,7 @@ def _write_connection(flwr_home: Path, name: str, body: str) -> None:
     (flwr_home / "config.toml").write_text(f'[superlink]\ndefault = "{name}"\n\n[superlink.{name}]\n{body}\n')
 
 
-def _flwr_run(procs: Processes, env: Mapping[str, str], connection: str, run_config: Mapping[str, Any],
+def _flwr_run(procs: ProcessGroup, env: Mapping[str, str], connection: str, run_config: Mapping[str, Any],
               timeout: float, extra: list[str] | None = None) -> None:
     cmd = ["flwr", "run", str(REPO_ROOT), connection, "--stream", "--run-config", run_config_arg(run_config),
            *(extra or [])]
@@ -194,7 +134,7 @@ def run_simulation_cli(run_config: Mapping[str, Any], *, num_supernodes: int, wo
     _write_connection(flwr_home, "local", f'address = ":local:"\noptions.num-supernodes = {num_supernodes}')
     env = flower_env(flwr_home, FLWR_LOCAL_SUPERLINK_HTTP_API_PORT=str(free_port()),
                      FLWR_LOCAL_CONTROL_API_PORT=str(free_port()))
-    with Processes(work_dir) as procs:
+    with ProcessGroup(work_dir) as procs:
         try:
             _flwr_run(procs, env, "local", run_config, timeout)
             return _results(out_dir, int(run_config.get("rounds", 1)), 60.0)
@@ -210,7 +150,7 @@ def local_deployment(num_supernodes: int, work_dir: Path) -> Iterator[str]:
     flwr_home = work_dir / "flwr-home"
     port = free_port()
     env = flower_env(flwr_home)
-    with Processes(work_dir) as procs:
+    with ProcessGroup(work_dir) as procs:
         link = procs.start("superlink", ["flower-superlink", "--insecure", "--host", "127.0.0.1", "--port", str(port),
                                          "--disable-runtime-dependency-installation"], env)
         _wait_port(port, link, "SuperLink")
@@ -241,7 +181,7 @@ def run_remote(run_config: Mapping[str, Any], *, superlink: str, work_dir: Path,
     out_dir = Path(str(run_config.get("out-dir") or work_dir / "run")).resolve()
     run_config = {**run_config, "out-dir": str(out_dir)}
     _write_connection(flwr_home, "remote", f'address = "{superlink}"\ninsecure = {str(insecure).lower()}')
-    with Processes(work_dir) as procs:
+    with ProcessGroup(work_dir) as procs:
         _flwr_run(procs, flower_env(flwr_home), "remote", run_config, timeout)
         return _results(out_dir, int(run_config.get("rounds", 1)), 120.0)
 

@@ -31,18 +31,24 @@ class ProcessGroup:
         self.log_dir = Path(log_dir)
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self._procs: dict[str, subprocess.Popen] = {}
+        self._adopted: list[tuple[str, int]] = []
         self._logs: list = []
 
-    def start(self, name: str, argv: Sequence[str], env: Mapping[str, str] | None = None) -> subprocess.Popen:
+    def start(self, name: str, argv: Sequence[str], env: Mapping[str, str] | None = None,
+              cwd: str | os.PathLike | None = None) -> subprocess.Popen:
         if name in self._procs:
             raise ValueError(f"process {name!r} already started")
         logf = open(self.log_dir / f"{name}.log", "wb")  # noqa: SIM115 - closed in stop_all
         self._logs.append(logf)
         proc = subprocess.Popen(list(argv), stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                env={**os.environ, **(env or {})}, start_new_session=True)
+                                env={**os.environ, **(env or {})}, cwd=cwd, start_new_session=True)
         self._procs[name] = proc
         log.debug("started %s (pid %d): %s", name, proc.pid, " ".join(argv))
         return proc
+
+    def adopt(self, name: str, pid: int) -> None:
+        """Also stop a process we did not spawn but answer for (e.g. the SuperLink `flwr run` starts)."""
+        self._adopted.append((name, pid))
 
     def pids(self) -> dict[str, int]:
         return {n: p.pid for n, p in self._procs.items()}
@@ -84,6 +90,8 @@ class ProcessGroup:
         return proc.returncode
 
     def stop_all(self, grace: float = 10.0) -> None:
+        for name, pid in reversed(self._adopted):
+            _stop_foreign(pid, name, grace)
         for name in reversed(list(self._procs)):  # edges first, the cloud they talk to last
             self.stop(name, grace)
         for f in self._logs:
@@ -103,6 +111,25 @@ def _signal_group(pgid: int, sig: int) -> None:
         os.killpg(pgid, sig)
     except (ProcessLookupError, PermissionError):
         pass
+
+
+def _stop_foreign(pid: int, name: str, grace: float) -> None:
+    """SIGTERM, then SIGKILL, the group of a process that is not our child (no Popen to wait on)."""
+    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
+        try:
+            os.killpg(pid, sig)
+        except ProcessLookupError:
+            return
+        except PermissionError:
+            os.kill(pid, sig)
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                return
+            time.sleep(0.1)
+    log.warning("%s (pid %d) did not stop", name, pid)
 
 
 def wait_for_file(path: Path, proc: subprocess.Popen, timeout: float, what: str) -> str:

@@ -28,14 +28,20 @@ def fl_table(fl: dict[str, dict]) -> str:
 
 
 def adapt_table(r: dict) -> str:
-    per, base = r["accuracy"]["per_corruption"], r["no_adapt_accuracy"]["per_corruption"]
+    """Per corruption: no adaptation, edge BN statistics alone (no cloud), the method."""
+    nan = float("nan")
+    refs = [("no adaptation", r["no_adapt_accuracy"])]
+    if r.get("bn_stats_accuracy"):
+        refs.append(("edge BN statistics", r["bn_stats_accuracy"]))
     up = r.get("uploaded_per_corruption", {})
-    lines = [f"| corruption | no adaptation | {r['method']} | gain |", "|---|---|---|---|"]
-    for c in per:
-        lines.append(f"| {c} | {100 * base.get(c, float('nan')):.1f} | {100 * per[c]:.1f} | "
-                     f"{100 * (per[c] - base.get(c, float('nan'))):+.1f} |")
-    lines.append(f"| **mean** | {100 * r['no_adapt_accuracy']['overall']:.1f} | {100 * r['accuracy']['overall']:.1f} | "
-                 f"{100 * (r['accuracy']['overall'] - r['no_adapt_accuracy']['overall']):+.1f} |")
+    head = ["corruption", *[name for name, _ in refs], r["method"], "gain vs no adaptation"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    rows = [(c, [ref["per_corruption"].get(c, nan) for _, ref in refs], v)
+            for c, v in r["accuracy"]["per_corruption"].items()]
+    rows.append(("**mean**", [ref["overall"] for _, ref in refs], r["accuracy"]["overall"]))
+    for name, base, value in rows:
+        cells = [f"{100 * b:.1f}" for b in base] + [f"{100 * value:.1f}", f"{100 * (value - base[0]):+.1f}"]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
     lines += ["", f"Uploaded {r['uploaded']:,} of {r['seen']:,} samples ({100 * r['upload_rate']:.1f}%); "
               f"{r['bytes_up'] / 1e6:.2f} MB up, {r['bytes_down'] / 1e6:.2f} MB down; "
               f"{r['versions_applied']} parameter versions applied at the edges."]

@@ -50,6 +50,7 @@ def test_cema_with_two_edge_processes(tmp_path, weights) -> None:
     assert results["versions_applied"] > 2  # the two reset states plus cloud updates
     assert results["bytes_down"] > 0 and results["bytes_up"] > 96 * 32 * 32 * 3
     assert 0.0 <= results["accuracy"]["overall"] <= 1.0
+    assert set(results["bn_stats_accuracy"]["per_corruption"]) == {"contrast", "fog"}  # the no-cloud reference
     # TensorBoard: cloud and one run per edge
     assert list((out / "cloud").glob("events.out.tfevents.*"))
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -65,6 +66,8 @@ def test_forward_only_baseline_needs_no_cloud(tmp_path, weights) -> None:
                       edge_weights=str(weights / "edge.pt"))
     results = run_adapt(cfg, tmp_path / "bn")
     assert results["uploaded"] == 0 and results["bytes_up"] == 0
+    # the edge process and the in-process reference compute the same thing
+    assert results["accuracy"] == results["bn_stats_accuracy"]
     assert not (tmp_path / "bn" / "cloud").exists()
 
 
