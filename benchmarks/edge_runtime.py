@@ -3,9 +3,9 @@
 For each model: torch eager vs a plain fused ONNX export (what ``torch.onnx.export`` gives an
 eval model: BN folded away, no updates possible) vs fedshift's export in both norm modes
 (``initializers``: fused at session creation, updated by rebuilding the session; ``inputs``: BN
-tensors fed per run). Variants are timed round-robin within each repeat so machine noise hits
-them alike; figures are medians over repeats. Update latency is the blocking time of
-``EdgeRuntime.apply`` (median over repeats).
+tensors fed per run). Variants are timed round-robin within each repeat (the order rotating
+between repeats) so machine noise hits them alike; figures are medians over repeats. Update
+latency is the blocking time of ``EdgeRuntime.apply`` (median over repeats).
 
     python benchmarks/edge_runtime.py --out runs/bench/edge_runtime.json
 """
@@ -83,12 +83,17 @@ def bench_model(name: str, args: argparse.Namespace, workdir: Path) -> dict:
         "fedshift_initializers": lambda: runtimes["initializers"].predict(x),
         "fedshift_inputs": lambda: runtimes["inputs"].predict(x),
     }
-    for fn in variants.values():  # warm-up
-        _time(fn, 2)
+    # each timed sample lasts ~args.sample_s, and a pause precedes it: the previous variant's
+    # thread pool (ORT's and torch's threads spin-wait after a run) would otherwise steal one of
+    # the 2 cores from the variant being timed — measured ~30% on edge_cnn; the order also rotates
+    # every repeat so any carry-over hits every variant alike
+    inner = {key: max(3, int(args.sample_s / max(_time(fn, 3), 1e-6))) for key, fn in variants.items()}
     samples: dict[str, list[float]] = {k: [] for k in variants}
+    keys = list(variants)
     for rep in range(args.repeats):
-        for key, fn in variants.items():
-            samples[key].append(args.batch / _time(fn, args.inner))
+        for key in keys[rep % len(keys):] + keys[:rep % len(keys)]:
+            time.sleep(args.pause_s)
+            samples[key].append(args.batch / _time(variants[key], inner[key]))
         log.info("%s: repeat %d/%d", name, rep + 1, args.repeats)
     throughput = {k: statistics.median(v) for k, v in samples.items()}
 
@@ -139,7 +144,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeats", type=int, default=7)
-    p.add_argument("--inner", type=int, default=10, help="batches per timed sample")
+    p.add_argument("--pause-s", type=float, default=0.5, help="idle time before each timed sample")
+    p.add_argument("--sample-s", type=float, default=0.3, help="seconds per timed sample (batches calibrated)")
     p.add_argument("--update-repeats", type=int, default=15)
     p.add_argument("--out", type=Path, default=Path("runs/bench/edge_runtime.json"))
     args = p.parse_args(argv)
