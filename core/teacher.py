@@ -195,6 +195,22 @@ def cached_model(config: SupervisedConfig, cache: str | os.PathLike | None = Non
     return model.eval(), path
 
 
+def model_or_builtin(name: str, weights: str | os.PathLike | None, builtin: SupervisedConfig,
+                     cache: str | os.PathLike | None = None, *, num_classes: int = 10, image_size: int = 32,
+                     in_chans: int = 3) -> tuple[SplitModel, Path]:
+    """The registry model ``name`` with the user's ``weights``; without weights, the built-in
+    ``builtin`` (trained once, cached) — only where it fits the request. Returns the weights path."""
+    if weights:
+        model = create_model(name, num_classes, image_size=image_size, in_chans=in_chans, weights=weights)
+        return model.eval(), Path(weights)
+    if name != builtin.model:
+        raise ValueError(f"{name} has no built-in weights: pass its weights file")
+    if (num_classes, image_size, in_chans) != (builtin.num_classes, builtin.image_size, 3):
+        raise ValueError(f"the built-in {builtin.model} is for {builtin.num_classes} classes at "
+                         f"{builtin.image_size} px RGB; pass its weights file")
+    return cached_model(builtin, cache)
+
+
 def default_teacher(cache: str | os.PathLike | None = None) -> tuple[SplitModel, Path]:
     """The built-in robust teacher (``teacher_resnet`` with corruption augmentation)."""
     return cached_model(DEFAULT_TEACHER, cache)

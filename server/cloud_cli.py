@@ -69,36 +69,16 @@ def configure(p: argparse.ArgumentParser) -> None:
 
 def _load_models(args: argparse.Namespace, uses_teacher: bool):
     """Student and teacher (or None) with the weights the flags name, built-ins by default."""
-    from core.models import create_model
-    from core.teacher import DEFAULT_EDGE, DEFAULT_TEACHER, cached_model
+    from core.teacher import DEFAULT_EDGE, DEFAULT_TEACHER, model_or_builtin
 
-    def builtin_ok(config) -> None:
-        if (args.num_classes, args.image_size, args.in_chans) != (config.num_classes, config.image_size, 3):
-            raise ValueError(f"the built-in {config.model} is for {config.num_classes} classes at "
-                             f"{config.image_size} px RGB; pass its weights explicitly")
-
-    info: dict[str, str] = {"student": args.student, "teacher": args.teacher if uses_teacher else ""}
-    kw = dict(in_chans=args.in_chans, image_size=args.image_size)
-    if args.student_weights is not None:
-        student = create_model(args.student, args.num_classes, weights=args.student_weights, **kw)
-        info["student_weights"] = str(args.student_weights)
-    elif args.student == DEFAULT_EDGE.model:
-        builtin_ok(DEFAULT_EDGE)
-        student, path = cached_model(DEFAULT_EDGE, args.cache)
-        info["student_weights"] = str(path)
-    else:
-        raise ValueError(f"--student {args.student} needs --student-weights (the weights the edges run)")
+    kw = dict(cache=args.cache, num_classes=args.num_classes, image_size=args.image_size, in_chans=args.in_chans)
+    student, student_path = model_or_builtin(args.student, args.student_weights, DEFAULT_EDGE, **kw)
+    info: dict[str, str] = {"student": args.student, "teacher": args.teacher if uses_teacher else "",
+                            "student_weights": str(student_path)}
     teacher = None
     if uses_teacher:
-        if args.teacher_weights is not None:
-            teacher = create_model(args.teacher, args.num_classes, weights=args.teacher_weights, **kw)
-            info["teacher_weights"] = str(args.teacher_weights)
-        elif args.teacher == DEFAULT_TEACHER.model:
-            builtin_ok(DEFAULT_TEACHER)
-            teacher, path = cached_model(DEFAULT_TEACHER, args.cache)
-            info["teacher_weights"] = str(path)
-        else:
-            raise ValueError(f"--teacher {args.teacher} needs --teacher-weights")
+        teacher, teacher_path = model_or_builtin(args.teacher, args.teacher_weights, DEFAULT_TEACHER, **kw)
+        info["teacher_weights"] = str(teacher_path)
     return student.eval(), (teacher.eval() if teacher is not None else None), info
 
 

@@ -120,30 +120,19 @@ def prepare(cfg: AdaptConfig, out: Path) -> Prepared:
     """Resolve models (training the built-ins once if not cached), export, write the streams."""
     from core.data import make_digits_shift
     from core.export import export_onnx
-    from core.models import create_model
     from core.streams import build_stream
-    from core.teacher import DEFAULT_EDGE, DEFAULT_TEACHER, cached_model, eval_split
+    from core.teacher import DEFAULT_EDGE, DEFAULT_TEACHER, eval_split, model_or_builtin
     from edge.sources import save_stream_npz
 
     spec = METHODS[cfg.method]
     builtin = {"data_seed": cfg.data_seed, "image_size": cfg.image_size}
-    if cfg.edge_weights:
-        model = create_model(cfg.edge_model, 10, image_size=cfg.image_size, weights=cfg.edge_weights)
-        edge_weights = Path(cfg.edge_weights)
-    else:
-        if cfg.edge_model != "edge_cnn":
-            raise ValueError("without edge_weights the built-in edge model (edge_cnn) is used")
-        model, edge_weights = cached_model(replace(DEFAULT_EDGE, **builtin), cfg.cache)
-    model.eval()
+    model, edge_weights = model_or_builtin(cfg.edge_model, cfg.edge_weights, replace(DEFAULT_EDGE, **builtin),
+                                           cfg.cache, image_size=cfg.image_size)
     teacher_weights = None
     if spec.cloud is not None and spec.cloud != "tent" and not cfg.cloud_address:
-        if cfg.teacher_weights:
-            teacher_weights = Path(cfg.teacher_weights)
-        elif cfg.teacher == "teacher_resnet":
-            _, teacher_weights = cached_model(replace(DEFAULT_TEACHER, epochs=cfg.teacher_epochs, **builtin),
-                                              cfg.cache)
-        else:
-            raise ValueError("without teacher_weights the built-in teacher (teacher_resnet) is used")
+        teacher_builtin = replace(DEFAULT_TEACHER, epochs=cfg.teacher_epochs, **builtin)
+        _, teacher_weights = model_or_builtin(cfg.teacher, cfg.teacher_weights, teacher_builtin, cfg.cache,
+                                              image_size=cfg.image_size)
     models_dir = out / "models"
     edge_onnx = models_dir / "edge.onnx"
     plain_onnx = models_dir / "edge_running_stats.onnx"
