@@ -75,8 +75,6 @@ class Pipeline:
             self.timings[name] = {"seconds": round(seconds, 2), "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
             self._stages_file.write_text(json.dumps(self.timings, indent=2))
             log.info("[%d/%d] %s done in %.1f s", i, len(STAGES), name, seconds)
-            if name == "adapt":  # the report reads the timings too
-                self._stages_file.write_text(json.dumps(self.timings, indent=2))
         return self.timings
 
     # ---------------------------------------------------------------- stages
