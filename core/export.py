@@ -18,13 +18,15 @@ small edge CNN, see benchmarks/edge_runtime.py).
 
 Protobuf writes fields in field-number order, and ``ModelProto.graph`` (7) precedes
 ``metadata_props`` (14), so writing the offsets into the metadata does not move the tensors.
+
+What the metadata holds, and how preprocessing is defined, is the edge/cloud contract: it lives in
+:mod:`protos.contract` (``ModelMetadata``, ``Preprocess``) and is only written here.
 """
 
 from __future__ import annotations
 
 import copy
 import io
-import json
 import logging
 import os
 import warnings
@@ -38,34 +40,22 @@ import torch.nn.functional as F
 from torch import nn
 
 from core.norm import get_norm_state, norm_modules
+from protos.contract import (FORMAT_VERSION, INPUT_NAME, META_PREFIX, OUTPUT_NAME,  # noqa: F401 - re-exported
+                             ModelMetadata, Preprocess)
 
 log = logging.getLogger(__name__)
-
-META_PREFIX = "fedshift."
-FORMAT_VERSION = 1
-INPUT_NAME = "images"
-OUTPUT_NAME = "logits"
-
-
-@dataclass(frozen=True)
-class Preprocess:
-    """How uint8 HWC images become the model's float NCHW input: ``(x / 255 - mean) / std``."""
-
-    mean: tuple[float, ...] = (0.5, 0.5, 0.5)
-    std: tuple[float, ...] = (0.5, 0.5, 0.5)
-
-    def to_json(self) -> dict:
-        return {"scale": 255.0, "mean": list(self.mean), "std": list(self.std), "layout": "NCHW"}
 
 
 @dataclass(frozen=True)
 class ExportInfo:
-    """What :func:`export_onnx` wrote."""
+    """What :func:`export_onnx` wrote: ``metadata`` is the file's ``metadata_props``, parsed in
+    ``metadata_record``."""
 
     path: Path
     norm_names: tuple[str, ...]
     norm_as_inputs: bool
     metadata: dict[str, str] = field(repr=False)
+    metadata_record: ModelMetadata = field(repr=False)
 
 
 class _NormFromSlot(nn.Module):
@@ -180,34 +170,27 @@ def export_onnx(
 
     if not norm_as_inputs:
         _inputs_to_initializers(proto, state, norm_names, numpy_helper)
-    meta = {
-        "format": str(FORMAT_VERSION),
-        "model": model_name,
-        "version": str(int(version)),
-        "input_name": INPUT_NAME,
-        "output_name": OUTPUT_NAME,
-        "input_shape": json.dumps([None, *shape[1:]]),
-        "preprocess": json.dumps(preprocess.to_json()),
-        "class_names": json.dumps(list(class_names)),
-        "norm_mode": "inputs" if norm_as_inputs else "initializers",
-        "batch_stats": "1" if batch_stats else "0",
-        "norm_names": json.dumps(list(norm_names)),
-        "norm_shapes": json.dumps([list(state[n].shape) for n in norm_names]),
-    }
-    if not norm_as_inputs:
-        meta["norm_offsets"] = json.dumps(_locate_raw_data(proto, norm_names))
+    record = ModelMetadata(
+        input_shape=shape[1:], class_names=tuple(class_names), norm_names=norm_names,
+        norm_shapes=tuple(state[n].shape for n in norm_names),
+        norm_mode="inputs" if norm_as_inputs else "initializers",
+        norm_offsets=None if norm_as_inputs else _locate_raw_data(proto, norm_names),
+        preprocess=preprocess, model_name=model_name, version=version, batch_stats=batch_stats,
+        input_name=INPUT_NAME, output_name=OUTPUT_NAME,
+    )
+    meta = record.to_metadata()
     _set_metadata(proto, meta)
     data = proto.SerializeToString()
-    if not norm_as_inputs:
-        _check_offsets(data, state, norm_names, json.loads(meta["norm_offsets"]))
+    if record.norm_offsets is not None:
+        _check_offsets(data, state, norm_names, record.norm_offsets)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(data)
     if norm_as_inputs:  # the graph has no values for its norm inputs: ship them beside it
         np.savez(path.with_suffix(".norm.npz"), **{n: state[n] for n in norm_names})
     log.info("exported %s (%d norm tensors, %s) to %s", model_name or type(model).__name__,
-             len(norm_names), meta["norm_mode"], path)
-    return ExportInfo(path, norm_names, norm_as_inputs, {META_PREFIX + k: v for k, v in meta.items()})
+             len(norm_names), record.norm_mode, path)
+    return ExportInfo(path, norm_names, norm_as_inputs, meta, record)
 
 
 def _trace(wrapper: nn.Module, example: tuple, input_names: list[str], opset: int):
@@ -277,7 +260,8 @@ def _check_offsets(data: bytes, state: dict[str, np.ndarray], names: Sequence[st
 
 
 def _set_metadata(proto, meta: dict[str, str]) -> None:
+    """Write :meth:`ModelMetadata.to_metadata`'s strings as they are (keys already prefixed)."""
     for key, value in meta.items():
         entry = proto.metadata_props.add()
-        entry.key = META_PREFIX + key
+        entry.key = key
         entry.value = value

@@ -4,8 +4,8 @@ A strategy changes *what* is shared, not how a client trains: FedProx adds a pro
 the received global weights, FRAug plugs in a :class:`LocalHook` that reshapes the loss and runs
 its generator / RTNet updates after each model step. Images arrive as the data splits hold them
 (uint8 NHWC) and are normalised exactly as the exported ONNX model expects
-(:class:`core.export.Preprocess`), so a model trained here is deployed without a second
-convention.
+(:class:`protos.contract.Preprocess`, whose numpy math the edge runs), so a model trained here is
+deployed without a second convention.
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from core.data.types import Split
-from core.export import Preprocess
 from core.models import SplitModel
+from protos.contract import Preprocess
 
 log = logging.getLogger(__name__)
 
@@ -29,8 +29,10 @@ _PREPROCESS = Preprocess()
 
 
 def to_tensor(images: np.ndarray, preprocess: Preprocess = _PREPROCESS) -> torch.Tensor:
-    """uint8 NHWC images → float32 NCHW ``(x/255 - mean)/std`` (the export's convention)."""
-    x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).to(torch.float32).div_(255.0)
+    """uint8 NHWC images → float32 NCHW ``(x/scale - mean)/std``: ``preprocess(images)`` in torch,
+    so training batches stay on torch's fast path."""
+    x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).to(torch.float32)
+    x = x.div_(preprocess.scale)
     mean = torch.tensor(preprocess.mean, dtype=torch.float32).view(1, -1, 1, 1)
     std = torch.tensor(preprocess.std, dtype=torch.float32).view(1, -1, 1, 1)
     return (x - mean) / std

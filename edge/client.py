@@ -14,19 +14,18 @@ for the cloud. It reconnects with backoff, resuming after the version in force.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import random
 import threading
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable, Mapping, TypeVar
 
 import grpc
 import numpy as np
 
 from protos.codec import GRPC_OPTIONS, decode_state, encode_array
+from protos.contract import file_sha256  # noqa: F401 - re-exported: the hash registration sends
 from protos.fedshift.v1 import edge_pb2 as pb
 from protos.fedshift.v1 import edge_pb2_grpc as pb_grpc
 
@@ -79,15 +78,6 @@ class UploadResult:
     reply: pb.UploadReply
     request_bytes: int
     attempts: int
-
-
-def file_sha256(path: str | Path) -> str:
-    """Hash of the model file, so the cloud can refuse an edge running another model."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _code(exc: grpc.RpcError) -> grpc.StatusCode:
@@ -146,7 +136,7 @@ class CloudClient:
         retries transient failures like any call.
         """
         request = pb.RegisterRequest(edge_id=self.edge_id, model_id=runtime.model_name,
-                                     model_sha256=file_sha256(runtime.path), auth_token=self.token,
+                                     model_sha256=runtime.sha256, auth_token=self.token,
                                      norm_names=list(runtime.norm_names))
         reply, _ = self.call("register", self.stub.Register, request, timeout=self.connect_timeout,
                              wait_for_ready=True)

@@ -2,8 +2,9 @@
 
 Torch-free: numpy + onnxruntime only, so a plain ``pip install fedshift`` on a board is enough.
 The file written by ``core.export.export_onnx`` carries everything needed in its metadata
-(``fedshift.*`` keys): preprocessing, class names, the normalization tensor names/shapes and,
-in the default ``initializers`` mode, their byte offsets in the file.
+(``fedshift.*`` keys, read through :class:`protos.contract.ModelMetadata`): preprocessing, class
+names, the normalization tensor names/shapes and, in the default ``initializers`` mode, their
+byte offsets in the file.
 
 Applying an update in ``initializers`` mode patches those bytes in an in-memory copy of the file
 and builds a new session (ORT then fuses Conv+BN again, so inference runs at fused speed); the
@@ -13,42 +14,20 @@ stalled or torn. In ``inputs`` mode the tensors are fed with every run.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import threading
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
 
 import numpy as np
 
+from protos.contract import ModelMetadata, Preprocess, file_sha256
+
 os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
 import onnxruntime as ort  # noqa: E402
 
 log = logging.getLogger(__name__)
-
-META_PREFIX = "fedshift."
-
-
-@dataclass(frozen=True)
-class Preprocessing:
-    """``(uint8 / scale - mean) / std``, HWC → CHW; read from the model's metadata."""
-
-    scale: float
-    mean: np.ndarray  # (C, 1, 1) float32
-    std: np.ndarray  # (C, 1, 1) float32
-
-    @classmethod
-    def from_json(cls, text: str) -> "Preprocessing":
-        d = json.loads(text)
-        shape = (-1, 1, 1)
-        return cls(float(d["scale"]), np.asarray(d["mean"], np.float32).reshape(shape),
-                   np.asarray(d["std"], np.float32).reshape(shape))
-
-    def __call__(self, images: np.ndarray) -> np.ndarray:
-        x = images.astype(np.float32).transpose(0, 3, 1, 2) / self.scale
-        return np.ascontiguousarray((x - self.mean) / self.std, dtype=np.float32)
 
 
 class EdgeRuntime:
@@ -64,6 +43,7 @@ class EdgeRuntime:
         if not self.path.is_file():
             raise FileNotFoundError(f"edge model not found: {self.path}")
         self._bytes = bytearray(self.path.read_bytes())
+        self.sha256: str = file_sha256(self.path)  # identifies the model file to the cloud
         self._options = ort.SessionOptions()
         # warnings only: batch-statistics exports leave running stats unused, and ORT would log
         # one line per such tensor at every session rebuild
@@ -72,33 +52,29 @@ class EdgeRuntime:
             self._options.intra_op_num_threads = int(threads)
         self._lock = threading.Lock()
         session = self._build(bytes(self._bytes))
-        meta = session.get_modelmeta().custom_metadata_map
+        self.metadata: dict[str, str] = dict(session.get_modelmeta().custom_metadata_map)
         try:
-            self.norm_names: tuple[str, ...] = tuple(json.loads(meta[META_PREFIX + "norm_names"]))
-            shapes = json.loads(meta[META_PREFIX + "norm_shapes"])
-            self.norm_mode: str = meta[META_PREFIX + "norm_mode"]
-            self.class_names: tuple[str, ...] = tuple(json.loads(meta[META_PREFIX + "class_names"]))
-            self.preprocessing = Preprocessing.from_json(meta[META_PREFIX + "preprocess"])
-            self.input_name: str = meta[META_PREFIX + "input_name"]
-            self.input_shape: tuple[int, ...] = tuple(json.loads(meta[META_PREFIX + "input_shape"])[1:])
-            self.model_name: str = meta.get(META_PREFIX + "model", "")
-            self.batch_stats: bool = meta.get(META_PREFIX + "batch_stats", "0") == "1"
-            version = int(meta[META_PREFIX + "version"])
-        except KeyError as exc:
-            raise ValueError(f"{self.path} is not a fedshift edge model: metadata {exc} missing") from exc
-        self.norm_shapes = {n: tuple(s) for n, s in zip(self.norm_names, shapes)}
-        self.metadata: dict[str, str] = dict(meta)
-        if self.norm_mode == "initializers":
-            offsets = json.loads(meta[META_PREFIX + "norm_offsets"])
-            self._offsets = dict(zip(self.norm_names, offsets))
+            record = ModelMetadata.from_metadata(self.metadata)
+        except ValueError as exc:
+            raise ValueError(f"{self.path} is not a fedshift edge model: {exc}") from exc
+        self.metadata_record: ModelMetadata = record  # as the file says; ``version`` moves on with updates
+        self.norm_names: tuple[str, ...] = record.norm_names
+        self.norm_shapes: dict[str, tuple[int, ...]] = dict(zip(record.norm_names, record.norm_shapes))
+        self.norm_mode: str = record.norm_mode
+        self.class_names: tuple[str, ...] = record.class_names
+        self.preprocessing: Preprocess = record.preprocess
+        self.input_name: str = record.input_name
+        self.input_shape: tuple[int, ...] = record.input_shape
+        self.model_name: str = record.model_name
+        self.batch_stats: bool = record.batch_stats
+        if record.norm_offsets is not None:  # "initializers" mode
+            self._offsets = dict(zip(self.norm_names, record.norm_offsets))
             self._state = {n: self._read(n) for n in self.norm_names}
-        elif self.norm_mode == "inputs":
+        else:
             self._offsets = {}
             self._state = self._initial_inputs_state(session)
-        else:
-            raise ValueError(f"{self.path}: unknown norm_mode {self.norm_mode!r}")
         self._session = session
-        self._version = version
+        self._version = record.version
 
     # ---------------------------------------------------------------- properties
 

@@ -4,24 +4,10 @@ Every source is an iterable of :class:`EdgeBatch` (uint8 NHWC images, optional i
 shift the batch belongs to and a ``reset`` flag that starts a new episode of the reset-per-shift
 protocol). A batch never spans two segments, so each carries exactly one corruption.
 
-The .npz stream format (written by :func:`save_stream_npz`, read by :class:`NpzSource`; plain
-arrays only, so it loads with ``allow_pickle=False``):
-
-=================  ==================  ====================================================
-key                dtype / shape       meaning
-=================  ==================  ====================================================
-``format``         str, ()             ``"fedshift.stream/1"``
-``protocol``       str, ()             ``"reset"`` (reset at each segment start) or
-                                       ``"continual"`` (reset only at the start)
-``images``         uint8 (N, H, W, C)  all samples, segments back to back, C in {1, 3}
-``labels``         int64 (N,)          optional (absent = unlabelled stream)
-``corruptions``    str (S,)            corruption name of each segment
-``severities``     int64 (S,)          severity of each segment
-``offsets``        int64 (S + 1,)      segment ``i`` is ``images[offsets[i]:offsets[i+1]]``
-=================  ==================  ====================================================
-
-The built-in corrupted digits stream is produced by the launcher with ``core.streams`` and saved
-with :func:`save_stream_npz`; this module never imports ``core`` (edges are torch-free).
+The .npz stream format is part of the edge/cloud contract and lives in :mod:`protos.contract`
+(``save_stream_npz`` / ``load_stream_npz``, re-exported here); the launcher builds the built-in
+corrupted digits stream with ``core.streams`` and saves it with it. This module never imports
+``core`` (edges are torch-free).
 """
 
 from __future__ import annotations
@@ -31,14 +17,15 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Iterable, Iterator, Protocol, Sequence
+from typing import BinaryIO, Iterator, Protocol, Sequence
 
 import numpy as np
 
+from protos.contract import (PROTOCOLS, STREAM_FORMAT, StreamFile, StreamSegment,  # noqa: F401 - re-exported
+                             load_stream_npz, save_stream_npz)
+
 log = logging.getLogger(__name__)
 
-STREAM_FORMAT = "fedshift.stream/1"
-PROTOCOLS = ("reset", "continual")
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".ppm", ".pgm", ".tif", ".tiff"})
 
 
@@ -69,130 +56,6 @@ def _check_batch_size(batch_size: int) -> int:
 
 
 # ------------------------------------------------------------------------------------- npz streams
-
-
-@dataclass(frozen=True)
-class StreamSegment:
-    """One shift of a stream: a corruption at a severity, its images and (optional) labels."""
-
-    corruption: str
-    severity: int
-    images: np.ndarray
-    labels: np.ndarray | None
-
-
-@dataclass(frozen=True)
-class StreamFile:
-    """The contents of a stream .npz file."""
-
-    protocol: str
-    segments: tuple[StreamSegment, ...]
-
-    @property
-    def num_samples(self) -> int:
-        return sum(len(s.images) for s in self.segments)
-
-
-def _as_segment(item: object) -> StreamSegment:
-    """Accept ``(corruption, severity, images, labels)`` tuples or objects with those attributes."""
-    if isinstance(item, (tuple, list)):
-        if len(item) != 4:
-            raise ValueError(f"a segment is (corruption, severity, images, labels), got {len(item)} items")
-        corruption, severity, images, labels = item
-    else:
-        try:
-            corruption, severity = item.corruption, item.severity  # type: ignore[attr-defined]
-            images, labels = item.images, item.labels  # type: ignore[attr-defined]
-        except AttributeError as exc:
-            raise ValueError(f"not a stream segment: {type(item).__name__}") from exc
-    images = np.asarray(images)
-    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] not in (1, 3):
-        raise ValueError(f"segment {corruption!r}: images must be uint8 (N, H, W, 1|3), "
-                         f"got {images.dtype} {images.shape}")
-    if labels is not None:
-        labels = np.asarray(labels)
-        if labels.shape != (len(images),) or not np.issubdtype(labels.dtype, np.integer):
-            raise ValueError(f"segment {corruption!r}: labels must be integers of shape ({len(images)},), "
-                             f"got {labels.dtype} {labels.shape}")
-        labels = labels.astype(np.int64)
-    return StreamSegment(str(corruption), int(severity), images, labels)
-
-
-def save_stream_npz(path: str | os.PathLike, segments: Iterable[object], protocol: str | None = None,
-                    *, compress: bool = False) -> Path:
-    """Write a stream for :class:`NpzSource` (keys in the module docstring).
-
-    ``segments``: ``(corruption, severity, images, labels)`` tuples or segment objects, or a stream
-    object with ``.segments`` (and ``.protocol``, used when ``protocol`` is None).
-    """
-    if protocol is None:
-        protocol = getattr(segments, "protocol", "reset")
-    segments = getattr(segments, "segments", segments)
-    if protocol not in PROTOCOLS:
-        raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
-    segs = [_as_segment(s) for s in segments]
-    if not segs:
-        raise ValueError("a stream needs at least one segment")
-    shapes = {s.images.shape[1:] for s in segs}
-    if len(shapes) != 1:
-        raise ValueError(f"all segments must share one image shape, got {sorted(shapes)}")
-    labelled = {s.labels is not None for s in segs}
-    if len(labelled) != 1:
-        raise ValueError("either every segment has labels or none has")
-    arrays: dict[str, np.ndarray] = {
-        "format": np.array(STREAM_FORMAT),
-        "protocol": np.array(protocol),
-        "images": np.concatenate([s.images for s in segs]),
-        "corruptions": np.array([s.corruption for s in segs], dtype=str),
-        "severities": np.array([s.severity for s in segs], dtype=np.int64),
-        "offsets": np.cumsum([0] + [len(s.images) for s in segs]).astype(np.int64),
-    }
-    if labelled == {True}:
-        arrays["labels"] = np.concatenate([s.labels for s in segs])  # type: ignore[misc]
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "wb") as f:  # a file object: numpy would otherwise append ".npz"
-        (np.savez_compressed if compress else np.savez)(f, **arrays)
-    return path
-
-
-def load_stream_npz(path: str | os.PathLike) -> StreamFile:
-    """Read and validate a stream written by :func:`save_stream_npz`."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"stream file not found: {path}")
-    try:
-        data = np.load(path, allow_pickle=False)
-    except (ValueError, OSError) as exc:
-        raise ValueError(f"{path}: not a readable .npz file ({exc})") from exc
-    with data:
-        missing = {"format", "protocol", "images", "corruptions", "severities", "offsets"} - set(data.files)
-        if missing:
-            raise ValueError(f"{path}: not a fedshift stream, keys missing: {', '.join(sorted(missing))}")
-        if str(data["format"]) != STREAM_FORMAT:
-            raise ValueError(f"{path}: stream format {str(data['format'])!r}, expected {STREAM_FORMAT!r}")
-        protocol = str(data["protocol"])
-        images = data["images"]
-        labels = data["labels"] if "labels" in data.files else None
-        corruptions, severities, offsets = data["corruptions"], data["severities"], data["offsets"]
-    if protocol not in PROTOCOLS:
-        raise ValueError(f"{path}: protocol must be one of {PROTOCOLS}, got {protocol!r}")
-    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] not in (1, 3):
-        raise ValueError(f"{path}: images must be uint8 (N, H, W, 1|3), got {images.dtype} {images.shape}")
-    n = len(images)
-    if labels is not None and labels.shape != (n,):
-        raise ValueError(f"{path}: labels shape {labels.shape}, expected ({n},)")
-    s = len(corruptions)
-    if severities.shape != (s,) or offsets.shape != (s + 1,) or offsets[0] != 0 or offsets[-1] != n \
-            or np.any(np.diff(offsets) < 0):
-        raise ValueError(f"{path}: inconsistent segment table ({s} corruptions, severities "
-                         f"{severities.shape}, offsets {offsets.tolist()[:8]}... for {n} images)")
-    segs = tuple(
-        StreamSegment(str(corruptions[i]), int(severities[i]), images[offsets[i]:offsets[i + 1]],
-                      None if labels is None else labels[offsets[i]:offsets[i + 1]].astype(np.int64))
-        for i in range(s)
-    )
-    return StreamFile(protocol, segs)
 
 
 class NpzSource:

@@ -179,3 +179,30 @@ def test_core_stream_saved_for_the_edge_batches_identically(tmp_path, protocol) 
         assert (a.reset, a.corruption, a.severity) == (b.reset, b.corruption, b.severity)
         np.testing.assert_array_equal(a.images, b.images)
         np.testing.assert_array_equal(a.labels, b.labels)
+
+
+def test_the_stream_format_lives_in_protos_and_old_files_load(tmp_path) -> None:
+    """edge.sources re-exports the contract's reader/writer; a file written by plain np.savez with the
+    documented keys (as every earlier writer did) reads back segment by segment."""
+    from edge import sources
+    from protos import contract
+
+    assert sources.save_stream_npz is contract.save_stream_npz
+    assert sources.load_stream_npz is contract.load_stream_npz
+    assert sources.StreamFile is contract.StreamFile and sources.STREAM_FORMAT == "fedshift.stream/1"
+    segs = _segments()
+    np.savez(tmp_path / "old.npz", format=np.array("fedshift.stream/1"), protocol=np.array("reset"),
+             images=np.concatenate([s[2] for s in segs]), labels=np.concatenate([s[3] for s in segs]),
+             corruptions=np.array([s[0] for s in segs]), severities=np.array([s[1] for s in segs]),
+             offsets=np.array([0, 5, 8, 12]))
+    loaded = contract.load_stream_npz(tmp_path / "old.npz")
+    assert [(s.corruption, s.severity, len(s.images)) for s in loaded.segments] == \
+        [("gaussian_noise", 5, 5), ("fog", 5, 3), ("contrast", 5, 4)]
+    for ours, theirs in zip(loaded.segments, segs):
+        np.testing.assert_array_equal(ours.images, theirs[2])
+        np.testing.assert_array_equal(ours.labels, theirs[3])
+    written = contract.save_stream_npz(tmp_path / "new.npz", segs)
+    with np.load(written) as new, np.load(tmp_path / "old.npz") as old:
+        assert sorted(new.files) == sorted(old.files)
+        for key in new.files:
+            np.testing.assert_array_equal(new[key], old[key])

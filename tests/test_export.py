@@ -10,10 +10,11 @@ import pytest
 import torch
 from torch import nn
 
-from core.export import export_onnx
+from core.export import Preprocess, export_onnx
 from core.models import SplitModel, create_model
 from core.norm import get_norm_state, set_norm_state
 from edge.runtime import EdgeRuntime
+from protos.contract import ModelMetadata, file_sha256
 
 TOL = 1e-4
 
@@ -115,6 +116,75 @@ def test_metadata_describes_everything_an_edge_needs(tmp_path) -> None:
     # no BatchNormalization tensor was folded away by the exporter: all are named initializers
     names = {t.name for t in onnx.load(str(info.path)).graph.initializer}
     assert set(runtime.norm_names) <= names
+
+
+@pytest.mark.parametrize("norm_as_inputs", [False, True], ids=["initializers", "inputs"])
+def test_exported_metadata_parses_back_to_the_exporters_record(tmp_path, norm_as_inputs) -> None:
+    import onnx
+
+    model = create_model("edge_cnn", 3)
+    pre = Preprocess((0.4, 0.5, 0.6), (0.2, 0.25, 0.3))
+    info = export_onnx(model, tmp_path / "m.onnx", (3, 32, 32), class_names=["cat", "dog", "cow"], preprocess=pre,
+                       model_name="edge_cnn", version=4, norm_as_inputs=norm_as_inputs, batch_stats=True)
+    record = info.metadata_record
+    state = get_norm_state(model)
+    assert (record.class_names, record.model_name, record.version, record.batch_stats) == \
+        (("cat", "dog", "cow"), "edge_cnn", 4, True)
+    assert record.preprocess == pre and record.input_shape == (3, 32, 32)
+    assert record.norm_names == tuple(state) and record.norm_shapes == tuple(v.shape for v in state.values())
+    assert record.norm_mode == ("inputs" if norm_as_inputs else "initializers")
+    assert (record.norm_offsets is None) == norm_as_inputs
+    meta = {p.key: p.value for p in onnx.load(str(info.path)).metadata_props}
+    assert meta == info.metadata == record.to_metadata()
+    assert ModelMetadata.from_metadata(meta) == record
+    runtime = EdgeRuntime(info.path)
+    assert runtime.metadata_record == record and runtime.preprocessing == pre
+    assert runtime.sha256 == file_sha256(info.path) and len(runtime.sha256) == 64
+    images = _images(3)
+    np.testing.assert_array_equal(runtime.prepare(images), pre(images))
+
+
+def test_a_file_with_the_metadata_exports_have_always_written_still_loads(tmp_path) -> None:
+    """The metadata strings exactly as the exporter wrote them before protos.contract existed."""
+    import onnx
+
+    model = _trained_like(create_model("edge_cnn", 3))
+    info = export_onnx(model, tmp_path / "new.onnx", (3, 32, 32), class_names=["a", "b", "c"],
+                       model_name="edge_cnn", version=5)
+    state = get_norm_state(model)
+    names = list(state)
+    legacy = {  # key order and json.dumps formatting of the pre-contract core/export.py
+        "fedshift.format": "1",
+        "fedshift.model": "edge_cnn",
+        "fedshift.version": "5",
+        "fedshift.input_name": "images",
+        "fedshift.output_name": "logits",
+        "fedshift.input_shape": json.dumps([None, 3, 32, 32]),
+        "fedshift.preprocess": json.dumps({"scale": 255.0, "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5],
+                                           "layout": "NCHW"}),
+        "fedshift.class_names": json.dumps(["a", "b", "c"]),
+        "fedshift.norm_mode": "initializers",
+        "fedshift.batch_stats": "0",
+        "fedshift.norm_names": json.dumps(names),
+        "fedshift.norm_shapes": json.dumps([list(state[n].shape) for n in names]),
+        "fedshift.norm_offsets": info.metadata["fedshift.norm_offsets"],  # where the bytes are
+    }
+    assert list(info.metadata.items()) == list(legacy.items())  # byte-identical strings, same order
+    proto = onnx.load(str(info.path))
+    del proto.metadata_props[:]
+    for key, value in legacy.items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, value
+    old = tmp_path / "old.onnx"
+    old.write_bytes(proto.SerializeToString())
+    runtime = EdgeRuntime(old)
+    assert runtime.metadata_record == info.metadata_record
+    assert (runtime.version, runtime.class_names, runtime.model_name) == (5, ("a", "b", "c"), "edge_cnn")
+    assert _parity(model, runtime, _images()) <= TOL
+    update = _perturbed(state, seed=3)
+    assert runtime.apply(update, 6)  # the recorded offsets still point at the tensors
+    set_norm_state(model, update)
+    assert _parity(model, runtime, _images()) <= TOL
 
 
 def test_export_rejects_bad_arguments(tmp_path) -> None:
