@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from core.norm import configure_norm_adaptation, get_norm_state
+from protos.config import option
 
 log = logging.getLogger(__name__)
 
@@ -170,22 +171,23 @@ class CemaConfig:
     cloud-Tent: plain mean entropy of the student, no teacher at all.
     """
 
-    method: str = "cema"
-    batch_size: int = 16  # paper: 32
-    replay: bool = True
-    replay_capacity: int = 2000  # paper: 10,000
-    replay_start: int = 64  # paper: 256
-    replay_ratio: int = 3  # replay samples per upload in a student batch (3:1)
-    teacher_adapt: bool = True
-    teacher_lr: float = 1e-3  # paper: 2.5e-4
-    student_lr: float = 1e-2  # paper: 2.5e-3 (10x teacher)
-    momentum: float = 0.9
-    alpha: float = 3.0
-    beta: float = 3.0
-    gamma: float = 1.0
-    temperature: float = 1.0
-    e0_factor: float = 0.4
-    seed: int = 0
+    method: str = option("cema", "cema/distill: teacher step + distillation; tent: entropy on the student alone",
+                         choices=METHODS)
+    batch_size: int = option(16, "uploaded samples per cloud step (paper: 32)")
+    replay: bool = option(True, "mix replay samples into student batches (--no-replay: the uploads alone)")
+    replay_capacity: int = option(2000, "replay buffer size (paper: 10,000)", flag="replay-size")
+    replay_start: int = option(64, "replay samples needed before they are mixed in (paper: 256)")
+    replay_ratio: int = option(3, "replay samples per upload in a student batch (3:1)")
+    teacher_adapt: bool = option(True, "adapt the teacher on the uploads (--no-teacher-adapt: keep it fixed)")
+    teacher_lr: float = option(1e-3, "teacher learning rate (paper: 2.5e-4)")
+    student_lr: float = option(1e-2, "student learning rate (paper: 2.5e-3, 10x the teacher's)")
+    momentum: float = option(0.9, "SGD momentum of both optimizers")
+    alpha: float = option(3.0, "weight of the student's entropy term")
+    beta: float = option(3.0, "weight of the KL-to-teacher term")
+    gamma: float = option(1.0, "weight of the CE-to-teacher-argmax term")
+    temperature: float = option(1.0, "distillation temperature")
+    e0_factor: float = option(0.4, "E0 = factor·ln C in the EATA sample weights")
+    seed: int = option(0, "seed of the learners (replay sampling)")
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:

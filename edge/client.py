@@ -234,14 +234,15 @@ class Subscriber(threading.Thread):
         with self._lock:
             self._episode = int(value)
 
-    def stats(self) -> dict:
+    def stats(self) -> "SubscriberStats":
         """A snapshot of the counters plus update latency (cloud step done -> applied here)."""
+        from edge.summary import Latency, SubscriberStats
+
         with self._lock:
-            out: dict = dict(self._counts)
+            counts = dict(self._counts)
             lat = list(self._latencies)
-        out["update_latency_s"] = {"count": len(lat), "mean": float(np.mean(lat)) if lat else None,
-                                   "max": float(np.max(lat)) if lat else None}
-        return out
+        latency = Latency(len(lat), float(np.mean(lat)) if lat else None, float(np.max(lat)) if lat else None)
+        return SubscriberStats(**counts, update_latency_s=latency)
 
     def wait_for_version(self, version: int, timeout: float) -> bool:
         """Block until a version >= ``version`` is in force (tests, launch barriers)."""

@@ -11,38 +11,8 @@ normalization state back in force under the version the cloud returns. With ``cl
 "no adaptation" and "edge BN statistics" baselines); selection still runs and is counted as
 ``kept``, but nothing is uploaded.
 
-Summary (``EdgeNode.run()`` / ``summary()``; JSON-ready; keys are stable, the launcher aggregates):
-
-- identity: ``edge_id`` (str | None), ``server`` (address | None), ``method``, ``selection`` (the
-  SelectionConfig as a dict), ``model`` {``name``, ``path``, ``num_classes``, ``input_shape``}
-- volume: ``seen``, ``batches``, ``kept`` (sum of per-batch kept), ``kept_rate`` (kept / seen),
-  ``excluded`` {``unreliable``, ``low_informative``, ``redundant``, ``skipped``}
-  (``seen == kept + sum(excluded)``)
-- uploads: ``uploaded`` (samples acknowledged by the cloud, each sequence counted once),
-  ``upload_failed`` (samples whose upload outlasted the retry policy), ``uploads`` (acknowledged
-  requests), ``upload_errors`` (failed requests), ``upload_retries`` (re-sends), ``duplicates``
-  (acks flagged duplicate), ``upload_rate`` (uploaded / seen). With a cloud,
-  ``uploaded + upload_failed == kept`` is checked at the end of ``run`` (so ``uploaded == kept``
-  whenever no upload failed); without one ``uploaded == 0``.
-- bytes: ``bytes_up`` (serialized UploadRequest sizes, once per acknowledged request; retries not
-  added), ``bytes_down`` (serialized ParameterUpdate sizes received, applied or not)
-- updates: ``updates_received``, ``versions_applied`` (subscriber + reset states put in force),
-  ``reset_versions_applied``, ``stale_ignored``, ``episode_ignored``, ``apply_errors``,
-  ``reconnects``, ``update_latency_s`` {``count``, ``mean``, ``max``} (cloud step done → applied
-  here, seconds), ``initial_version``, ``final_version``, ``cloud_version`` (last version an upload
-  ack reported, or None), ``resets``, ``episode``
-- accuracy (online, before any adaptation on that batch): ``labelled``, ``correct``, ``accuracy``
-  (None without labels); ``per_corruption`` {name: {``seen``, ``labelled``, ``correct``,
-  ``accuracy``, ``kept``, ``uploaded``}}; ``per_shift`` the same keyed ``"name@severity"``
-- entropy: ``mean_entropy`` (all predictions), ``e_max_final`` (last threshold; None for methods
-  without one)
-- run: ``metrics_reports``, ``metrics_errors``, ``wall_s``, ``samples_per_s``, ``stopped_early``,
-  ``error`` (None, or set by the CLI when the run failed); lockstep (``NodeConfig.sync_timeout_s``):
-  ``sync_waits``, ``sync_timeouts``, ``sync_wait_s``
-- ``timeline``: columns, one entry per batch: ``seen`` (cumulative), ``n``, ``kept``,
-  ``uploaded``, ``correct`` (None unlabelled), ``e_max`` (None where no threshold),
-  ``mean_entropy``, ``version`` (the batch was predicted with), ``episode``, ``corruption``,
-  ``time_s`` (since start)
+The summary is an :class:`edge.summary.EdgeSummary` (its fields and invariants are documented
+there); :meth:`EdgeNode.run` checks the invariants by building it.
 """
 
 from __future__ import annotations
@@ -59,37 +29,14 @@ import grpc
 import numpy as np
 
 from edge.client import CloudClient, RetriesExhausted, Subscriber
+from edge.config import NodeConfig
 from edge.selection import EntropySelector, Selection
 from edge.sources import EdgeBatch, Source
+from edge.summary import TIMELINE_KEYS, EdgeSummary, Excluded, ModelRef, ShiftStats, SubscriberStats, Timeline
+
+__all__ = ["EdgeNode", "NodeConfig", "TIMELINE_KEYS"]
 
 log = logging.getLogger(__name__)
-
-SUBSCRIBER_KEYS = ("updates_received", "stale_ignored", "episode_ignored", "apply_errors", "reconnects")
-TIMELINE_KEYS = ("seen", "n", "kept", "uploaded", "correct", "e_max", "mean_entropy", "version", "episode",
-                 "corruption", "time_s")
-
-
-@dataclass(frozen=True)
-class NodeConfig:
-    """Run settings of a node (not of the method: those are in SelectionConfig)."""
-
-    limit: int | None = None  # stop after this many samples
-    metrics_every: int = 20  # batches between ReportMetrics (0: only at the end)
-    log_every_s: float = 10.0  # progress log period
-    edge_id: str | None = None  # for the summary when there is no client
-    # lockstep for simulations (0: off, the deployed behaviour): after an acknowledged upload wait
-    # up to this long for a version newer than the one the batch was predicted with, so batch t+1
-    # is predicted with the cloud's step on batch t as in CEMA's protocol, however fast the edge
-    sync_timeout_s: float = 0.0
-
-    def __post_init__(self) -> None:
-        if self.limit is not None and self.limit < 0:
-            raise ValueError(f"limit must be >= 0, got {self.limit}")
-        if self.metrics_every < 0:
-            raise ValueError(f"metrics_every must be >= 0, got {self.metrics_every}")
-        if self.sync_timeout_s < 0:
-            raise ValueError(f"sync_timeout_s must be >= 0, got {self.sync_timeout_s}")
-
 
 @dataclass
 class _ShiftStats:
@@ -99,10 +46,8 @@ class _ShiftStats:
     kept: int = 0
     uploaded: int = 0
 
-    def to_dict(self) -> dict:
-        acc = self.correct / self.labelled if self.labelled else None
-        return {"seen": self.seen, "labelled": self.labelled, "correct": self.correct, "accuracy": acc,
-                "kept": self.kept, "uploaded": self.uploaded}
+    def freeze(self) -> ShiftStats:
+        return ShiftStats(self.seen, self.labelled, self.correct, self.kept, self.uploaded)
 
 
 @dataclass
@@ -141,9 +86,11 @@ class EdgeNode:
     """One edge: a runtime, a source, an optional cloud client and a selector."""
 
     def __init__(self, runtime, source: Source, client: CloudClient | None, selector: EntropySelector, *,
-                 config: NodeConfig = NodeConfig(), stop_event: threading.Event | None = None) -> None:
+                 config: NodeConfig = NodeConfig(), edge_id: str | None = None,
+                 stop_event: threading.Event | None = None) -> None:
         self.runtime, self.source, self.client, self.selector = runtime, source, client, selector
         self.config = config
+        self.edge_id = client.edge_id if client is not None else edge_id
         self._stop = stop_event or threading.Event()
         self._initial_state = runtime.norm_state()  # what a reset puts back in force
         self._initial_version = runtime.version
@@ -172,7 +119,7 @@ class EdgeNode:
     def subscriber(self) -> Subscriber | None:
         return self._subscriber
 
-    def run(self) -> dict:
+    def run(self) -> EdgeSummary:
         """Process the whole source (or up to the limit / a stop); returns :meth:`summary`."""
         self._start = self._last_log = time.monotonic()
         try:
@@ -185,8 +132,7 @@ class EdgeNode:
                 self._subscriber.close()
             if self.client is not None:
                 self._report_metrics(final=True)
-        summary = self.summary()
-        self._check_counts(summary)
+        summary = self.summary()  # building it checks that every sample was counted once
         log.info("done: %s", self._progress_line())
         return summary
 
@@ -332,11 +278,8 @@ class EdgeNode:
 
     # ---------------------------------------------------------------- reporting
 
-    def _sub_stats(self) -> dict:
-        if self._subscriber is None:
-            return {**{k: 0 for k in SUBSCRIBER_KEYS}, "versions_applied": 0, "bytes_down": 0,
-                    "update_latency_s": {"count": 0, "mean": None, "max": None}}
-        return self._subscriber.stats()
+    def _sub_stats(self) -> SubscriberStats:
+        return SubscriberStats() if self._subscriber is None else self._subscriber.stats()
 
     def _report_metrics(self, final: bool = False) -> None:
         """Best-effort ReportMetrics: failures are counted, never fatal."""
@@ -344,7 +287,8 @@ class EdgeNode:
         s = self.summary(timeline=False)
         keys = ("seen", "kept", "uploaded", "upload_rate", "kept_rate", "bytes_up", "bytes_down",
                 "versions_applied", "accuracy", "e_max_final", "mean_entropy", "final_version", "episode")
-        values = {k: float(s[k]) for k in keys if isinstance(s[k], (int, float)) and math.isfinite(s[k])}
+        values = {k: float(v) for k in keys
+                  if isinstance(v := getattr(s, k), (int, float)) and math.isfinite(v)}
         values["final"] = float(final)
         try:
             self.client.report_metrics(self._c.batches, values)
@@ -361,56 +305,32 @@ class EdgeNode:
         return (f"seen {c.seen}, acc {acc}, kept {c.kept} ({rate:.1f}%), uploaded {c.uploaded}, "
                 f"version {self.runtime.version}, episode {self._episode}, E_max {e_max}")
 
-    def summary(self, timeline: bool = True) -> dict:
-        """The counters as a JSON-ready dict (keys in the module docstring)."""
-        c, sub = self._c, self._sub_stats()
+    def summary(self, timeline: bool = True) -> EdgeSummary:
+        """The counters so far as an :class:`EdgeSummary` (raises if they are inconsistent)."""
+        c = self._c
         wall = self._wall or (time.monotonic() - self._start)
         sel_cfg = self.selector.config
-        out = {
-            "edge_id": self.client.edge_id if self.client is not None else self.config.edge_id,
-            "server": self.client.address if self.client is not None else None,
-            "method": sel_cfg.method,
-            "selection": sel_cfg.to_dict(),
-            "model": {"name": self.runtime.model_name, "path": str(self.runtime.path),
-                      "num_classes": self.runtime.num_classes, "input_shape": list(self.runtime.input_shape)},
-            "seen": c.seen, "batches": c.batches, "kept": c.kept,
-            "kept_rate": c.kept / c.seen if c.seen else 0.0,
-            "excluded": {"unreliable": c.unreliable, "low_informative": c.low_informative,
-                         "redundant": c.redundant, "skipped": c.skipped},
-            "uploaded": c.uploaded, "upload_failed": c.upload_failed, "uploads": c.uploads,
-            "upload_errors": c.upload_errors, "upload_retries": c.upload_retries, "duplicates": c.duplicates,
-            "upload_rate": c.uploaded / c.seen if c.seen else 0.0,
-            "bytes_up": c.bytes_up, "bytes_down": sub["bytes_down"],
-            **{k: sub[k] for k in SUBSCRIBER_KEYS},
-            "versions_applied": sub["versions_applied"] + c.reset_versions_applied,
-            "reset_versions_applied": c.reset_versions_applied,
-            "update_latency_s": sub["update_latency_s"],
-            "initial_version": self._initial_version, "final_version": self.runtime.version,
-            "cloud_version": c.cloud_version, "resets": c.resets, "episode": self._episode,
-            "labelled": c.labelled, "correct": c.correct,
-            "accuracy": c.correct / c.labelled if c.labelled else None,
-            "per_corruption": {k: v.to_dict() for k, v in c.per_corruption.items()},
-            "per_shift": {k: v.to_dict() for k, v in c.per_shift.items()},
-            "mean_entropy": _finite(self.selector.mean_entropy), "e_max_final": c.e_max,
-            "metrics_reports": c.metrics_reports, "metrics_errors": c.metrics_errors,
-            "sync_waits": c.sync_waits, "sync_timeouts": c.sync_timeouts, "sync_wait_s": c.sync_wait_s,
-            "wall_s": wall, "samples_per_s": c.seen / wall if wall > 0 else None,
-            "stopped_early": self._stopped_early, "error": None,
-        }
-        if timeline:
-            out["timeline"] = {k: list(v) for k, v in c.timeline.items()}
-        return out
-
-    def _check_counts(self, s: dict) -> None:
-        """Every sample is counted exactly once; every kept sample is uploaded once (or failed)."""
-        excluded = sum(s["excluded"].values())
-        if s["kept"] + excluded != s["seen"]:
-            raise AssertionError(f"counts: kept {s['kept']} + excluded {excluded} != seen {s['seen']}")
-        if self.client is not None and s["uploaded"] + s["upload_failed"] != s["kept"]:
-            raise AssertionError(f"counts: uploaded {s['uploaded']} + failed {s['upload_failed']} "
-                                 f"!= kept {s['kept']}")
-        if self.client is None and s["uploaded"]:
-            raise AssertionError("counts: uploads without a cloud")
+        rt = self.runtime
+        return EdgeSummary(
+            edge_id=self.edge_id, server=self.client.address if self.client is not None else None,
+            method=sel_cfg.method, selection=sel_cfg,
+            model=ModelRef(name=rt.model_name, path=str(rt.path), sha256=rt.sha256, num_classes=rt.num_classes,
+                           input_shape=tuple(rt.input_shape)),
+            seen=c.seen, batches=c.batches, kept=c.kept,
+            excluded=Excluded(c.unreliable, c.low_informative, c.redundant, c.skipped),
+            uploaded=c.uploaded, upload_failed=c.upload_failed, uploads=c.uploads, upload_errors=c.upload_errors,
+            upload_retries=c.upload_retries, duplicates=c.duplicates, bytes_up=c.bytes_up,
+            updates=self._sub_stats(), reset_versions_applied=c.reset_versions_applied,
+            initial_version=self._initial_version, final_version=rt.version, cloud_version=c.cloud_version,
+            resets=c.resets, episode=self._episode, labelled=c.labelled, correct=c.correct,
+            per_corruption={k: v.freeze() for k, v in c.per_corruption.items()},
+            per_shift={k: v.freeze() for k, v in c.per_shift.items()},
+            mean_entropy=_finite(self.selector.mean_entropy), e_max_final=c.e_max,
+            metrics_reports=c.metrics_reports, metrics_errors=c.metrics_errors, sync_waits=c.sync_waits,
+            sync_timeouts=c.sync_timeouts, sync_wait_s=c.sync_wait_s, wall_s=wall,
+            stopped_early=self._stopped_early,
+            timeline=Timeline(**{k: tuple(v) for k, v in c.timeline.items()}) if timeline else Timeline(),
+        )
 
 
 def _finite(x: float | None) -> float | None:

@@ -29,9 +29,11 @@ kept for every method so that reports are comparable. State lives in each select
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
+
+from protos.config import option
 
 METHODS = ("cema", "eata", "all", "none", "random")
 
@@ -40,23 +42,23 @@ METHODS = ("cema", "eata", "all", "none", "random")
 class SelectionConfig:
     """Constants of the edge selection; defaults are METHODS.md's."""
 
-    num_classes: int
-    method: str = "cema"
-    lam: float = 1.0
-    warmup: int = 128
-    kappa: float = 0.02
-    e0_factor: float = 0.4
-    redundancy: float | None = None
-    redundancy_momentum: float = 0.9
-    dynamic: bool = True
-    use_emin: bool = True
-    random_rate: float | None = None
-    seed: int = 0
+    num_classes: int = option(0, "classes of the model (0: read from the model file)")
+    method: str = option("cema", "which samples to upload: cema, eata, all, none, random", choices=METHODS)
+    lam: float = option(1.0, "λ of the dynamic E_max")
+    warmup: int = option(128, "N_w: samples judged with E_max = E0 before the threshold adapts")
+    kappa: float = option(0.02, "E_min = κ·ln C (low-informative floor)")
+    e0_factor: float = option(0.4, "E0 = factor·ln C (EATA's reliability threshold)")
+    redundancy: float | None = option(None, "EATA redundancy: keep if cos(m, p) < D (none: off)")
+    redundancy_momentum: float = option(0.9, "momentum of the redundancy filter's moving average")
+    dynamic: bool = option(True, "dynamic E_max (--no-dynamic: E_max = E0 throughout, an ablation)")
+    use_emin: bool = option(True, "the low-informative floor E_min (--no-emin: an ablation)", flag="emin")
+    random_rate: float | None = option(None, "keep probability of method 'random'")
+    seed: int = option(0, "seed of method 'random'", flag="selection-seed")
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ValueError(f"unknown selection method {self.method!r} (choose from {', '.join(METHODS)})")
-        if self.num_classes < 2:
+        if self.num_classes != 0 and self.num_classes < 2:
             raise ValueError(f"selection needs at least 2 classes, got {self.num_classes}")
         if self.lam <= 0 or self.e0_factor <= 0:
             raise ValueError(f"lam and e0_factor must be positive (got {self.lam}, {self.e0_factor})")
@@ -69,6 +71,12 @@ class SelectionConfig:
         if self.method == "random":
             if self.random_rate is None or not 0.0 <= self.random_rate <= 1.0:
                 raise ValueError(f"method 'random' needs random_rate in [0, 1], got {self.random_rate}")
+
+    def for_classes(self, num_classes: int) -> "SelectionConfig":
+        """This config for a model with ``num_classes`` outputs (``num_classes = 0``: take it)."""
+        if self.num_classes not in (0, num_classes):
+            raise ValueError(f"selection is set for {self.num_classes} classes, the model has {num_classes}")
+        return replace(self, num_classes=num_classes)
 
     @property
     def e0(self) -> float:
@@ -156,6 +164,8 @@ class EntropySelector:
     _rng: np.random.Generator = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
+        if self.config.num_classes < 2:
+            raise ValueError("the selector needs the model's class count: use config.for_classes(n)")
         self._rng = np.random.default_rng(self.config.seed)
 
     @property

@@ -31,7 +31,7 @@ import threading
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
@@ -40,55 +40,21 @@ import numpy as np
 import torch
 from torch import nn
 
-from core.cema import CemaConfig, CemaLearner
+from core.cema import CemaLearner
+from core.export import Preprocess
 from core.norm import norm_tensor_names
 from core.training import to_tensor
 from protos.codec import GRPC_OPTIONS, MAX_MESSAGE_BYTES, decode_images, encode_state
 from protos.fedshift.v1 import edge_pb2 as pb
 from protos.fedshift.v1 import edge_pb2_grpc as pb_grpc
+from server.config import CloudConfig
+from server.stats import CloudStats, EdgeStats, LearnerStats
+
+__all__ = ["CloudConfig", "CloudServer", "CloudService"]
 
 log = logging.getLogger(__name__)
 
 SHARED = "shared"
-
-
-@dataclass(frozen=True)
-class CloudConfig:
-    """Settings of one cloud service (parsed once at the CLI)."""
-
-    host: str = "127.0.0.1"
-    port: int = 0  # 0: any free port (``CloudServer.port`` reports it)
-    token: str = ""  # when set, every RPC must carry it
-    shared: bool = False  # one student for all edges instead of one per edge
-    image_shape: tuple[int, int, int] = (32, 32, 3)  # (H, W, C) of uploads = the student's input
-    device: str = "cpu"
-    out_dir: str = ""  # "" → no TensorBoard, no config/stats files
-    max_workers: int = 32  # RPC threads; each open Subscribe stream holds one
-    rate_interval_s: float = 5.0  # window of the logged version / upload rates
-    # backpressure: uploads are refused with RESOURCE_EXHAUSTED (edges retry with backoff) while
-    # this many samples wait for the learners, so a flood cannot grow memory without bound
-    max_backlog: int = 8192
-    # simulation lockstep: an Upload is answered only after its learner has processed it (every
-    # step it enabled), with the resulting version, so a run is reproducible from its seed; a
-    # deployed cloud answers at once and learns in the background
-    lockstep: bool = False
-    lockstep_timeout_s: float = 120.0
-    cema: CemaConfig = field(default_factory=CemaConfig)
-
-    def __post_init__(self) -> None:
-        if len(self.image_shape) != 3 or self.image_shape[2] not in (1, 3) or min(self.image_shape) < 1:
-            raise ValueError(f"image_shape must be (H, W, 1|3), got {self.image_shape}")
-        if not 0 <= self.port <= 65535:
-            raise ValueError(f"port must be in 0..65535, got {self.port}")
-        if self.max_backlog < 1:
-            raise ValueError(f"max_backlog must be >= 1, got {self.max_backlog}")
-        if self.max_workers < 2:
-            raise ValueError("max_workers must be >= 2 (Subscribe streams each hold a thread)")
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["token"] = "***" if self.token else ""
-        return d
 
 
 class _Sequences:
@@ -187,12 +153,15 @@ class CloudService(pb_grpc.EdgeServiceServicer):
     """The ``EdgeService`` implementation plus its learner worker (see the module docstring).
 
     ``student``/``teacher`` are templates: each learner works on its own deep copy. ``teacher``
-    may be ``None`` for the cloud-Tent method.
+    may be ``None`` for the cloud-Tent method. ``preprocess`` turns uploaded uint8 images into the
+    student's input; it must be the edge model's own (``fedshift cloud`` reads it from the ONNX
+    file the edges run), so that both sides see the same tensors.
     """
 
     def __init__(self, student: nn.Module, teacher: nn.Module | None, config: CloudConfig,
-                 *, run_info: Mapping[str, Any] | None = None) -> None:
+                 *, preprocess: Preprocess, run_info: Mapping[str, Any] | None = None) -> None:
         self.config = config
+        self.preprocess = preprocess
         self._student = copy.deepcopy(student).cpu()
         self._teacher = copy.deepcopy(teacher).cpu() if (teacher is not None and config.cema.uses_teacher) else None
         if config.cema.uses_teacher and self._teacher is None:
@@ -254,7 +223,7 @@ class CloudService(pb_grpc.EdgeServiceServicer):
         if self.config.out_dir:
             path = Path(self.config.out_dir) / "cloud" / "stats.json"
             path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(json.dumps(self.stats(), indent=2))
+            self.stats().write(path)
         if self._writer is not None:
             with self._tb_lock:
                 self._writer.close()
@@ -273,18 +242,18 @@ class CloudService(pb_grpc.EdgeServiceServicer):
 
     # ---------------------------------------------------------------- inspection
 
-    def stats(self) -> dict[str, Any]:
+    def stats(self) -> CloudStats:
         """Counters per edge and per learner (also written to ``cloud/stats.json`` at shutdown)."""
         with self._lock:
             totals = {"versions_published": self._versions, **self._totals}
-            edges = {e.edge_id: {"uploads": e.uploads, "samples": e.samples, "duplicates": e.duplicates,
-                                 "stale_samples": e.stale_samples, "seen": e.seen, "episode": e.episode,
-                                 "learner": e.slot.name, "metrics": dict(e.metrics)}
+            edges = {e.edge_id: EdgeStats(uploads=e.uploads, samples=e.samples, duplicates=e.duplicates,
+                                          stale_samples=e.stale_samples, seen=e.seen, episode=e.episode,
+                                          learner=e.slot.name, metrics=dict(e.metrics))
                      for e in self._edges.values()}
-        learners = {s.name: {"version": s.version, "steps": s.steps, "episode": s.episode, "errors": s.errors,
-                             "queue": s.learner.queue_size, "replay": len(s.learner.replay)}
+        learners = {s.name: LearnerStats(version=s.version, steps=s.steps, episode=s.episode, errors=s.errors,
+                                         queue=s.learner.queue_size, replay=len(s.learner.replay))
                     for s in self._slots()}
-        return {"edges": edges, "learners": learners, "uptime_s": round(time.time() - self._started, 2), **totals}
+        return CloudStats(edges=edges, learners=learners, uptime_s=round(time.time() - self._started, 2), **totals)
 
     def learner(self, edge_id: str) -> CemaLearner:
         """The learner serving ``edge_id`` (for tests and offline inspection; call when idle)."""
@@ -373,7 +342,7 @@ class CloudService(pb_grpc.EdgeServiceServicer):
             log.info("edge %s upload %d belongs to past episode %d (now %d): acknowledged, not queued",
                      request.edge_id, seq, request.episode, current)
             return pb.UploadReply(sequence=seq, duplicate=False, accepted=0, latest_version=edge.slot.version)
-        item = _Item(edge.slot, request.edge_id, int(request.episode), to_tensor(images), labels)
+        item = _Item(edge.slot, request.edge_id, int(request.episode), to_tensor(images, self.preprocess), labels)
         with self._work:
             self._pending.append(item)
             self._work.notify_all()
@@ -600,9 +569,9 @@ class CloudServer:
     """
 
     def __init__(self, student: nn.Module, teacher: nn.Module | None, config: CloudConfig,
-                 *, run_info: Mapping[str, Any] | None = None) -> None:
+                 *, preprocess: Preprocess, run_info: Mapping[str, Any] | None = None) -> None:
         self.config = config
-        self.service = CloudService(student, teacher, config, run_info=run_info)
+        self.service = CloudService(student, teacher, config, preprocess=preprocess, run_info=run_info)
         self._executor = ThreadPoolExecutor(max_workers=config.max_workers, thread_name_prefix="cloud-rpc")
         self._server = grpc.server(self._executor, options=GRPC_OPTIONS)
         pb_grpc.add_EdgeServiceServicer_to_server(self.service, self._server)

@@ -1,9 +1,14 @@
-"""The ``fedshift`` console script: a thin dispatcher, no logic.
+"""fedshift: learning under distribution shift across a cloud, federated clients and edge devices.
 
-Each subcommand lives in a module with ``configure(parser)`` and ``run(args) -> int``; those
-modules import torch (or anything heavy) only inside ``run``, so ``fedshift edge`` keeps working
-on an edge-only install.
+Run the whole system on one machine (`fedshift run`), or each role on its own: federated training
+(`fedshift fl`), ONNX export (`fedshift export`), the adaptation cloud (`fedshift cloud`), a
+forward-only edge (`fedshift edge`), both on loopback (`fedshift adapt`). `fedshift COMMAND --help`
+lists each command's settings; roles read them from `--config FILE` and flags.
 """
+
+# How it dispatches: each subcommand module has ``configure(parser)`` and ``run(args)``; only the
+# chosen command's module is imported and configured, so `fedshift edge` keeps working on an
+# edge-only install (no torch).
 
 from __future__ import annotations
 
@@ -28,16 +33,25 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fedshift", description=__doc__.splitlines()[0])
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser; only ``command``'s module is imported and configured (all of them when None)."""
+    parser = argparse.ArgumentParser(prog="fedshift", description=__doc__.split("\n\n")[0],
+                                     epilog=__doc__.split("\n\n", 1)[1].strip(),
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (module, help_text) in COMMANDS.items():
         sp = sub.add_parser(name, help=help_text, description=help_text)
-        mod = importlib.import_module(module)
-        mod.configure(sp)
-        sp.set_defaults(_run=mod.run)
+        if command is None or name == command:
+            mod = importlib.import_module(module)
+            mod.configure(sp)
+            sp.set_defaults(_run=mod.run)
     return parser
+
+
+def _command(argv: Sequence[str]) -> str | None:
+    """The subcommand named on the command line (the first word that is one)."""
+    return next((a for a in argv if a in COMMANDS), None)
 
 
 def _exit_on_sigterm(signum: int, frame: object) -> None:
@@ -49,7 +63,9 @@ def _exit_on_sigterm(signum: int, frame: object) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _exit_on_sigterm)
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = _command(argv)
+    args = build_parser(command or "").parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:

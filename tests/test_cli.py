@@ -9,7 +9,8 @@ from simulations.cli import main
 def test_parser_builds_without_torch() -> None:
     """The dispatcher imports no heavy stack: `fedshift edge` must run on an edge-only install."""
     code = ("import sys; sys.modules['torch'] = None; sys.modules['flwr'] = None\n"
-            "from simulations.cli import build_parser; build_parser()\n")
+            "from simulations.cli import build_parser; build_parser(''); build_parser('edge')\n"
+            "build_parser('edge').parse_args(['edge', '--model', 'm.onnx', '--print-config'])\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
 

@@ -19,8 +19,10 @@ import torch
 from core.models import create_model
 from core.teacher import SupervisedConfig, augment_images, cache_dir, cached_model, robustness_report
 from protos.codec import GRPC_OPTIONS, encode_array
+from protos.contract import file_sha256
 from protos.fedshift.v1 import edge_pb2 as pb
 from protos.fedshift.v1 import edge_pb2_grpc as pb_grpc
+from server.stats import CloudStats
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -33,7 +35,7 @@ def test_cloud_process_serves_and_stops_on_sigterm(tmp_path: Path) -> None:
     proc = subprocess.Popen(
         [sys.executable, "-m", "server.cloud_cli", "--port", "0", "--port-file", str(port_file), "--method", "tent",
          "--student-weights", str(weights), "--image-size", "16", "--batch-size", "4", "--out", str(out),
-         "--token", "t0k", "--export-edge", str(tmp_path / "edge.onnx")],
+         "--token", "t0k"],
         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.monotonic() + 60
@@ -58,10 +60,13 @@ def test_cloud_process_serves_and_stops_on_sigterm(tmp_path: Path) -> None:
             proc.communicate()
     assert proc.returncode == 0, output
     assert f"listening on 127.0.0.1:{port}" in output
-    stats = json.loads((out / "cloud" / "stats.json").read_text())
-    assert stats["edges"]["e"]["samples"] == 4 and stats["learners"]["e"]["version"] == 1
-    assert json.loads((out / "cloud" / "config.json").read_text())["cloud"]["token"] == "***"
-    assert (tmp_path / "edge.onnx").is_file()
+    stats = CloudStats.read(out / "cloud" / "stats.json")
+    assert stats.edges["e"].samples == 4 and stats.learners["e"].version == 1
+    info = json.loads((out / "cloud" / "config.json").read_text())
+    assert info["cloud"]["token"] == "***"
+    # no edge model given: the cloud exported its student, and preprocesses uploads with that file's metadata
+    assert info["edge_model"] == str(out / "cloud" / "edge.onnx") and (out / "cloud" / "edge.onnx").is_file()
+    assert info["edge_model_sha256"] == file_sha256(out / "cloud" / "edge.onnx")
 
 
 def test_cache_dir_resolution(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from core.cema import CemaConfig
-from core.export import export_onnx
+from core.export import Preprocess, export_onnx
 from core.models import create_model
 from core.norm import get_norm_state, set_norm_state
 from core.training import to_tensor
@@ -48,7 +48,7 @@ def models() -> tuple[torch.nn.Module, torch.nn.Module]:
 
 def _config(tmp_path: Path | None = None, **kw) -> CloudConfig:
     cema = kw.pop("cema", CemaConfig(batch_size=4, replay_start=8))
-    return CloudConfig(image_shape=(SIZE, SIZE, 3), cema=cema, rate_interval_s=0.0,
+    return CloudConfig(image_size=SIZE, cema=cema, rate_interval_s=0.0,
                        out_dir=str(tmp_path) if tmp_path else "", **kw)
 
 
@@ -65,7 +65,7 @@ class _Running:
     """A started server and a connected stub; stops on exit."""
 
     def __init__(self, models, config: CloudConfig) -> None:
-        self.server = CloudServer(models[0], models[1], config)
+        self.server = CloudServer(models[0], models[1], config, preprocess=Preprocess())
 
     def __enter__(self):
         self.server.start()
@@ -109,7 +109,7 @@ def test_malformed_uploads_are_refused_and_server_keeps_serving(models) -> None:
         with pytest.raises(grpc.RpcError) as exc:
             _upload(stub, 1, _images(2), edge="nobody")
         assert _code(exc) == grpc.StatusCode.FAILED_PRECONDITION
-        assert run.server.service.stats()["edges"]["e1"]["samples"] == 3
+        assert run.server.service.stats().edges["e1"].samples == 3
 
 
 def test_auth_token(models) -> None:
@@ -149,8 +149,8 @@ def test_duplicate_sequence_is_acknowledged_not_requeued(models) -> None:
         assert service.wait_idle(30)
         learner = service.learner("e1")
         assert learner.student_steps == 1 and learner.queue_size == 0 and len(learner.replay) == 4
-        stats = service.stats()["edges"]["e1"]
-        assert (stats["uploads"], stats["samples"], stats["duplicates"]) == (1, 4, 1)
+        stats = service.stats().edges["e1"]
+        assert (stats.uploads, stats.samples, stats.duplicates) == (1, 4, 1)
         # a restarted edge resumes after the highest sequence the cloud has seen
         assert stub.Register(pb.RegisterRequest(edge_id="e1"), timeout=10).next_sequence == 6
 
@@ -248,7 +248,7 @@ def test_reset_restores_initial_state(models) -> None:
         assert _upload(stub, 12, _images(4), episode=1).accepted == 4
         assert service.wait_idle(30)
         assert service.learner("e1").student_steps == 1
-        assert service.stats()["edges"]["e1"]["stale_samples"] == 4
+        assert service.stats().edges["e1"].stale_samples == 4
 
 
 def test_shared_student_serves_all_edges(models) -> None:
@@ -270,7 +270,7 @@ def test_metrics_tensorboard_and_clean_shutdown(models, tmp_path: Path) -> None:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     before = set(threading.enumerate())
-    server = CloudServer(models[0], models[1], _config(tmp_path))
+    server = CloudServer(models[0], models[1], _config(tmp_path), preprocess=Preprocess())
     server.start()
     channel = grpc.insecure_channel(f"127.0.0.1:{server.port}", options=GRPC_OPTIONS)
     stub = pb_grpc.EdgeServiceStub(channel)
@@ -290,7 +290,7 @@ def test_metrics_tensorboard_and_clean_shutdown(models, tmp_path: Path) -> None:
         _upload(stub, seq, _images(4, seed=seq))
     stub.ReportMetrics(pb.MetricsReport(edge_id="e1", step=7, values={"accuracy": 0.5, "uploaded": 8}), timeout=10)
     assert server.service.wait_idle(30)
-    assert server.service.stats()["edges"]["e1"]["metrics"] == {"accuracy": 0.5, "uploaded": 8.0}
+    assert server.service.stats().edges["e1"].metrics == {"accuracy": 0.5, "uploaded": 8.0}
     time.sleep(0.2)
     server.stop(grace=1.0)
     reader.join(10)
@@ -324,7 +324,7 @@ def test_backlog_limit_refuses_with_resource_exhausted_and_recovers(models) -> N
             _upload(stub, 0, _images(6))
         assert _code(exc) == grpc.StatusCode.RESOURCE_EXHAUSTED and "limit 4" in exc.value.details()
         assert _upload(stub, 0, _images(3)).accepted == 3  # the refused sequence is still free
-        assert run.server.service.stats()["edges"]["e1"]["samples"] == 3
+        assert run.server.service.stats().edges["e1"].samples == 3
 
 
 def test_lockstep_acks_after_learning_with_the_resulting_version(models) -> None:

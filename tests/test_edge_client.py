@@ -167,19 +167,19 @@ def test_subscriber_applies_newer_versions_and_ignores_stale_and_old_episodes(cl
         sizes.append(fake.publish(s2, version=2, episode=2).ByteSize())
         assert sub.wait_for_version(2, timeout=5)
         deadline = time.monotonic() + 5
-        while sub.stats()["updates_received"] < 4 and time.monotonic() < deadline:
+        while sub.stats().updates_received < 4 and time.monotonic() < deadline:
             time.sleep(0.01)
         stats = sub.stats()
         assert runtime.version == 2
-        assert (stats["versions_applied"], stats["stale_ignored"], stats["episode_ignored"]) == (2, 1, 1)
-        assert stats["bytes_down"] == sum(sizes)  # every update received counts, applied or not
-        assert stats["update_latency_s"]["count"] == 2 and stats["update_latency_s"]["mean"] >= 0
+        assert (stats.versions_applied, stats.stale_ignored, stats.episode_ignored) == (2, 1, 1)
+        assert stats.bytes_down == sum(sizes)  # every update received counts, applied or not
+        assert stats.update_latency_s.count == 2 and stats.update_latency_s.mean >= 0
         np.testing.assert_array_equal(runtime.norm_state()[runtime.norm_names[0]], s2[runtime.norm_names[0]])
         # a malformed update is refused and counted, the thread survives
         bad = {runtime.norm_names[0]: np.zeros(3, np.float32)}
         fake.publish(bad, version=3, episode=2)
         fake.publish(perturbed(initial, 5), version=4, episode=2)
-        assert sub.wait_for_version(4, timeout=5) and sub.stats()["apply_errors"] == 1
+        assert sub.wait_for_version(4, timeout=5) and sub.stats().apply_errors == 1
     finally:
         sub.close()
     assert not sub.is_alive()
@@ -205,7 +205,7 @@ def test_subscriber_reconnects_after_server_restart_and_resumes_after_version(mo
             assert fake2.subscribe_requests[-1].after_version == 3  # resumes after the version in force
             fake2.publish(perturbed(initial, 2), version=4)
             assert sub.wait_for_version(4, timeout=5)
-            assert sub.stats()["reconnects"] >= 1
+            assert sub.stats().reconnects >= 1
     finally:
         if sub is not None:
             sub.close()

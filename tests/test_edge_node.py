@@ -18,18 +18,20 @@ from edge.node import TIMELINE_KEYS, EdgeNode, NodeConfig
 from edge.runtime import EdgeRuntime
 from edge.selection import EntropySelector, SelectionConfig
 from edge.sources import EdgeBatch, NpzSource, save_stream_npz
+from edge.summary import EdgeSummary
+from protos.contract import file_sha256
 from simulations.cli import main as fedshift
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = RetryPolicy(max_attempts=5, initial_backoff_s=0.01, max_backoff_s=0.05, max_total_s=5.0)
-SUMMARY_KEYS = {
-    "edge_id", "server", "method", "selection", "model", "seen", "batches", "kept", "kept_rate", "excluded",
-    "uploaded", "upload_failed", "uploads", "upload_errors", "upload_retries", "duplicates", "upload_rate",
-    "bytes_up", "bytes_down", "updates_received", "versions_applied", "reset_versions_applied",
-    "stale_ignored", "episode_ignored", "apply_errors", "reconnects", "update_latency_s", "initial_version",
-    "final_version", "cloud_version", "resets", "episode", "labelled", "correct", "accuracy",
-    "per_corruption", "per_shift", "mean_entropy", "e_max_final", "metrics_reports", "metrics_errors",
-    "wall_s", "samples_per_s", "stopped_early", "error", "timeline", "sync_waits", "sync_timeouts", "sync_wait_s",
+SUMMARY_KEYS = {  # the JSON a summary file holds (edge.summary.EdgeSummary)
+    "schema", "edge_id", "server", "method", "selection", "model", "seen", "batches", "kept", "excluded",
+    "uploaded", "upload_failed", "uploads", "upload_errors", "upload_retries", "duplicates", "bytes_up", "updates",
+    "reset_versions_applied", "initial_version", "final_version", "cloud_version", "resets", "episode",
+    "labelled", "correct", "per_corruption", "per_shift", "mean_entropy", "e_max_final", "metrics_reports",
+    "metrics_errors", "sync_waits", "sync_timeouts", "sync_wait_s", "wall_s", "stopped_early", "error", "timeline",
+    # derived, for people reading the file
+    "accuracy", "kept_rate", "upload_rate", "bytes_down", "versions_applied", "samples_per_s",
 }
 
 
@@ -56,7 +58,8 @@ def cloud():
 def _node(runtime, source, client, method="all", **kw) -> EdgeNode:
     sel = EntropySelector(SelectionConfig(num_classes=runtime.num_classes, method=method,
                                           random_rate=kw.pop("random_rate", None), warmup=8))
-    return EdgeNode(runtime, source, client, sel, config=NodeConfig(**kw))
+    edge_id = kw.pop("edge_id", None)
+    return EdgeNode(runtime, source, client, sel, config=NodeConfig(**kw), edge_id=edge_id)
 
 
 def test_end_to_end_counts_resets_and_bytes(cloud, model_path, stream_path) -> None:
@@ -66,25 +69,27 @@ def test_end_to_end_counts_resets_and_bytes(cloud, model_path, stream_path) -> N
     fake.fail_uploads, fake.record_then_fail = 2, True  # two lost replies: re-sent, counted once
     with CloudClient(address, "edge-1", retry=FAST) as client:
         summary = _node(runtime, NpzSource(stream_path, 8), client, metrics_every=2).run()
-    assert SUMMARY_KEYS == set(summary) and set(summary["timeline"]) == set(TIMELINE_KEYS)
-    assert summary["seen"] == 33 and summary["batches"] == 3 + 2
-    assert summary["uploaded"] == summary["kept"] == 33  # method "all"
-    assert sum(fake.accepted.values()) == 33 and summary["uploads"] == len(fake.accepted) == 5
-    assert summary["duplicates"] == 1 and summary["upload_retries"] == 2
-    assert summary["bytes_up"] == sum(fake.request_bytes.values())
+    on_disk = json.loads(summary.to_json())
+    assert SUMMARY_KEYS == set(on_disk) and set(on_disk["timeline"]) == set(TIMELINE_KEYS)
+    assert EdgeSummary.from_json(summary.to_json()) == summary
+    assert summary.seen == 33 and summary.batches == 3 + 2
+    assert summary.uploaded == summary.kept == 33  # method "all"
+    assert sum(fake.accepted.values()) == 33 and summary.uploads == len(fake.accepted) == 5
+    assert summary.duplicates == 1 and summary.upload_retries == 2
+    assert summary.bytes_up == sum(fake.request_bytes.values())
     assert sorted(seq for _, seq in fake.accepted) == [1, 2, 3, 4, 5]  # from register's next_sequence
-    assert fake.resets == [("edge-1", 1), ("edge-1", 2)] and summary["resets"] == 2
+    assert fake.resets == [("edge-1", 1), ("edge-1", 2)] and summary.resets == 2
     assert fake.episodes_seen == [1, 1, 1, 2, 2] and fake.labels_seen == 33
-    assert summary["versions_applied"] >= 2 and summary["final_version"] == 2
-    assert summary["per_corruption"]["gaussian_noise"]["seen"] == 20
-    assert summary["per_shift"]["fog@5"]["uploaded"] == 13
-    assert summary["labelled"] == 33 and 0 <= summary["accuracy"] <= 1
-    assert summary["accuracy"] == pytest.approx(
-        sum(v["correct"] for v in summary["per_corruption"].values()) / 33)
-    assert summary["timeline"]["seen"] == [8, 16, 20, 28, 33]
+    assert summary.versions_applied >= 2 and summary.final_version == 2
+    assert summary.per_corruption["gaussian_noise"].seen == 20
+    assert summary.per_shift["fog@5"].uploaded == 13
+    assert summary.labelled == 33 and 0 <= summary.accuracy <= 1
+    assert summary.accuracy == pytest.approx(
+        sum(v.correct for v in summary.per_corruption.values()) / 33)
+    assert list(summary.timeline.seen) == [8, 16, 20, 28, 33]
     assert fake.metrics and dict(fake.metrics[-1].values)["final"] == 1.0
     assert dict(fake.metrics[-1].values)["seen"] == 33
-    json.dumps(summary, allow_nan=False)
+    assert summary.model.sha256 == file_sha256(model_path)
 
 
 class _PublishingSource:
@@ -116,13 +121,13 @@ def test_updates_apply_between_batches_with_cema_selection(cloud, model_path, tm
         node = _node(runtime, _PublishingSource(NpzSource(path, 8), fake, runtime), client, method="cema")
         summary = node.run()
     # first batch resets (episode 1, version 1 from the fake); the update lands before batch 3
-    assert summary["timeline"]["version"] == [1, 1, 10, 10, 10]
-    assert summary["final_version"] == 10 and summary["updates_received"] == 2
-    assert summary["episode_ignored"] == 1 and summary["versions_applied"] == 2  # reset state + v10
-    assert summary["uploaded"] == summary["kept"] == sum(summary["timeline"]["kept"])
-    assert summary["kept"] + sum(summary["excluded"].values()) == summary["seen"] == 40
-    assert all(e is not None and e > 0 for e in summary["timeline"]["e_max"])
-    assert summary["accuracy"] is None and summary["labelled"] == 0
+    assert list(summary.timeline.version) == [1, 1, 10, 10, 10]
+    assert summary.final_version == 10 and summary.updates.updates_received == 2
+    assert summary.updates.episode_ignored == 1 and summary.versions_applied == 2  # reset state + v10
+    assert summary.uploaded == summary.kept == sum(list(summary.timeline.kept))
+    assert summary.kept + summary.excluded.total == summary.seen == 40
+    assert all(e is not None and e > 0 for e in list(summary.timeline.e_max))
+    assert summary.accuracy is None and summary.labelled == 0
 
 
 def test_failed_uploads_are_counted_not_hidden(cloud, model_path, stream_path) -> None:
@@ -131,8 +136,8 @@ def test_failed_uploads_are_counted_not_hidden(cloud, model_path, stream_path) -
     policy = RetryPolicy(max_attempts=2, initial_backoff_s=0.01, max_total_s=1.0)
     with CloudClient(address, "edge-3", retry=policy) as client:
         summary = _node(EdgeRuntime(model_path), NpzSource(stream_path, 8), client, limit=16).run()
-    assert summary["seen"] == 16 and summary["upload_failed"] == 8 and summary["upload_errors"] == 1
-    assert summary["uploaded"] == 8 and summary["uploaded"] + summary["upload_failed"] == summary["kept"]
+    assert summary.seen == 16 and summary.upload_failed == 8 and summary.upload_errors == 1
+    assert summary.uploaded == 8 and summary.uploaded + summary.upload_failed == summary.kept
     assert sorted(seq for _, seq in fake.accepted) == [2]  # sequence 1 is never reused
 
 
@@ -140,13 +145,13 @@ def test_forward_only_without_cloud(model_path, stream_path) -> None:
     runtime = EdgeRuntime(model_path)
     summary = _node(runtime, NpzSource(stream_path, 8), None, method="random", random_rate=0.5,
                     limit=21, edge_id="solo").run()
-    assert summary["seen"] == 21 and summary["timeline"]["n"] == [8, 8, 4, 1]  # the limit cuts a batch
-    assert summary["uploaded"] == 0 and summary["bytes_up"] == 0 and summary["kept"] > 0
-    assert summary["edge_id"] == "solo" and summary["server"] is None and summary["resets"] == 2
-    assert summary["final_version"] == summary["initial_version"] == 0
+    assert summary.seen == 21 and list(summary.timeline.n) == [8, 8, 4, 1]  # the limit cuts a batch
+    assert summary.uploaded == 0 and summary.bytes_up == 0 and summary.kept > 0
+    assert summary.edge_id == "solo" and summary.server is None and summary.resets == 2
+    assert summary.final_version == summary.initial_version == 0
     expected = np.concatenate([b.labels for b in NpzSource(stream_path, 64)])[:21]
     preds = np.concatenate([runtime.predict(b.images).argmax(1) for b in NpzSource(stream_path, 64)])[:21]
-    assert summary["correct"] == int((preds == expected).sum())
+    assert summary.correct == int((preds == expected).sum())
 
 
 def test_stop_ends_at_a_batch_boundary(model_path) -> None:
@@ -156,13 +161,13 @@ def test_stop_ends_at_a_batch_boundary(model_path) -> None:
         def __iter__(self):
             while True:
                 yield EdgeBatch(np.zeros((4, 8, 8, 3), np.uint8), None, "x", 1, False)
-                if node_ref["node"].summary(timeline=False)["seen"] >= 12:
+                if node_ref["node"].summary(timeline=False).seen >= 12:
                     node_ref["node"].stop()
 
     node = _node(EdgeRuntime(model_path), Endless(), None)
     node_ref["node"] = node
     summary = node.run()
-    assert summary["stopped_early"] and summary["seen"] == 16
+    assert summary.stopped_early and summary.seen == 16
 
 
 def test_cli_without_cloud_writes_summary(model_path, stream_path, tmp_path) -> None:
@@ -170,8 +175,8 @@ def test_cli_without_cloud_writes_summary(model_path, stream_path, tmp_path) -> 
     rc = fedshift(["edge", "--server", "none", "--model", str(model_path), "--source", f"npz:{stream_path}",
                    "--method", "cema", "--redundancy", "0.9", "--batch-size", "16", "--out", str(out)])
     assert rc == 0
-    summary = json.loads(out.read_text())
-    assert summary["seen"] == 33 and summary["selection"]["redundancy"] == 0.9 and summary["uploaded"] == 0
+    summary = EdgeSummary.read(out)
+    assert summary.seen == 33 and summary.selection.redundancy == 0.9 and summary.uploaded == 0
 
 
 def test_cli_against_cloud_and_bad_arguments(cloud, model_path, stream_path, tmp_path, capsys) -> None:
@@ -180,9 +185,9 @@ def test_cli_against_cloud_and_bad_arguments(cloud, model_path, stream_path, tmp
     rc = fedshift(["edge", "--server", address, "--model", str(model_path), "--source", f"npz:{stream_path}",
                    "--edge-id", "cli-edge", "--method", "all", "--limit", "20", "--out", str(out)])
     assert rc == 0
-    summary = json.loads(out.read_text())
-    assert summary["uploaded"] == summary["kept"] == 20 == sum(fake.accepted.values())
-    assert summary["edge_id"] == "cli-edge"
+    summary = EdgeSummary.read(out)
+    assert summary.uploaded == summary.kept == 20 == sum(fake.accepted.values())
+    assert summary.edge_id == "cli-edge"
     assert fedshift(["edge", "--server", "none", "--model", str(model_path), "--source", "webcam:0"]) == 2
     assert fedshift(["edge", "--server", "none", "--model", str(model_path), "--source", f"npz:{stream_path}",
                      "--method", "random"]) == 2
@@ -190,7 +195,7 @@ def test_cli_against_cloud_and_bad_arguments(cloud, model_path, stream_path, tmp
     fake.token = "secret"  # a refused edge fails with status 1 and still writes its summary
     rc = fedshift(["edge", "--server", address, "--model", str(model_path), "--source", f"npz:{stream_path}",
                    "--token", "wrong", "--out", str(out)])
-    assert rc == 1 and "UNAUTHENTICATED" in json.loads(out.read_text())["error"]
+    assert rc == 1 and "UNAUTHENTICATED" in EdgeSummary.read(out).error
 
 
 def _env() -> dict:
@@ -234,8 +239,8 @@ def test_sigterm_while_waiting_on_stdin_writes_summary(model_path, tmp_path) -> 
         proc.stdin.close()
         proc.stderr.close()
     assert rc == 0
-    summary = json.loads(out.read_text())
-    assert summary["stopped_early"] and summary["seen"] == 4 and summary["batches"] == 2
+    summary = EdgeSummary.read(out)
+    assert summary.stopped_early and summary.seen == 4 and summary.batches == 2
 
 
 def test_stop_from_another_thread_during_a_blocking_source_is_graceful(model_path) -> None:
@@ -255,7 +260,7 @@ def test_stop_from_another_thread_during_a_blocking_source_is_graceful(model_pat
         summary = node.run()
     finally:
         t.join()
-    assert summary["stopped_early"] and summary["seen"] == 4  # the batch in hand is finished, no more
+    assert summary.stopped_early and summary.seen == 4  # the batch in hand is finished, no more
 
 
 def test_lockstep_predicts_each_batch_with_the_step_on_the_previous(cloud, model_path, stream_path) -> None:
@@ -266,5 +271,5 @@ def test_lockstep_predicts_each_batch_with_the_step_on_the_previous(cloud, model
         node = _node(runtime, NpzSource(stream_path, 8), client, limit=20, sync_timeout_s=5.0)
         summary = node.run()
     # batch 1: reset -> v1; each upload then yields the next version before the next batch
-    assert summary["timeline"]["version"] == [1, 2, 3]
-    assert summary["sync_waits"] == 3 and summary["sync_timeouts"] == 0 and summary["sync_wait_s"] > 0
+    assert list(summary.timeline.version) == [1, 2, 3]
+    assert summary.sync_waits == 3 and summary.sync_timeouts == 0 and summary.sync_wait_s > 0

@@ -1,0 +1,75 @@
+"""The edge role's settings: one frozen dataclass, read from ``edge.toml`` and generated flags.
+
+``fedshift edge --config edge.toml`` reads it, any flag overrides the file, ``--print-config``
+prints the resolved file (``protos.config``). A launcher writes one such file per edge into its
+run folder, so each edge can be re-run by hand from it. The auth token is best left out of the
+file: ``$FEDSHIFT_TOKEN`` is read when ``token`` is empty.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from edge.selection import SelectionConfig
+from protos.config import option, section
+
+TOKEN_ENV = "FEDSHIFT_TOKEN"
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    """How the node runs (not which samples it keeps: that is ``[selection]``)."""
+
+    limit: int | None = option(None, "stop after this many samples (default: the whole source)")
+    metrics_every: int = option(20, "batches between metric reports to the cloud (0: only at the end)")
+    log_every_s: float = option(10.0, "seconds between progress lines", flag="log-every")
+    # lockstep for simulations (0: off, the deployed behaviour): after an acknowledged upload wait
+    # up to this long for a version newer than the one the batch was predicted with, so batch t+1
+    # is predicted with the cloud's step on batch t as in CEMA's protocol, however fast the edge
+    sync_timeout_s: float = option(0.0, "simulation lockstep: after each upload wait up to this many seconds "
+                                   "for the version its ack names (pair with a lockstep cloud; 0: never wait)",
+                                   flag="sync")
+
+    def __post_init__(self) -> None:
+        if self.limit is not None and self.limit < 0:
+            raise ValueError(f"limit must be >= 0, got {self.limit}")
+        if self.metrics_every < 0:
+            raise ValueError(f"metrics_every must be >= 0, got {self.metrics_every}")
+        if self.sync_timeout_s < 0:
+            raise ValueError(f"sync_timeout_s must be >= 0, got {self.sync_timeout_s}")
+
+
+@dataclass(frozen=True)
+class EdgeConfig:
+    """Everything ``fedshift edge`` needs: where the cloud is, which model, which input."""
+
+    server: str = option("", "cloud address HOST:PORT, or 'none' to run forward-only without a cloud")
+    model: str = option("", "the exported edge model (.onnx written by `fedshift export` or `fedshift run`)")
+    source: str = option("", "input: npz:PATH | folder:DIR | stdin:HxWxC")
+    edge_id: str = option("", "this edge's id (default: host name and process id)")
+    token: str = option("", f"auth token (default: ${TOKEN_ENV})")
+    batch_size: int = option(64, "samples per inference batch")
+    threads: int = option(1, "ONNX Runtime intra-op threads")
+    timeout_s: float = option(10.0, "per-RPC deadline, seconds", flag="timeout")
+    connect_timeout_s: float = option(60.0, "how long registration waits for the cloud, seconds",
+                                      flag="connect-timeout")
+    out: str = option("", "write the run's summary (JSON) to this file")
+    seed: int = option(0, "seed of the upload retries' jitter")
+    node: NodeConfig = section(NodeConfig)
+    selection: SelectionConfig = section(SelectionConfig)
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.threads < 1:
+            raise ValueError(f"threads must be >= 1, got {self.threads}")
+        if self.timeout_s <= 0 or self.connect_timeout_s < 0:
+            raise ValueError("timeout_s must be > 0 and connect_timeout_s >= 0")
+
+    def missing(self) -> list[str]:
+        """Settings a run cannot do without (a config may be printed before they are known)."""
+        return [k for k in ("server", "model", "source") if not getattr(self, k)]
+
+    @property
+    def with_cloud(self) -> bool:
+        return self.server.lower() != "none"

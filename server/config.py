@@ -1,0 +1,77 @@
+"""The cloud role's settings: one frozen dataclass for ``fedshift cloud`` and :class:`CloudService`.
+
+Read from ``cloud.toml`` (``--config``) and generated flags (``protos.config``); the CEMA step's
+own constants are the ``[cema]`` section (:class:`core.cema.CemaConfig`). ``$FEDSHIFT_TOKEN`` is
+read when ``token`` is empty, so a secret need not sit in the file.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from core.cema import CemaConfig
+from protos.config import option, section
+
+TOKEN_ENV = "FEDSHIFT_TOKEN"  # the same variable the edges read
+
+
+@dataclass(frozen=True)
+class CloudConfig:
+    """Everything one cloud process needs: where to listen, which models, how to learn."""
+
+    host: str = option("127.0.0.1", "address to bind (default: loopback only)")
+    port: int = option(50051, "port to bind; 0 picks a free one")
+    port_file: str = option("", "write the bound port to this file (useful with port 0)")
+    token: str = option("", f"auth token every edge must send (default: ${TOKEN_ENV}, else none)")
+    shared: bool = option(False, "one student for all edges (default: one per edge)")
+    device: str = option("cpu", "torch device of the learners: cpu, cuda, cuda:1, …")
+    out_dir: str = option("", "output folder: TensorBoard, config and stats under OUT/cloud", flag="out")
+    # the models
+    student: str = option("edge_cnn", "the edge model's registry name (or timm:<name>)")
+    student_weights: str = option("", "the edge model's weights (default for edge_cnn: the built-in edge model)")
+    teacher: str = option("teacher_resnet", "teacher registry name (or timm:<name>)")
+    teacher_weights: str = option("", "teacher weights (default for teacher_resnet: the built-in robust teacher)")
+    num_classes: int = option(10, "classes of student and teacher")
+    image_size: int = option(32, "input height = width")
+    in_chans: int = option(3, "input channels")
+    cache: str = option("", "cache of the built-in models (default: $FEDSHIFT_CACHE or ~/.cache/fedshift)")
+    edge_model: str = option("", "the ONNX file the edges run: uploads are preprocessed with its metadata "
+                             "(default: the student exported to OUT/cloud/edge.onnx)")
+    edge_batch_stats: bool = option(False, "when the cloud exports the edge model: normalize with each "
+                                    "batch's BN statistics")
+    threads: int = option(1, "torch CPU threads")
+    # serving
+    max_workers: int = option(32, "RPC threads (each subscribed edge holds one)")
+    rate_interval_s: float = option(5.0, "window of the logged version / upload rates, seconds")
+    # backpressure: uploads are refused with RESOURCE_EXHAUSTED (edges retry with backoff) while
+    # this many samples wait for the learners, so a flood cannot grow memory without bound
+    max_backlog: int = option(8192, "samples waiting for the learners above which uploads get RESOURCE_EXHAUSTED")
+    # simulation lockstep: an Upload is answered only after its learner has processed it (every
+    # step it enabled), with the resulting version, so a run is reproducible from its seed; a
+    # deployed cloud answers at once and learns in the background
+    lockstep: bool = option(False, "simulation: answer each upload after learning from it (reproducible runs)")
+    lockstep_timeout_s: float = option(120.0, "lockstep: longest wait for the learners per upload, seconds")
+    cema: CemaConfig = section(CemaConfig, "the cloud step")
+
+    def __post_init__(self) -> None:
+        if self.in_chans not in (1, 3) or self.image_size < 1:
+            raise ValueError(f"image_size must be >= 1 and in_chans 1 or 3, got {self.image_size}, {self.in_chans}")
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"port must be in 0..65535, got {self.port}")
+        if self.max_backlog < 1:
+            raise ValueError(f"max_backlog must be >= 1, got {self.max_backlog}")
+        if self.max_workers < 2:
+            raise ValueError("max_workers must be >= 2 (Subscribe streams each hold a thread)")
+        if self.num_classes < 2:
+            raise ValueError(f"num_classes must be >= 2, got {self.num_classes}")
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        """(H, W, C) of uploads = the student's input."""
+        return (self.image_size, self.image_size, self.in_chans)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["token"] = "***" if self.token else ""
+        return d
