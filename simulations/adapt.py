@@ -1,10 +1,14 @@
 """``fedshift adapt``: a cloud process and N forward-only edge processes on loopback, one method.
 
-The launcher prepares everything the processes need (the edge model exported to ONNX, one
-corrupted stream per edge as .npz, the teacher weights), starts ``fedshift cloud`` on a free port
-and ``fedshift edge`` once per edge, waits for the edges, stops the cloud, and aggregates the
-edges' summaries into ``results.json`` plus TensorBoard events (one run per edge). Every process it
-starts is stopped on the way out, also on errors and Ctrl-C.
+The launcher prepares what the processes need (the edge model's ONNX files — given by the export
+stage, or exported here when run on its own — one corrupted stream per edge as .npz, the teacher
+weights), writes each child's resolved role config into ``OUT/configs/`` (``cloud.toml``,
+``edge0.toml``, …), starts ``fedshift cloud --config …`` on a free port and ``fedshift edge
+--config …`` once per edge, waits for the edges, stops the cloud, and gathers the edges' typed
+summaries into ``results.json`` (:class:`AdaptResult`) plus TensorBoard events (one run per edge).
+Every process it starts is stopped on the way out, also on errors and Ctrl-C. Any child can be
+re-run by hand from its config file (the cloud's port then comes from ``cloud.toml``'s port file,
+the edges' server address is in theirs).
 
 Streams: the pooled digits-shift test splits, corrupted at one severity; the corruptions are dealt
 round-robin to the edges (edge i gets corruptions i, i+N, …), so every corruption is streamed once
@@ -15,30 +19,35 @@ batch statistics, the accuracy of that alone without any cloud (``bn_stats_accur
 
 from __future__ import annotations
 
-import json
+import argparse
 import logging
 import os
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
 from core.corruptions import CORRUPTIONS
+from edge.config import EdgeConfig, NodeConfig
+from edge.summary import EdgeSummary
+from protos.config import option, section, write_config
+from protos.records import Record
+from server.config import CloudConfig
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class MethodSpec:
-    """How a method maps onto the edge selection and the cloud step."""
+    """How a method maps onto the edge selection and the cloud step: the fields it sets."""
 
     edge: str  # edge selection method
     cloud: str | None  # cloud learner method; None: no cloud (forward-only baselines)
     batch_stats: bool = True  # edge BN normalizes with each batch's statistics
-    edge_args: tuple[str, ...] = ()
-    cloud_args: tuple[str, ...] = ()
+    selection: tuple[tuple[str, Any], ...] = ()  # SelectionConfig fields this method sets
+    cema: tuple[tuple[str, Any], ...] = ()  # CemaConfig fields this method sets
     about: str = ""
 
 
@@ -49,45 +58,49 @@ EATA_REDUNDANCY = 0.5
 METHODS: dict[str, MethodSpec] = {
     "no_adapt": MethodSpec("none", None, batch_stats=False, about="the exported model as is"),
     "bn_stats": MethodSpec("none", None, about="edge BN statistics only, no cloud"),
-    "tent": MethodSpec("all", "tent", cloud_args=("--no-replay",), about="cloud-Tent: upload all, entropy on the student"),
+    "tent": MethodSpec("all", "tent", cema=(("replay", False),), about="cloud-Tent: upload all, entropy on the student"),
     "distill_all": MethodSpec("all", "distill", about="CEMA's cloud step on every sample"),
     "eata": MethodSpec("eata", "cema", about="EATA selection (H < E0 + redundancy) + CEMA's cloud step"),
     "cema": MethodSpec("cema", "cema", about="CEMA: dynamic E_max, E_min, CEMA's cloud step"),
     "random": MethodSpec("random", "cema", about="random uploads at a given rate + CEMA's cloud step"),
-    "cema_no_replay": MethodSpec("cema", "cema", cloud_args=("--no-replay",), about="ablation: no replay"),
-    "cema_static": MethodSpec("cema", "cema", edge_args=("--static-threshold",), about="ablation: E_max = E0"),
-    "cema_no_emin": MethodSpec("cema", "cema", edge_args=("--no-emin",), about="ablation: no E_min"),
+    "cema_no_replay": MethodSpec("cema", "cema", cema=(("replay", False),), about="ablation: no replay"),
+    "cema_static": MethodSpec("cema", "cema", selection=(("dynamic", False),), about="ablation: E_max = E0"),
+    "cema_no_emin": MethodSpec("cema", "cema", selection=(("use_emin", False),), about="ablation: no E_min"),
 }
+
+
+def _simulation_edge() -> EdgeConfig:
+    """The edges' template in a simulation: lockstep with the cloud (2 s bound)."""
+    return EdgeConfig(node=NodeConfig(sync_timeout_s=2.0))
 
 
 @dataclass(frozen=True)
 class AdaptConfig:
-    """One adaptation run (parsed once from the command line or a scenario)."""
+    """One adaptation run: the launcher's own settings plus the templates of its children.
 
-    method: str = "cema"
-    edges: int = 1
-    corruptions: tuple[str, ...] = CORRUPTIONS
-    severity: int = 5
-    protocol: str = "reset"
-    passes: int = 1
-    limit: int | None = None  # samples per edge
-    batch_size: int = 64
-    seed: int = 0
-    data_seed: int = 0  # digits-shift split: the streams are its test images (never trained on)
-    image_size: int = 32
-    sync_s: float = 2.0  # lockstep bound: an edge waits this long for the cloud's next version
-    random_rate: float | None = None  # method "random"
-    redundancy: float | None = None  # edge redundancy threshold d (None: off; "eata": EATA_REDUNDANCY)
-    edge_model: str = "edge_cnn"
-    edge_weights: str | None = None  # None: the built-in edge model (trained once, cached)
-    teacher: str = "teacher_resnet"
-    teacher_weights: str | None = None  # None: the built-in robust teacher (trained once, cached)
-    teacher_epochs: int = 30  # the built-in teacher's training epochs (each setting cached apart)
-    device: str = "cpu"  # the cloud learners' torch device ("cuda" on a GPU machine)
-    cloud_address: str = ""  # HOST:PORT of a running cloud: no local cloud process is started
-    cache: str | None = None
-    threads: int = 1
-    timeout_s: float = 1800.0
+    ``[edge]`` and ``[cloud]`` are the edge and cloud role configs every child starts from; the
+    launcher fills in what it alone knows (addresses, files, ids, per-edge seeds) and what the
+    method sets (:data:`METHODS`), and writes the result as each child's config file.
+    """
+
+    method: str = option("cema", "the method: " + ", ".join(METHODS), choices=tuple(METHODS))
+    edges: int = option(1, "edge processes")
+    corruptions: tuple[str, ...] = option(CORRUPTIONS, "corruptions, dealt round-robin to the edges")
+    severity: int = option(5, "corruption severity 1..5")
+    protocol: str = option("reset", "reset (a new episode per corruption) or continual", choices=("reset", "continual"))
+    passes: int = option(1, "passes over the test images per corruption")
+    limit: int | None = option(None, "samples per edge (default: the whole stream)")
+    seed: int = option(0, "seed of streams, selection and learners")
+    data_seed: int = option(0, "digits-shift split: the streams are its test images (never trained on)")
+    teacher_epochs: int = option(30, "the built-in teacher's training epochs (each setting cached apart)")
+    edge_onnx: str = option("", "the ONNX file the edges run (running statistics); default: exported from "
+                            "the student's weights into OUT/models")
+    edge_onnx_batch_stats: str = option("", "its batch-statistics variant (methods that re-estimate BN on the "
+                                        "edge); default: exported into OUT/models")
+    cloud_address: str = option("", "HOST:PORT of a running cloud: no local cloud process is started")
+    timeout_s: float = option(1800.0, "longest wait for the edges, seconds")
+    edge: EdgeConfig = section(_simulation_edge, "the edges' settings", prefix="edge-")
+    cloud: CloudConfig = section(CloudConfig, "the cloud's settings (student = the edge model)", prefix="cloud-")
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -98,17 +111,35 @@ class AdaptConfig:
             raise ValueError(f"{self.edges} edges for {len(self.corruptions)} corruptions: each edge needs one")
         if unknown := [c for c in self.corruptions if c not in CORRUPTIONS]:
             raise ValueError(f"unknown corruptions {unknown}; valid: {', '.join(CORRUPTIONS)}")
-        if self.method == "random" and not (self.random_rate and 0 < self.random_rate <= 1):
-            raise ValueError("method 'random' needs random_rate in (0, 1]")
+        rate = self.edge.selection.random_rate
+        if self.method == "random" and not (rate and 0 < rate <= 1):
+            raise ValueError("method 'random' needs edge.selection.random_rate in (0, 1]")
         if self.protocol not in ("reset", "continual"):
             raise ValueError(f"protocol must be 'reset' or 'continual', got {self.protocol!r}")
+        if not 1 <= self.severity <= 5:
+            raise ValueError(f"severity must be 1..5, got {self.severity}")
+
+    @property
+    def spec(self) -> MethodSpec:
+        return METHODS[self.method]
+
+    @property
+    def image_size(self) -> int:
+        return self.cloud.image_size
+
+    @property
+    def lockstep(self) -> bool:
+        return self.spec.cloud is not None and self.edge.node.sync_timeout_s > 0
+
+    def with_random_rate(self, rate: float | None) -> "AdaptConfig":
+        return replace(self, edge=replace(self.edge, selection=replace(self.edge.selection, random_rate=rate)))
 
 
 @dataclass
 class Prepared:
     """Files the processes read."""
 
-    edge_onnx: Path
+    edge_onnx: Path  # what the edges run
     plain_onnx: Path  # running-statistics export, for no_adapt_accuracy
     bn_onnx: Path | None  # batch-statistics export, for bn_stats_accuracy (None: method uses none)
     edge_weights: Path
@@ -117,34 +148,30 @@ class Prepared:
 
 
 def prepare(cfg: AdaptConfig, out: Path) -> Prepared:
-    """Resolve models (training the built-ins once if not cached), export, write the streams."""
+    """Resolve models (training the built-ins once if not cached), take or export the ONNX files,
+    write the streams."""
     from core.data import make_digits_shift
-    from core.export import export_onnx
     from core.streams import build_stream
     from core.teacher import DEFAULT_EDGE, DEFAULT_TEACHER, eval_split, model_or_builtin
     from edge.sources import save_stream_npz
 
-    spec = METHODS[cfg.method]
-    builtin = {"data_seed": cfg.data_seed, "image_size": cfg.image_size}
-    model, edge_weights = model_or_builtin(cfg.edge_model, cfg.edge_weights, replace(DEFAULT_EDGE, **builtin),
-                                           cfg.cache, image_size=cfg.image_size)
+    spec, c = cfg.spec, cfg.cloud
+    builtin = {"data_seed": cfg.data_seed, "image_size": c.image_size}
+    model, edge_weights = model_or_builtin(c.student, c.student_weights or None, replace(DEFAULT_EDGE, **builtin),
+                                           c.cache or None, image_size=c.image_size)
     teacher_weights = None
     if spec.cloud is not None and spec.cloud != "tent" and not cfg.cloud_address:
         teacher_builtin = replace(DEFAULT_TEACHER, epochs=cfg.teacher_epochs, **builtin)
-        _, teacher_weights = model_or_builtin(cfg.teacher, cfg.teacher_weights, teacher_builtin, cfg.cache,
-                                              image_size=cfg.image_size)
-    models_dir = out / "models"
-    edge_onnx = models_dir / "edge.onnx"
-    plain_onnx = models_dir / "edge_running_stats.onnx"
-    shape = (3, cfg.image_size, cfg.image_size)
-    export_onnx(model, plain_onnx, shape, model_name=cfg.edge_model)
+        _, teacher_weights = model_or_builtin(c.teacher, c.teacher_weights or None, teacher_builtin, c.cache or None,
+                                              image_size=c.image_size)
+    shape = (c.in_chans, c.image_size, c.image_size)
+    plain = _given_or_exported(cfg.edge_onnx, model, out / "models" / "edge.onnx", shape, c.student, False)
+    bn = None
     if spec.batch_stats:
-        export_onnx(model, edge_onnx, shape, model_name=cfg.edge_model, batch_stats=True)
-    else:
-        edge_onnx = plain_onnx
-    test = eval_split(make_digits_shift(seed=cfg.data_seed, image_size=cfg.image_size))
-    prepared = Prepared(edge_onnx, plain_onnx, edge_onnx if spec.batch_stats else None, edge_weights,
-                        teacher_weights)
+        bn = _given_or_exported(cfg.edge_onnx_batch_stats, model, out / "models" / "edge_batch_stats.onnx", shape,
+                                c.student, True)
+    test = eval_split(make_digits_shift(seed=cfg.data_seed, image_size=c.image_size))
+    prepared = Prepared(bn or plain, plain, bn, edge_weights, teacher_weights)
     for i in range(cfg.edges):
         mine = cfg.corruptions[i::cfg.edges]
         stream = build_stream(test.images, test.labels, corruptions=mine, severities=(cfg.severity,),
@@ -157,56 +184,54 @@ def prepare(cfg: AdaptConfig, out: Path) -> Prepared:
     return prepared
 
 
-def _edge_argv(cfg: AdaptConfig, i: int, prep: Prepared, server: str, out: Path) -> list[str]:
-    from simulations.processes import fedshift_argv
+def _given_or_exported(given: str, model, path: Path, shape, name: str, batch_stats: bool) -> Path:
+    """An earlier stage's file when one is given (checked), else this launcher's own export."""
+    if given:
+        if not Path(given).is_file():
+            raise FileNotFoundError(f"edge model {given} does not exist")
+        return Path(given)
+    from core.export import export_onnx
 
-    spec = METHODS[cfg.method]
-    argv = fedshift_argv("edge", "--server", server, "--model", str(prep.edge_onnx),
-                         "--source", f"npz:{prep.streams[i]}", "--edge-id", f"edge{i}",
-                         "--method", spec.edge, "--batch-size", str(cfg.batch_size),
-                         "--threads", str(cfg.threads), "--seed", str(cfg.seed * 1000 + i),
-                         "--out", str(out / "edges" / f"edge{i}.json"), *spec.edge_args)
-    redundancy = cfg.redundancy if cfg.redundancy is not None else (EATA_REDUNDANCY if cfg.method == "eata" else None)
-    if redundancy is not None:
-        argv += ["--redundancy", str(redundancy)]
-    if cfg.method == "random":
-        argv += ["--random-rate", str(cfg.random_rate)]
-    if cfg.limit:
-        argv += ["--limit", str(cfg.limit)]
-    if spec.cloud is not None and cfg.sync_s > 0:
-        argv += ["--sync", str(cfg.sync_s)]
-    return argv
+    export_onnx(model, path, shape, model_name=name, batch_stats=batch_stats)
+    return path
 
 
-def _cloud_argv(cfg: AdaptConfig, prep: Prepared, out: Path, port_file: Path) -> list[str]:
-    from simulations.processes import fedshift_argv
-
-    spec = METHODS[cfg.method]
-    argv = fedshift_argv("cloud", "--host", "127.0.0.1", "--port", "0", "--port-file", str(port_file),
-                         "--student", cfg.edge_model, "--student-weights", str(prep.edge_weights),
-                         "--method", str(spec.cloud), "--seed", str(cfg.seed), "--threads", str(cfg.threads),
-                         "--image-size", str(cfg.image_size), "--device", cfg.device,
-                         "--max-workers", str(2 * cfg.edges + 4), "--out", str(out), *spec.cloud_args)
-    if cfg.sync_s > 0:
-        argv.append("--lockstep")
-    if prep.teacher_weights is not None:
-        argv += ["--teacher", cfg.teacher, "--teacher-weights", str(prep.teacher_weights)]
-    if cfg.cache:
-        argv += ["--cache", cfg.cache]
-    return argv
+def edge_config(cfg: AdaptConfig, i: int, prep: Prepared, server: str, out: Path) -> EdgeConfig:
+    """Edge ``i``'s resolved config: the template, the method's selection, this edge's files."""
+    spec, e = cfg.spec, cfg.edge
+    seed = cfg.seed * 1000 + i
+    redundancy = e.selection.redundancy
+    if redundancy is None and cfg.method == "eata":
+        redundancy = EATA_REDUNDANCY
+    selection = replace(e.selection, method=spec.edge, seed=seed, redundancy=redundancy, **dict(spec.selection))
+    node = replace(e.node, limit=cfg.limit, sync_timeout_s=e.node.sync_timeout_s if cfg.lockstep else 0.0)
+    return replace(e, server=server, model=str(prep.edge_onnx), source=f"npz:{prep.streams[i]}",
+                   edge_id=f"edge{i}", out=str(out / "edges" / f"edge{i}.json"), seed=seed, node=node,
+                   selection=selection)
 
 
-def run_adapt(cfg: AdaptConfig, out: str | os.PathLike) -> dict:
+def cloud_config(cfg: AdaptConfig, prep: Prepared, out: Path, port_file: Path) -> CloudConfig:
+    """The cloud's resolved config: the template, the method's cloud step, the prepared files."""
+    spec, c = cfg.spec, cfg.cloud
+    cema = replace(c.cema, method=str(spec.cloud), seed=cfg.seed, **dict(spec.cema))
+    return replace(c, host="127.0.0.1", port=0, port_file=str(port_file), student_weights=str(prep.edge_weights),
+                   teacher_weights=str(prep.teacher_weights or ""), out_dir=str(out),
+                   max_workers=max(c.max_workers, 2 * cfg.edges + 4), lockstep=cfg.lockstep,
+                   edge_model=str(prep.edge_onnx), cema=cema)
+
+
+def run_adapt(cfg: AdaptConfig, out: str | os.PathLike) -> "AdaptResult":
     """Run one method end to end; returns (and writes) ``results.json``."""
-    from simulations.processes import ProcessGroup, wait_for_file
+    from simulations.processes import ProcessGroup, fedshift_argv, wait_for_file
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
+    configs = out / "configs"
+    write_config(configs / "adapt.toml", cfg, header="fedshift adapt: this run's resolved settings")
     t0 = time.monotonic()
     prep = prepare(cfg, out)
     t_prepared = time.monotonic()
-    spec = METHODS[cfg.method]
+    spec = cfg.spec
     edge_names = [f"edge{i}" for i in range(cfg.edges)]
     with ProcessGroup(out / "logs") as group:
         server = "none"
@@ -216,12 +241,16 @@ def run_adapt(cfg: AdaptConfig, out: str | os.PathLike) -> dict:
         elif spec.cloud is not None:
             port_file = out / "cloud.port"
             port_file.unlink(missing_ok=True)
-            cloud = group.start("cloud", _cloud_argv(cfg, prep, out, port_file))
+            path = write_config(configs / "cloud.toml", cloud_config(cfg, prep, out, port_file),
+                                header="fedshift cloud --config cloud.toml")
+            cloud = group.start("cloud", fedshift_argv("cloud", "--config", str(path)))
             port = wait_for_file(port_file, cloud, timeout=300, what="fedshift cloud")
             server = f"127.0.0.1:{port}"
             log.info("cloud up on %s (pid %d)", server, cloud.pid)
         for i, name in enumerate(edge_names):
-            group.start(name, _edge_argv(cfg, i, prep, server, out))
+            path = write_config(configs / f"{name}.toml", edge_config(cfg, i, prep, server, out),
+                                header=f"fedshift edge --config {name}.toml")
+            group.start(name, fedshift_argv("edge", "--config", str(path)))
         log.info("%d edge process(es) running: %s", cfg.edges, group.pids())
         codes = _wait_with_progress(group, edge_names, out, cfg.timeout_s)
         failed = {n: c for n, c in codes.items() if c != 0}
@@ -230,17 +259,17 @@ def run_adapt(cfg: AdaptConfig, out: str | os.PathLike) -> dict:
             raise RuntimeError(f"edge process(es) failed: {failed}\n{tails}")
         if spec.cloud is not None and not cfg.cloud_address:
             group.stop("cloud", grace=30)
-    summaries = [json.loads((out / "edges" / f"{n}.json").read_text()) for n in edge_names]
-    no_adapt = forward_only_accuracy(prep.plain_onnx, prep.streams, cfg.batch_size, cfg.limit)
-    results = aggregate(cfg, summaries, no_adapt)
-    if prep.bn_onnx is not None:
-        results["bn_stats_accuracy"] = forward_only_accuracy(prep.bn_onnx, prep.streams, cfg.batch_size, cfg.limit)
-    results["timing_s"] = {"prepare": t_prepared - t0, "adapt": time.monotonic() - t_prepared}
+    summaries = [EdgeSummary.read(out / "edges" / f"{n}.json") for n in edge_names]
+    limit = cfg.limit
+    batch = cfg.edge.batch_size
+    no_adapt = forward_only_accuracy(prep.plain_onnx, prep.streams, batch, limit)
+    bn = forward_only_accuracy(prep.bn_onnx, prep.streams, batch, limit) if prep.bn_onnx is not None else None
+    timing = Timing(prepare=t_prepared - t0, adapt=time.monotonic() - t_prepared)
+    results = aggregate(cfg, summaries, no_adapt, bn_stats=bn, timing=timing)
     write_edge_tensorboard(summaries, out / "edges")
-    (out / "results.json").write_text(json.dumps(results, indent=2))
+    results.write(out / "results.json")
     log.info("%s: online accuracy %.2f%% (no adaptation %.2f%%), uploaded %.1f%%", cfg.method,
-             100 * results["accuracy"]["overall"], 100 * results["no_adapt_accuracy"]["overall"],
-             100 * results["upload_rate"])
+             100 * results.accuracy.overall, 100 * results.no_adapt_accuracy.overall, 100 * results.upload_rate)
     return results
 
 
@@ -258,11 +287,88 @@ def _wait_with_progress(group, names: Sequence[str], out: Path, timeout: float) 
                     log.info("%s: %s", name, line[-160:])
 
 
-def forward_only_accuracy(model: Path, streams: Sequence[Path], batch_size: int, limit: int | None = None) -> dict:
+@dataclass(frozen=True)
+class Accuracy:
+    overall: float = 0.0
+    per_corruption: dict[str, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not all(0.0 <= v <= 1.0 for v in (self.overall, *self.per_corruption.values())):
+            raise ValueError(f"accuracies must lie in [0, 1]: {self}")
+
+
+@dataclass(frozen=True)
+class EdgeBrief:
+    """One edge's line in the results (the full summary is ``edges/<id>.json``)."""
+
+    edge_id: str | None
+    seen: int
+    kept: int
+    uploaded: int
+    accuracy: float | None
+    bytes_up: int
+    bytes_down: int
+    versions_applied: int
+    wall_s: float
+    sync_timeouts: int
+    model_path: str
+    model_sha256: str
+
+
+@dataclass(frozen=True)
+class Timing:
+    prepare: float = 0.0
+    adapt: float = 0.0
+
+
+@dataclass(frozen=True)
+class AdaptResult(Record):
+    """``OUT/results.json`` of one adaptation run: the edges' counters summed, accuracies per
+    corruption over every edge that streamed it, and the forward-only references."""
+
+    SCHEMA = "fedshift.adapt-result/1"
+    DERIVED = ("upload_rate",)
+
+    method: str
+    about: str
+    config: AdaptConfig
+    edges: int
+    accuracy: Accuracy
+    no_adapt_accuracy: Accuracy
+    bn_stats_accuracy: Accuracy | None
+    seen: int
+    kept: int
+    uploaded: int
+    upload_failed: int
+    uploaded_per_corruption: dict[str, int]
+    bytes_up: int
+    bytes_down: int
+    versions_applied: int
+    update_latency_s_mean: float | None
+    per_edge: tuple[EdgeBrief, ...]
+    timing_s: Timing = field(default_factory=Timing)
+
+    def __post_init__(self) -> None:
+        if len(self.per_edge) != self.edges:
+            raise ValueError(f"{len(self.per_edge)} edge lines for {self.edges} edges")
+        for key in ("seen", "kept", "uploaded", "bytes_up", "bytes_down", "versions_applied"):
+            if sum(getattr(e, key) for e in self.per_edge) != getattr(self, key):
+                raise ValueError(f"{key} {getattr(self, key)} is not the sum over the edges")
+        if not 0 <= self.uploaded <= self.kept <= self.seen:
+            raise ValueError(f"counts: uploaded {self.uploaded}, kept {self.kept}, seen {self.seen}")
+        if sum(self.uploaded_per_corruption.values()) != self.uploaded:
+            raise ValueError("uploaded_per_corruption does not sum to uploaded")
+
+    @property
+    def upload_rate(self) -> float:
+        return self.uploaded / self.seen if self.seen else 0.0
+
+
+def forward_only_accuracy(model: Path, streams: Sequence[Path], batch_size: int, limit: int | None = None) -> Accuracy:
     """Accuracy of an exported model on the streams, in-process, without any cloud: the running-
     statistics export gives ``no_adapt_accuracy``, the batch-statistics one ``bn_stats_accuracy``
     (batches as the edges form them: ``batch_size`` samples, never across segments; ``limit``
-    samples per stream, like ``fedshift edge --limit``)."""
+    samples per stream, like the edges' ``limit``)."""
     from edge.runtime import EdgeRuntime
     from edge.sources import load_stream_npz
 
@@ -280,82 +386,66 @@ def forward_only_accuracy(model: Path, streams: Sequence[Path], batch_size: int,
             correct[seg.corruption] = correct.get(seg.corruption, 0) + int((pred == seg.labels[:n]).sum())
             total[seg.corruption] = total.get(seg.corruption, 0) + n
             left = None if left is None else left - n
-    return {"overall": sum(correct.values()) / max(1, sum(total.values())),
-            "per_corruption": {c: correct[c] / total[c] for c in total}}
+    return Accuracy(overall=sum(correct.values()) / max(1, sum(total.values())),
+                    per_corruption={c: correct[c] / total[c] for c in total})
 
 
-def aggregate(cfg: AdaptConfig, summaries: Sequence[dict], no_adapt: dict) -> dict:
+def aggregate(cfg: AdaptConfig, summaries: Sequence[EdgeSummary], no_adapt: Accuracy, *,
+              bn_stats: Accuracy | None = None, timing: Timing = Timing()) -> AdaptResult:
     """Sum the edges' counters; accuracy per corruption over all edges that streamed it."""
-    def total(key: str) -> int:
-        return int(sum(s.get(key) or 0 for s in summaries))
-
-    per: dict[str, dict[str, int]] = {}
+    correct: dict[str, int] = {}
+    labelled: dict[str, int] = {}
+    uploaded: dict[str, int] = {}
     for s in summaries:
-        for name, c in s["per_corruption"].items():
-            acc = per.setdefault(name, {"correct": 0, "labelled": 0, "seen": 0, "uploaded": 0})
-            for k in acc:
-                acc[k] += int(c.get(k) or 0)
-    seen = total("seen")
-    for s in summaries:
-        if s.get("uploaded", 0) + s.get("upload_failed", 0) != s.get("kept", 0) and s.get("server"):
-            raise RuntimeError(f"{s['edge_id']}: uploaded + failed != kept")
-    return {
-        "method": cfg.method,
-        "about": METHODS[cfg.method].about,
-        "config": asdict(cfg),
-        "edges": len(summaries),
-        "accuracy": {
-            "overall": total("correct") / max(1, total("labelled")),
-            "per_corruption": {n: v["correct"] / max(1, v["labelled"]) for n, v in per.items()},
-        },
-        "no_adapt_accuracy": no_adapt,
-        "seen": seen,
-        "kept": total("kept"),
-        "uploaded": total("uploaded"),
-        "upload_failed": total("upload_failed"),
-        "upload_rate": total("uploaded") / max(1, seen),
-        "uploaded_per_corruption": {n: v["uploaded"] for n, v in per.items()},
-        "bytes_up": total("bytes_up"),
-        "bytes_down": total("bytes_down"),
-        "versions_applied": total("versions_applied"),
-        "update_latency_s_mean": _mean_latency(summaries),
-        "per_edge": [{k: s.get(k) for k in ("edge_id", "seen", "kept", "uploaded", "accuracy", "bytes_up",
-                                            "bytes_down", "versions_applied", "wall_s", "sync_timeouts")}
-                     for s in summaries],
-    }
+        for name, c in s.per_corruption.items():
+            correct[name] = correct.get(name, 0) + c.correct
+            labelled[name] = labelled.get(name, 0) + c.labelled
+            uploaded[name] = uploaded.get(name, 0) + c.uploaded
+    lat = [(s.updates.update_latency_s.count, s.updates.update_latency_s.mean) for s in summaries
+           if s.updates.update_latency_s.count and s.updates.update_latency_s.mean is not None]
+    n_lat = sum(c for c, _ in lat)
+    return AdaptResult(
+        method=cfg.method, about=cfg.spec.about, config=cfg, edges=len(summaries),
+        accuracy=Accuracy(overall=sum(s.correct for s in summaries) / max(1, sum(s.labelled for s in summaries)),
+                          per_corruption={n: correct[n] / max(1, labelled[n]) for n in correct}),
+        no_adapt_accuracy=no_adapt, bn_stats_accuracy=bn_stats,
+        seen=sum(s.seen for s in summaries), kept=sum(s.kept for s in summaries),
+        uploaded=sum(s.uploaded for s in summaries), upload_failed=sum(s.upload_failed for s in summaries),
+        uploaded_per_corruption=uploaded, bytes_up=sum(s.bytes_up for s in summaries),
+        bytes_down=sum(s.bytes_down for s in summaries),
+        versions_applied=sum(s.versions_applied for s in summaries),
+        update_latency_s_mean=sum(c * m for c, m in lat) / n_lat if n_lat else None,
+        per_edge=tuple(EdgeBrief(s.edge_id, s.seen, s.kept, s.uploaded, s.accuracy, s.bytes_up, s.bytes_down,
+                                 s.versions_applied, s.wall_s, s.sync_timeouts, s.model.path, s.model.sha256)
+                       for s in summaries),
+        timing_s=timing,
+    )
 
 
-def _mean_latency(summaries: Sequence[dict]) -> float | None:
-    lat = [(s["update_latency_s"]["count"], s["update_latency_s"]["mean"]) for s in summaries
-           if s.get("update_latency_s") and s["update_latency_s"].get("count")]
-    n = sum(c for c, _ in lat)
-    return sum(c * m for c, m in lat) / n if n else None
-
-
-def write_edge_tensorboard(summaries: Sequence[dict], log_dir: Path) -> None:
+def write_edge_tensorboard(summaries: Sequence[EdgeSummary], log_dir: Path) -> None:
     """Edge curves from the summaries' timelines (edges are torch-free; the launcher writes them)."""
     from torch.utils.tensorboard import SummaryWriter
 
     for s in summaries:
-        t = s.get("timeline") or {}
-        if not t.get("seen"):
+        t = s.timeline
+        if not len(t):
             continue
-        with SummaryWriter(str(log_dir / str(s["edge_id"]))) as w:
+        with SummaryWriter(str(log_dir / str(s.edge_id))) as w:
             correct = labelled = uploaded = 0
-            for j, seen in enumerate(t["seen"]):
-                n = t["n"][j]
-                uploaded += t["uploaded"][j]
-                if t["correct"][j] is not None:
-                    correct += t["correct"][j]
+            for j, seen in enumerate(t.seen):
+                n = t.n[j]
+                uploaded += t.uploaded[j]
+                if t.correct[j] is not None:
+                    correct += t.correct[j]
                     labelled += n
-                    w.add_scalar("edge/batch_accuracy", t["correct"][j] / max(1, n), seen)
+                    w.add_scalar("edge/batch_accuracy", t.correct[j] / max(1, n), seen)
                     w.add_scalar("edge/online_accuracy", correct / max(1, labelled), seen)
                 w.add_scalar("edge/upload_rate", uploaded / max(1, seen), seen)
-                w.add_scalar("edge/kept_in_batch", t["kept"][j] / max(1, n), seen)
-                w.add_scalar("edge/mean_entropy", t["mean_entropy"][j], seen)
-                w.add_scalar("edge/version", t["version"][j], seen)
-                if t["e_max"][j] is not None:
-                    w.add_scalar("edge/e_max", t["e_max"][j], seen)
-            w.add_scalar("edge/bytes_up", s.get("bytes_up", 0), t["seen"][-1])
-            w.add_scalar("edge/bytes_down", s.get("bytes_down", 0), t["seen"][-1])
-
+                w.add_scalar("edge/kept_in_batch", t.kept[j] / max(1, n), seen)
+                if t.mean_entropy[j] is not None:
+                    w.add_scalar("edge/mean_entropy", t.mean_entropy[j], seen)
+                w.add_scalar("edge/version", t.version[j], seen)
+                if t.e_max[j] is not None:
+                    w.add_scalar("edge/e_max", t.e_max[j], seen)
+            w.add_scalar("edge/bytes_up", s.bytes_up, t.seen[-1])
+            w.add_scalar("edge/bytes_down", s.bytes_down, t.seen[-1])

@@ -13,7 +13,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Sequence
 
-from simulations.adapt import METHODS, AdaptConfig, run_adapt
+from protos.config import to_mapping
+from simulations.adapt import METHODS, AdaptConfig, AdaptResult, run_adapt
 
 log = logging.getLogger(__name__)
 
@@ -33,14 +34,15 @@ def compare(base: AdaptConfig, methods: Sequence[str], seeds: Sequence[int], out
     order = sorted(methods, key=lambda m: (m == "random", methods.index(m)))
     if "random" in order and "cema" not in order:
         raise ValueError("'random' is matched to CEMA's upload rate: include 'cema'")
-    runs: dict[str, list[dict]] = {m: [] for m in order}
+    runs: dict[str, list[AdaptResult]] = {m: [] for m in order}
     for seed in seeds:
         for method in order:
-            cfg = replace(base, method=method, seed=seed,
-                          random_rate=runs["cema"][-1]["upload_rate"] if method == "random" else base.random_rate)
+            cfg = replace(base, method=method, seed=seed)
+            if method == "random":
+                cfg = cfg.with_random_rate(runs["cema"][-1].upload_rate)
             log.info("== %s, seed %d ==", method, seed)
             runs[method].append(run_adapt(cfg, out / f"{method}_seed{seed}"))
-    summary = {"methods": list(methods), "seeds": list(seeds), "config": json.loads(json.dumps(base.__dict__)),
+    summary = {"methods": list(methods), "seeds": list(seeds), "config": to_mapping(base),
                "runs": {m: [_brief(r) for r in rs] for m, rs in runs.items()}}
     (out / "compare.json").write_text(json.dumps(summary, indent=2))
     table = markdown_table(runs, list(base.corruptions), [m for m in methods])
@@ -49,10 +51,11 @@ def compare(base: AdaptConfig, methods: Sequence[str], seeds: Sequence[int], out
     return summary
 
 
-def _brief(r: dict) -> dict:
+def _brief(r: AdaptResult) -> dict:
+    d = r.to_dict()
     keys = ("method", "accuracy", "no_adapt_accuracy", "seen", "uploaded", "upload_rate", "bytes_up",
             "bytes_down", "versions_applied", "timing_s")
-    return {k: r[k] for k in keys}
+    return {k: d[k] for k in keys}
 
 
 def _fmt(values: list[float]) -> str:
@@ -60,20 +63,20 @@ def _fmt(values: list[float]) -> str:
     return f"{mean:.1f}" if len(values) < 2 else f"{mean:.1f}±{100 * statistics.stdev(values):.1f}"
 
 
-def markdown_table(runs: dict[str, list[dict]], corruptions: list[str], methods: list[str]) -> str:
+def markdown_table(runs: dict[str, list[AdaptResult]], corruptions: list[str], methods: list[str]) -> str:
     head = ["method", *[SHORT.get(c, c) for c in corruptions], "mean", "uploaded %", "MB up", "MB down"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for m in methods:
         rs = runs[m]
-        cells = [_fmt([r["accuracy"]["per_corruption"].get(c, float("nan")) for r in rs]) for c in corruptions]
+        cells = [_fmt([r.accuracy.per_corruption.get(c, float("nan")) for r in rs]) for c in corruptions]
         lines.append("| " + " | ".join([
-            m, *cells, _fmt([r["accuracy"]["overall"] for r in rs]), _fmt([r["upload_rate"] for r in rs]),
-            f"{statistics.fmean(r['bytes_up'] for r in rs) / 1e6:.2f}",
-            f"{statistics.fmean(r['bytes_down'] for r in rs) / 1e6:.2f}"]) + " |")
+            m, *cells, _fmt([r.accuracy.overall for r in rs]), _fmt([r.upload_rate for r in rs]),
+            f"{statistics.fmean(r.bytes_up for r in rs) / 1e6:.2f}",
+            f"{statistics.fmean(r.bytes_down for r in rs) / 1e6:.2f}"]) + " |")
     return "\n".join(lines)
 
 
-def plot(runs: dict[str, list[dict]], path: Path) -> None:
+def plot(runs: dict[str, list[AdaptResult]], path: Path) -> None:
     """Mean online accuracy vs upload rate (one point per method and seed)."""
     import matplotlib
 
@@ -82,7 +85,7 @@ def plot(runs: dict[str, list[dict]], path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for m, rs in runs.items():
-        ax.scatter([100 * r["upload_rate"] for r in rs], [100 * r["accuracy"]["overall"] for r in rs], label=m)
+        ax.scatter([100 * r.upload_rate for r in rs], [100 * r.accuracy.overall for r in rs], label=m)
     ax.set_xlabel("uploaded samples (%)")
     ax.set_ylabel("online accuracy (%)")
     ax.set_title("cloud-edge adaptation: accuracy vs uploads")

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import dataclasses
 import tomllib
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence, get_args, get_origin, get_type_hints
+from typing import Any, Mapping, Sequence
 
 from core.corruptions import CORRUPTIONS
+from protos.config import from_mapping, load_toml
+from protos.config import to_toml as config_toml
 
 SCENARIO_DIR = Path(__file__).resolve().parent / "scenarios"
 
@@ -97,39 +99,6 @@ class Scenario:
         return dataclasses.asdict(self)
 
 
-def _coerce(value: Any, hint: Any, key: str) -> Any:
-    origin = get_origin(hint)
-    if origin is tuple:
-        if not isinstance(value, (list, tuple)):
-            raise ValueError(f"{key}: expected a list, got {value!r}")
-        inner = get_args(hint)[0]
-        return tuple(_coerce(v, inner, key) for v in value)
-    if hint is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if hint in (int, float, str, bool) and not (isinstance(value, hint) and not (hint is int and isinstance(value, bool))):
-        raise ValueError(f"{key}: expected {hint.__name__}, got {value!r}")
-    return value
-
-
-def _build(cls: type, data: Mapping[str, Any], prefix: str) -> Any:
-    hints = get_type_hints(cls)
-    names = [f.name for f in fields(cls)]
-    unknown = sorted(set(data) - set(names))
-    if unknown:
-        where = f"[{prefix.rstrip('.')}]" if prefix else "the top level"
-        raise ValueError(f"unknown scenario key {prefix}{unknown[0]!s} in {where}; known: {', '.join(names)}")
-    kwargs = {}
-    for name, value in data.items():
-        hint = hints[name]
-        if dataclasses.is_dataclass(hint):
-            if not isinstance(value, Mapping):
-                raise ValueError(f"{prefix}{name}: expected a table")
-            kwargs[name] = _build(hint, value, f"{prefix}{name}.")
-        else:
-            kwargs[name] = _coerce(value, hint, f"{prefix}{name}")
-    return cls(**kwargs)
-
-
 def parse_override(text: str) -> tuple[list[str], Any]:
     """``"fl.rounds=10"`` → (["fl", "rounds"], 10); values are TOML literals or bare strings."""
     if "=" not in text:
@@ -175,27 +144,13 @@ def resolve_path(name_or_path: str | Path | None) -> Path:
 
 def load_scenario(name_or_path: str | Path | None = None, overrides: Sequence[str] = ()) -> Scenario:
     path = resolve_path(name_or_path)
+    data = load_toml(path)
     try:
-        data = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as exc:
-        raise ValueError(f"{path}: {exc}") from exc
-    return _build(Scenario, apply_overrides(data, overrides), "")
+        return from_mapping(Scenario, apply_overrides(data, overrides))
+    except ValueError as exc:
+        raise ValueError(f"scenario {path.name}: {exc}") from exc
 
 
 def to_toml(scenario: Scenario) -> str:
     """The resolved scenario as TOML (written into every run folder)."""
-    def value(v: Any) -> str:
-        if isinstance(v, bool):
-            return "true" if v else "false"
-        if isinstance(v, (list, tuple)):
-            return "[" + ", ".join(value(x) for x in v) + "]"
-        if isinstance(v, str):
-            return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
-        return repr(v)
-
-    d = scenario.to_dict()
-    lines = [f"{k} = {value(v)}" for k, v in d.items() if not isinstance(v, dict)]
-    for k, v in d.items():
-        if isinstance(v, dict):
-            lines += ["", f"[{k}]", *[f"{kk} = {value(vv)}" for kk, vv in v.items()]]
-    return "\n".join(lines) + "\n"
+    return config_toml(scenario, header=f"fedshift run: scenario {scenario.name!r}, resolved")

@@ -8,7 +8,12 @@ import pytest
 import torch
 
 from core.models import create_model
-from simulations.adapt import METHODS, AdaptConfig, aggregate, run_adapt
+from edge.config import EdgeConfig, NodeConfig
+from edge.summary import EdgeSummary
+from protos.config import load_config
+from protos.contract import file_sha256
+from server.config import CloudConfig
+from simulations.adapt import METHODS, Accuracy, AdaptConfig, AdaptResult, aggregate, run_adapt
 
 
 def _live_processes_mentioning(text: str) -> list[str]:
@@ -37,20 +42,32 @@ def weights(tmp_path_factory):
 
 def test_cema_with_two_edge_processes(tmp_path, weights) -> None:
     out = tmp_path / "run"
-    cfg = AdaptConfig(method="distill_all", edges=2, corruptions=("contrast", "fog"), limit=96, batch_size=32,
-                      edge_weights=str(weights / "edge.pt"), teacher_weights=str(weights / "teacher.pt"), sync_s=2.0)
+    cfg = AdaptConfig(method="distill_all", edges=2, corruptions=("contrast", "fog"), limit=96,
+                      edge=EdgeConfig(batch_size=32, node=NodeConfig(sync_timeout_s=2.0)),
+                      cloud=CloudConfig(student_weights=str(weights / "edge.pt"),
+                                        teacher_weights=str(weights / "teacher.pt")))
     results = run_adapt(cfg, out)
     on_disk = json.loads((out / "results.json").read_text())
     assert on_disk["method"] == "distill_all" and on_disk["edges"] == 2
     for key in ("accuracy", "no_adapt_accuracy", "seen", "uploaded", "bytes_up", "bytes_down", "versions_applied"):
         assert key in on_disk
-    assert results["seen"] == 2 * 96
-    assert results["uploaded"] == results["kept"] == 2 * 96  # distill_all uploads everything
-    assert set(results["accuracy"]["per_corruption"]) == {"contrast", "fog"}
-    assert results["versions_applied"] > 2  # the two reset states plus cloud updates
-    assert results["bytes_down"] > 0 and results["bytes_up"] > 96 * 32 * 32 * 3
-    assert 0.0 <= results["accuracy"]["overall"] <= 1.0
-    assert set(results["bn_stats_accuracy"]["per_corruption"]) == {"contrast", "fog"}  # the no-cloud reference
+    assert AdaptResult.read(out / "results.json") == results and results.config == cfg
+    assert results.seen == 2 * 96
+    assert results.uploaded == results.kept == 2 * 96  # distill_all uploads everything
+    assert set(results.accuracy.per_corruption) == {"contrast", "fog"}
+    assert results.versions_applied > 2  # the two reset states plus cloud updates
+    assert results.bytes_down > 0 and results.bytes_up > 96 * 32 * 32 * 3
+    assert 0.0 <= results.accuracy.overall <= 1.0
+    assert set(results.bn_stats_accuracy.per_corruption) == {"contrast", "fog"}  # the no-cloud reference
+    # the children ran from the config files the launcher wrote; each edge ran the batch-statistics export
+    cloud = load_config(CloudConfig, out / "configs" / "cloud.toml")
+    assert cloud.cema.method == "distill" and cloud.lockstep and cloud.edge_model == str(out / "models" /
+                                                                                            "edge_batch_stats.onnx")
+    for i in range(2):
+        edge = load_config(EdgeConfig, out / "configs" / f"edge{i}.toml")
+        assert edge.selection.method == "all" and edge.batch_size == 32 and edge.node.limit == 96
+        summary = EdgeSummary.read(edge.out)
+        assert summary.model.path == cloud.edge_model and summary.model.sha256 == file_sha256(cloud.edge_model)
     # TensorBoard: cloud and one run per edge
     assert list((out / "cloud").glob("events.out.tfevents.*"))
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -63,11 +80,11 @@ def test_cema_with_two_edge_processes(tmp_path, weights) -> None:
 
 def test_forward_only_baseline_needs_no_cloud(tmp_path, weights) -> None:
     cfg = AdaptConfig(method="bn_stats", edges=1, corruptions=("contrast",), limit=64,
-                      edge_weights=str(weights / "edge.pt"))
+                      cloud=CloudConfig(student_weights=str(weights / "edge.pt")))
     results = run_adapt(cfg, tmp_path / "bn")
-    assert results["uploaded"] == 0 and results["bytes_up"] == 0
+    assert results.uploaded == 0 and results.bytes_up == 0
     # the edge process and the in-process reference compute the same thing
-    assert results["accuracy"] == results["bn_stats_accuracy"]
+    assert results.accuracy == results.bn_stats_accuracy
     assert not (tmp_path / "bn" / "cloud").exists()
 
 
@@ -79,7 +96,4 @@ def test_config_and_aggregate_validation() -> None:
     with pytest.raises(ValueError, match="each edge needs one"):
         AdaptConfig(edges=3, corruptions=("fog", "snow"))
     assert set(METHODS) >= {"no_adapt", "bn_stats", "tent", "eata", "cema", "distill_all", "random"}
-    summary = {"edge_id": "e", "server": "x", "seen": 10, "kept": 4, "uploaded": 3, "upload_failed": 0,
-               "per_corruption": {}}
-    with pytest.raises(RuntimeError, match="uploaded"):
-        aggregate(AdaptConfig(), [summary], {"overall": 0.0, "per_corruption": {}})
+    assert AdaptConfig().with_random_rate(0.3).edge.selection.random_rate == 0.3

@@ -45,8 +45,8 @@ def test_overrides_apply_and_type_check(tmp_path) -> None:
 
 
 @pytest.mark.parametrize("override,match", [
-    ("fl.roundz=3", r"unknown scenario key fl.roundz in \[fl\]; known: strategies, deploy, rounds"),
-    ("nope=1", "unknown scenario key nope in the top level"),
+    ("fl.roundz=3", r"unknown key 'roundz' in \[fl\]; valid keys: strategies, deploy, rounds"),
+    ("nope=1", "unknown key 'nope' in the top level"),
     ("fl.rounds=ten", "fl.rounds: expected int, got 'ten'"),
     ("fl.rounds", "expected KEY=VALUE"),
     ("edge.corruptions=['fog','rain']", "unknown \\['rain'\\]"),
