@@ -231,11 +231,11 @@ def _task_updates(task: dict[str, Any]) -> dict[str, Any]:
                 raise TimeoutError(f"version {i + 1} not applied within {task['timeout_s']} s "
                                    f"(in force: {runtime.version}, subscriber: {sub.stats()})")
             round_trip.append(time.perf_counter() - start)
-        stats = sub.stats()
-        # Subscriber keeps every latency it measured (time.time() after apply − created_unix) but
-        # stats() only summarises them as mean/max; the median needs the samples.
-        with sub._lock:
-            latencies = list(sub._latencies)
+        from protos.config import to_mapping
+
+        stats = to_mapping(sub.stats())
+        # stats() summarises the latencies as mean/max; the median needs the samples
+        latencies = sub.latencies()
         return {"latencies_s": latencies, "apply_s": apply_s, "upload_to_applied_s": round_trip,
                 "subscriber": stats, "final_version": runtime.version}
     finally:
@@ -370,9 +370,13 @@ class _Server:
             from core.cema import CemaConfig
             from server.cloud import CloudConfig, CloudServer
 
-            config = CloudConfig(image_shape=IMAGE_SHAPE, cema=CemaConfig(batch_size=self._args.cloud_batch),
+            config = CloudConfig(image_size=IMAGE_SHAPE[0], in_chans=IMAGE_SHAPE[2],
+                                 cema=CemaConfig(batch_size=self._args.cloud_batch),
                                  shared=False, max_workers=32)
-            self._server = CloudServer(self._models.student, self._models.teacher, config)
+            from server.cloud_cli import read_edge_model
+
+            self._server = CloudServer(self._models.student, self._models.teacher, config,
+                                       preprocess=read_edge_model(self._models.onnx).preprocess)
             try:
                 self._server.start()
             except BaseException:

@@ -244,6 +244,11 @@ class Subscriber(threading.Thread):
         latency = Latency(len(lat), float(np.mean(lat)) if lat else None, float(np.max(lat)) if lat else None)
         return SubscriberStats(**counts, update_latency_s=latency)
 
+    def latencies(self) -> list[float]:
+        """Every update latency measured so far, seconds (benchmarks take medians of them)."""
+        with self._lock:
+            return list(self._latencies)
+
     def wait_for_version(self, version: int, timeout: float) -> bool:
         """Block until a version >= ``version`` is in force (tests, launch barriers)."""
         with self._applied_event:
