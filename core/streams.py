@@ -24,10 +24,10 @@ import numpy as np
 
 from core.corruptions import (CORRUPTIONS, check_corruption, corrupt, corruption_seed,
                               resolve_constants)
+from protos.contract import PROTOCOLS  # the stream file format's protocols, shared with the edge
 
 logger = logging.getLogger(__name__)
 
-PROTOCOLS: tuple[str, ...] = ("reset", "continual")
 CHUNK_PIXELS = 1 << 22  # pixels (H * W) per corruption chunk: ~50 MB of float32 RGB
 MAX_CHUNK = 1024
 

@@ -153,7 +153,7 @@ def prepare(cfg: AdaptConfig, out: Path) -> Prepared:
     from core.data import make_digits_shift
     from core.streams import build_stream
     from core.teacher import DEFAULT_EDGE, DEFAULT_TEACHER, eval_split, model_or_builtin
-    from edge.sources import save_stream_npz
+    from protos.contract import save_stream_npz
 
     spec, c = cfg.spec, cfg.cloud
     builtin = {"data_seed": cfg.data_seed, "image_size": c.image_size}
@@ -370,7 +370,7 @@ def forward_only_accuracy(model: Path, streams: Sequence[Path], batch_size: int,
     (batches as the edges form them: ``batch_size`` samples, never across segments; ``limit``
     samples per stream, like the edges' ``limit``)."""
     from edge.runtime import EdgeRuntime
-    from edge.sources import load_stream_npz
+    from protos.contract import load_stream_npz
 
     runtime = EdgeRuntime(model)
     correct: dict[str, int] = {}
