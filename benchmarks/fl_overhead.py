@@ -154,14 +154,18 @@ def engine_plain(a: argparse.Namespace) -> dict[str, Any]:
 def engine_flower(a: argparse.Namespace) -> dict[str, Any]:
     """The same run through ``fedshift fl``'s Flower simulation engine."""
     t0 = time.perf_counter()
+    from core.fl_config import FLConfig
+    from simulations.fl_role import FLRun, SimulationResources
     from simulations.fl_sim import run_fl_simulation
 
     with tempfile.TemporaryDirectory() as tmp:
-        results = run_fl_simulation({**_overrides(a), "out-dir": tmp}, num_cpus=a.num_cpus, cpus_per_client=1)
-    hist = results["history"]
-    return {"wall_seconds": time.perf_counter() - t0, "round_seconds": [h["round_seconds"] for h in hist],
-            "mean_accuracy": [h["mean_accuracy"] for h in hist],
-            "bytes_per_round": hist[-1]["bytes_down"] + hist[-1]["bytes_up"]}
+        run = FLRun(fl=FLConfig.from_run_config({**_overrides(a), "out-dir": tmp}),
+                    simulation=SimulationResources(num_cpus=a.num_cpus, cpus_per_client=1))
+        results = run_fl_simulation(run)
+    hist = results.history
+    return {"wall_seconds": time.perf_counter() - t0, "round_seconds": [h.round_seconds for h in hist],
+            "mean_accuracy": [h.mean_accuracy for h in hist],
+            "bytes_per_round": hist[-1].bytes_down + hist[-1].bytes_up}
 
 
 def _summary(name: str, res: dict[str, Any], peak: int, rounds: int) -> dict[str, Any]:

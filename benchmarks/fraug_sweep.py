@@ -23,6 +23,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from core.fl_config import FLConfig, FLResult  # noqa: E402
+from simulations.fl_role import FLRun  # noqa: E402
+
 log = logging.getLogger("fraug_sweep")
 
 # name -> (FRAug overrides, whether FedBN must be rerun with the same overrides)
@@ -38,17 +41,22 @@ VARIANTS: dict[str, tuple[dict[str, Any], bool]] = {
 }
 
 
-def _namespace(seeds: list[int], strategies: list[str], sets: dict[str, Any], force: bool) -> argparse.Namespace:
-    return argparse.Namespace(seeds=seeds, strategies=strategies, sets=[f"{k}={v}" for k, v in sets.items()],
-                              rounds=None, clients=None, num_cpus=None, cpus_per_client=1, force=force)
+def _load(run_dir: Path) -> FLResult:
+    return FLResult.read(run_dir / "results.json")
 
 
-def _load(run_dir: Path) -> dict[str, Any]:
-    return json.loads((run_dir / "results.json").read_text())
+def _paired(fraug: dict[int, FLResult], fedbn: dict[int, FLResult], key: str) -> list[float]:
+    diffs = []
+    for k in sorted(fraug):
+        if k in fedbn:
+            a, b = getattr(fraug[k], key), getattr(fedbn[k], key)
+            diffs.append(a - b if a is not None and b is not None else float("nan"))
+    return diffs
 
 
-def _paired(fraug: dict[int, dict], fedbn: dict[int, dict], key: str) -> list[float]:
-    return [fraug[k][key] - fedbn[k][key] for k in sorted(fraug) if k in fedbn]
+def _mean_of(rows: list[dict[str, float | None]], key: str) -> float:
+    """Mean of ``key`` over rows (missing or null: NaN, so it shows)."""
+    return float(np.mean(np.asarray([row.get(key) for row in rows], dtype=float)))
 
 
 def _ms(xs: list[float]) -> str:
@@ -76,19 +84,21 @@ def main(argv: list[str] | None = None) -> int:
             fraug, fedbn = base_fraug, base_fedbn
         else:
             out = a.out / name
-            run_comparison(_namespace(a.seeds, ["fedbn", "fraug"] if rerun_fedbn else ["fraug"], sets, a.force), out)
+            run_comparison(FLRun(fl=FLConfig.from_run_config(sets)),
+                           strategies=["fedbn", "fraug"] if rerun_fedbn else ["fraug"], seeds=a.seeds, out=out,
+                           force=a.force)
             fraug = {k: _load(out / f"fraug-seed{k}") for k in a.seeds}
             fedbn = {k: _load(out / f"fedbn-seed{k}") for k in a.seeds} if rerun_fedbn else base_fedbn
-        last = [fraug[k]["history"][-1].get("fraug", {}) for k in a.seeds]
+        last = [(fraug[k].history[-1].fraug if fraug[k].history else None) or {} for k in a.seeds]
         row = {
             "variant": name, "overrides": sets, "fedbn_rerun": rerun_fedbn,
-            "fraug_test": [fraug[k]["mean_accuracy"] for k in a.seeds],
-            "fedbn_test": [fedbn[k]["mean_accuracy"] for k in a.seeds],
+            "fraug_test": [fraug[k].mean_accuracy for k in a.seeds],
+            "fedbn_test": [fedbn[k].mean_accuracy for k in a.seeds],
             "diff_val": _paired(fraug, fedbn, "mean_val_accuracy"),
             "diff_test": _paired(fraug, fedbn, "mean_accuracy"),
-            "label_consistency_real": float(np.mean([x.get("label_consistency_real", np.nan) for x in last])),
-            "label_consistency_proto": float(np.mean([x.get("label_consistency_proto", np.nan) for x in last])),
-            "residual_ratio": float(np.mean([x.get("residual_ratio", np.nan) for x in last])),
+            "label_consistency_real": _mean_of(last, "label_consistency_real"),
+            "label_consistency_proto": _mean_of(last, "label_consistency_proto"),
+            "residual_ratio": _mean_of(last, "residual_ratio"),
         }
         rows.append(row)
         log.info("%s: FRAug − FedBN val %s, test %s (pp); label consistency %.2f / %.2f", name,
@@ -100,8 +110,9 @@ def main(argv: list[str] | None = None) -> int:
              "| label consistency real / proto | residual / embedding |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         ov = ", ".join(f"{k}={v}" for k, v in r["overrides"].items()) or "code defaults"
-        lines.append(f"| {r['variant']} | {ov} | {100 * np.mean(r['fraug_test']):.1f} | "
-                     f"{100 * np.mean(r['fedbn_test']):.1f} | {_ms(r['diff_val'])} | {_ms(r['diff_test'])} | "
+        fraug_test, fedbn_test = (100 * np.mean(np.asarray(r[k], dtype=float)) for k in ("fraug_test", "fedbn_test"))
+        lines.append(f"| {r['variant']} | {ov} | {fraug_test:.1f} | "
+                     f"{fedbn_test:.1f} | {_ms(r['diff_val'])} | {_ms(r['diff_test'])} | "
                      f"{r['label_consistency_real']:.2f} / {r['label_consistency_proto']:.2f} | "
                      f"{r['residual_ratio']:.2f} |")
     (a.out / "fraug_sweep.md").write_text("\n".join(lines) + "\n")

@@ -1,10 +1,12 @@
-"""The federated run's settings: one frozen dataclass parsed once from Flower's flat run config.
+"""The federated role's contract: :class:`FLConfig` in (every setting of a run), :class:`FLResult`
+out (what results.json holds), both torch-free.
 
 Flower run config is flat (``[tool.flwr.app.config]`` in pyproject.toml, ``--run-config`` and
-``fedshift fl --set``), with hyphenated keys. :meth:`FLConfig.from_run_config` is the only place
-that reads it; everything below takes plain arguments. Keys map to fields by ``-`` → ``_``; an
-unknown key or a value of the wrong type is refused with a message naming the key, so a typo in
-a run config cannot silently fall back to a default.
+``fedshift fl --set``), with hyphenated keys. :meth:`FLConfig.from_run_config` reads it through
+the project's one codec (:func:`protos.config.from_mapping`); ``fedshift fl --config fl.toml``
+reads the same fields from the ``[fl]`` table of a role file (snake_case keys). An unknown key or
+a value of the wrong type is refused with a message naming the key, so a typo in a run config
+cannot silently fall back to a default.
 
 Also here, because server and client must agree on them: which state-dict keys a strategy shares
 (everything else stays on the client), how ``clients`` maps onto digits-shift domains, and the
@@ -14,8 +16,12 @@ deterministic model initialisation both sides start from.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, fields
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any, ClassVar, Mapping
+
+from protos.config import from_mapping, option
+from protos.records import Record
 
 if TYPE_CHECKING:  # torch stays out of module import: the CLI parses flags without it
     from torch import nn
@@ -40,48 +46,53 @@ _FRAUG_BN = ("local", "stats")
 class FLConfig:
     """Every setting of a federated run (defaults = pyproject's ``[tool.flwr.app.config]``)."""
 
-    strategy: str = "fedavg"
-    seed: int = 0
-    rounds: int = 40
-    clients: int = 5
+    strategy: str = option("fedavg", "how clients share their model: local (nothing shared), fedavg, "
+                           "fedprox, fedbn (normalization layers stay local) or fraug", choices=STRATEGIES)
+    seed: int = option(0, "random seed of the model initialisation, data order and augmentation")
+    rounds: int = option(40, "federated rounds")
+    clients: int = option(5, "clients, one digits-shift domain each (<= 5, or a multiple of 5)")
     # data (digits-shift)
-    image_size: int = 16
-    train_per_client: int = 0  # 0: the whole training split (~215 images)
+    image_size: int = option(16, "image side in pixels")
+    train_per_client: int = option(0, "training images per client (0: the whole training split, about 215)")
     # model
-    model: str = "digits_cnn"
-    model_width: float = 0.25
+    model: str = option("digits_cnn", "model: digits_cnn, another built-in model, or timm:<name>")
+    model_width: float = option(0.25, "width multiplier of digits_cnn")
     # local training (one loop for every strategy)
-    local_epochs: int = 1
-    local_steps: int = 0  # > 0: this many minibatch steps per round instead of epochs
-    batch_size: int = 32
-    lr: float = 0.01
-    momentum: float = 0.5
-    weight_decay: float = 0.0
-    keep_momentum: bool = True  # optimizer momentum persists across rounds in Context.state
-    proximal_mu: float = 0.01
-    threads: int = 1  # torch.set_num_threads per simulated client / server
+    local_epochs: int = option(1, "local epochs per round")
+    local_steps: int = option(0, "local minibatch steps per round instead of epochs (0: use local-epochs)")
+    batch_size: int = option(32, "local batch size")
+    lr: float = option(0.01, "local SGD learning rate")
+    momentum: float = option(0.5, "local SGD momentum")
+    weight_decay: float = option(0.0, "local SGD weight decay")
+    keep_momentum: bool = option(True, "keep each client's optimizer momentum from round to round")
+    proximal_mu: float = option(0.01, "FedProx proximal term weight")
+    threads: int = option(1, "torch threads per simulated client and for the server")
     # FRAug (METHODS.md)
-    fraug_bn: str = "local"  # "local": every norm layer local (FedBN-style); "stats": only running stats
-    fraug_noise: str = "uniform"  # z ~ U[0,1) (authors' code) or N(0, I) (paper figure)
-    fraug_latent_dim: int = 0  # 0: d/2
-    fraug_lambda_max: float = 0.5
-    fraug_gamma: float = 0.002
-    fraug_warmup_rounds: int = 0
-    fraug_lambda_g: float = 1.0
-    fraug_g_distance: str = "mse"  # Digits: MSE to the prototypes; others: Gaussian MMD
-    fraug_lambda_t: float = 1.0
-    fraug_lr_aux: float = 0.05  # generator and RTNet learning rate
-    fraug_rtnet_final_bn: bool = True
-    fraug_interpolate: bool = False  # û ← ρ·û + (1−ρ)·anchor, ρ = exp(γ(t−T))
-    fraug_proto_momentum: float = 0.3
+    fraug_bn: str = option("local", "FRAug: local (every normalization layer stays local, as in FedBN) or "
+                           "stats (only the running statistics stay local)", choices=_FRAUG_BN)
+    fraug_noise: str = option("uniform", "FRAug generator noise: uniform (z ~ U[0,1)) or normal (N(0, I))",
+                              choices=_NOISES)
+    fraug_latent_dim: int = option(0, "FRAug generator noise size (0: half the embedding size)")
+    fraug_lambda_max: float = option(0.5, "FRAug: largest weight of the synthetic-embedding loss")
+    fraug_gamma: float = option(0.002, "FRAug: ramp-up rate of that weight")
+    fraug_warmup_rounds: int = option(0, "FRAug: rounds of plain training before augmenting")
+    fraug_lambda_g: float = option(1.0, "FRAug: weight of the generator's distance loss")
+    fraug_g_distance: str = option("mse", "FRAug generator distance: mse (to the class prototypes) or mmd "
+                                   "(Gaussian MMD)", choices=_G_DISTANCES)
+    fraug_lambda_t: float = option(1.0, "FRAug: weight of the RTNet loss")
+    fraug_lr_aux: float = option(0.05, "FRAug: learning rate of the generator and the RTNet")
+    fraug_rtnet_final_bn: bool = option(True, "FRAug: end the RTNet with a batch-norm layer")
+    fraug_interpolate: bool = option(False, "FRAug: blend synthetic embeddings towards their anchor "
+                                     "(weight exp(gamma (t - T)))")
+    fraug_proto_momentum: float = option(0.3, "FRAug: momentum of the class-prototype update, in [0, 1]")
     # outputs
-    out_dir: str = ""  # "" → runs/fl-<strategy>-seed<seed> under the working directory
-    resume: str = ""  # checkpoint to resume from
-    tensorboard: bool = True
+    out_dir: str = option("", "output folder (empty: runs/fl-<strategy>-seed<seed>)")
+    resume: str = option("", "checkpoint file or run folder to resume from (empty: start fresh)")
+    tensorboard: bool = option(True, "write TensorBoard event files")
 
     def __post_init__(self) -> None:
         def bad(key: str, why: str) -> ValueError:
-            return ValueError(f"run config {key.replace('_', '-')!r}: {why}")
+            return ValueError(f"{key}: {why}")
 
         choices = {"strategy": STRATEGIES, "fraug_noise": _NOISES, "fraug_g_distance": _G_DISTANCES,
                    "fraug_bn": _FRAUG_BN}
@@ -96,7 +107,7 @@ class FLConfig:
             if getattr(self, key) < 0:
                 raise bad(key, f"must be >= 0, got {getattr(self, key)}")
         if self.local_epochs == 0 and self.local_steps == 0:
-            raise bad("local_steps", "local-epochs and local-steps are both 0: no training")
+            raise bad("local_steps", "local_epochs and local_steps are both 0: no training")
         if self.lr <= 0 or self.fraug_lr_aux <= 0:
             raise bad("lr", "learning rates must be > 0")
         if not 0.0 <= self.fraug_proto_momentum <= 1.0:
@@ -112,12 +123,10 @@ class FLConfig:
     @classmethod
     def from_run_config(cls, run_config: Mapping[str, Any]) -> "FLConfig":
         """Parse Flower's flat run config; unknown keys and wrong types raise ``ValueError``."""
-        by_key = {f.name.replace("_", "-"): f for f in fields(cls)}
-        unknown = sorted(set(run_config) - set(by_key))
-        if unknown:
-            raise ValueError(f"unknown run config keys: {', '.join(unknown)}; known: {', '.join(by_key)}")
-        kwargs = {by_key[k].name: _coerce(k, v, by_key[k].default) for k, v in run_config.items()}
-        return cls(**kwargs)
+        try:
+            return from_mapping(cls, run_config, kebab=True, text=True)
+        except ValueError as exc:
+            raise ValueError(f"run config: {exc}") from exc
 
     def to_run_config(self) -> dict[str, Any]:
         """The flat, hyphenated form (what results.json records as the resolved config)."""
@@ -148,39 +157,6 @@ class FLConfig:
         domain = self.client_domain(partition_id)
         cpd = clients_per_domain(self.clients)
         return domain if cpd == 1 else f"{domain}-{partition_id % cpd}"
-
-
-def _coerce(key: str, value: Any, default: Any) -> Any:
-    """Coerce a run-config value to the default's type (TOML / CLI give ints for floats, etc.)."""
-    kind = type(default)
-    if kind is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0"):
-            return value.lower() in ("true", "1")
-        if isinstance(value, int) and value in (0, 1):
-            return bool(value)
-    elif kind is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        if isinstance(value, str):
-            try:
-                return int(value)
-            except ValueError:
-                pass
-    elif kind is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                pass
-    elif kind is str:
-        return str(value)
-    raise ValueError(f"run config {key!r}: expected {kind.__name__}, got {value!r}")
 
 
 def clients_per_domain(clients: int) -> int:
@@ -238,3 +214,131 @@ def build_model(cfg: FLConfig, num_classes: int = 10) -> "SplitModel":
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
         return create_model(cfg.model, num_classes, image_size=cfg.image_size, **kwargs)
+
+
+# -------------------------------------------------------------------- the run's result
+
+_TOL = 1e-9  # a mean and the mean of its parts may differ by rounding, no more
+
+
+def _check_accuracy(where: str, value: float | None) -> None:
+    if value is not None and not 0.0 <= value <= 1.0:
+        raise ValueError(f"{where}: accuracy {value!r} is outside [0, 1]")
+
+
+def _check_mean(where: str, mean: float | None, parts: Mapping[str, float | None]) -> None:
+    """``mean`` equals the mean of ``parts`` when every part and the mean are known."""
+    values = list(parts.values())
+    if mean is None or not values or any(v is None for v in values):
+        return
+    expected = math.fsum(values) / len(values)
+    if abs(mean - expected) > _TOL:
+        raise ValueError(f"{where}: mean {mean!r} is not the mean of the per-client values ({expected!r})")
+
+
+@dataclass(frozen=True)
+class ClientRound:
+    """One client's numbers in one round (``None``: not reported, or not finite)."""
+
+    partition_id: int
+    train_loss: float | None = None
+    train_accuracy: float | None = None
+    test_accuracy: float | None = None
+    test_loss: float | None = None
+    val_accuracy: float | None = None
+    val_loss: float | None = None
+    fraug: dict[str, float | None] | None = None  # FRAug's local losses and label consistency
+
+
+@dataclass(frozen=True)
+class RoundRecord:
+    """One federated round: every client's numbers, their means, bytes moved and time taken."""
+
+    round: int
+    clients: dict[str, ClientRound] = dataclasses.field(default_factory=dict)  # by client label
+    bytes_down: int = 0
+    bytes_up: int = 0
+    mean_accuracy: float | None = None
+    mean_val_accuracy: float | None = None
+    round_seconds: float = 0.0
+    fraug: dict[str, float | None] | None = None  # FRAug's numbers averaged over clients
+
+    def __post_init__(self) -> None:
+        where = f"history round {self.round}"
+        if self.round < 1:
+            raise ValueError(f"{where}: rounds count from 1")
+        if self.bytes_down < 0 or self.bytes_up < 0:
+            raise ValueError(f"{where}: negative byte count")
+        for name, c in self.clients.items():
+            for key in ("train_accuracy", "test_accuracy", "val_accuracy"):
+                _check_accuracy(f"{where}, client {name}, {key}", getattr(c, key))
+        _check_accuracy(f"{where}, mean_accuracy", self.mean_accuracy)
+        _check_accuracy(f"{where}, mean_val_accuracy", self.mean_val_accuracy)
+        _check_mean(f"{where}, mean_accuracy", self.mean_accuracy,
+                    {n: c.test_accuracy for n, c in self.clients.items()})
+        _check_mean(f"{where}, mean_val_accuracy", self.mean_val_accuracy,
+                    {n: c.val_accuracy for n, c in self.clients.items()})
+
+
+@dataclass(frozen=True)
+class FLResult(Record):
+    """What a federated run reports (``results.json``): the final round's accuracies, the whole
+    history and the resolved run config. Final = the last round in ``history``."""
+
+    SCHEMA: ClassVar[str] = "fedshift.fl-result/1"
+
+    strategy: str
+    seed: int
+    rounds: int  # rounds the run was configured for (``history`` may be shorter if it stopped early)
+    clients: int
+    per_client_accuracy: dict[str, float | None]  # test accuracy by client label, final round
+    mean_accuracy: float | None  # None: no round finished
+    per_client_val_accuracy: dict[str, float | None]
+    mean_val_accuracy: float | None
+    history: tuple[RoundRecord, ...]
+    config: dict[str, Any]  # FLConfig.to_run_config(): hyphenated run-config keys
+    resumed_from_round: int = 0
+    wall_seconds: float = 0.0
+
+    def __post_init__(self) -> None:
+        cfg = FLConfig.from_run_config(self.config)  # a valid run config ...
+        for key in ("strategy", "seed", "rounds", "clients"):  # ... that describes this run
+            if getattr(cfg, key) != getattr(self, key):
+                raise ValueError(f"{key} is {getattr(self, key)!r} but config says {getattr(cfg, key)!r}")
+        if not 0 <= self.resumed_from_round <= self.rounds:
+            raise ValueError(f"resumed_from_round {self.resumed_from_round} outside [0, {self.rounds}]")
+        previous = 0
+        for entry in self.history:
+            if entry.round <= previous:
+                raise ValueError(f"history rounds must increase: round {entry.round} after {previous}")
+            previous = entry.round
+        if previous > self.rounds:
+            raise ValueError(f"history reaches round {previous} of {self.rounds}")
+        for name, value in self.per_client_accuracy.items():
+            _check_accuracy(f"per_client_accuracy[{name!r}]", value)
+        for name, value in self.per_client_val_accuracy.items():
+            _check_accuracy(f"per_client_val_accuracy[{name!r}]", value)
+        _check_accuracy("mean_accuracy", self.mean_accuracy)
+        _check_accuracy("mean_val_accuracy", self.mean_val_accuracy)
+        _check_mean("mean_accuracy", self.mean_accuracy, self.per_client_accuracy)
+        _check_mean("mean_val_accuracy", self.mean_val_accuracy, self.per_client_val_accuracy)
+        if self.history:  # the final numbers are the last round's
+            last = self.history[-1]
+            finals = (("per_client_accuracy", {n: c.test_accuracy for n, c in last.clients.items()}),
+                      ("per_client_val_accuracy", {n: c.val_accuracy for n, c in last.clients.items()}),
+                      ("mean_accuracy", last.mean_accuracy), ("mean_val_accuracy", last.mean_val_accuracy))
+            for key, expected in finals:
+                if getattr(self, key) != expected:
+                    raise ValueError(f"{key} {getattr(self, key)!r} differs from the last round's ({expected!r})")
+        elif self.mean_accuracy is not None or self.per_client_accuracy:
+            raise ValueError("accuracies reported but no round in history")
+
+    @property
+    def fl_config(self) -> FLConfig:
+        """The run's settings, parsed."""
+        return FLConfig.from_run_config(self.config)
+
+    @property
+    def complete(self) -> bool:
+        """Every configured round is in ``history``."""
+        return bool(self.history) and self.history[-1].round == self.rounds

@@ -7,7 +7,6 @@ empty run config).
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Any, Mapping
@@ -15,7 +14,7 @@ from typing import Any, Mapping
 from flwr.app import ArrayRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
-from core.fl_config import FLConfig, build_model, local_key_filter
+from core.fl_config import FLConfig, FLResult, RoundRecord, build_model, local_key_filter
 from server.recorder import CHECKPOINT_FILE, RESULTS_FILE, Checkpoint, RunRecorder, load_checkpoint, save_checkpoint
 from server.strategies import make_strategy
 
@@ -27,13 +26,12 @@ def output_dir(cfg: FLConfig) -> Path:
     return Path(cfg.out_dir) if cfg.out_dir else Path("runs") / cfg.run_name
 
 
-def _previous_history(ckpt_path: Path, upto: int) -> list[dict[str, Any]]:
+def _previous_history(ckpt_path: Path, upto: int) -> tuple[RoundRecord, ...]:
     """History of the run a checkpoint came from (results.json beside it), cut at its round."""
     results = (ckpt_path if ckpt_path.is_dir() else ckpt_path.parent) / RESULTS_FILE
     if not results.is_file():
-        return []
-    history = json.loads(results.read_text()).get("history", [])
-    return [h for h in history if int(h.get("round", 0)) <= upto]
+        return ()
+    return tuple(h for h in FLResult.read(results).history if h.round <= upto)
 
 
 def wait_for_nodes(grid: Grid, clients: int, timeout: float = 120.0) -> None:
@@ -56,7 +54,7 @@ def wait_for_nodes(grid: Grid, clients: int, timeout: float = 120.0) -> None:
         time.sleep(0.5)
 
 
-def run_server(grid: Grid, cfg: FLConfig) -> dict[str, Any]:
+def run_server(grid: Grid, cfg: FLConfig) -> FLResult:
     """Run ``cfg.rounds`` rounds (minus those a resumed checkpoint already did); return results."""
     import torch
 
@@ -67,7 +65,8 @@ def run_server(grid: Grid, cfg: FLConfig) -> dict[str, Any]:
     model = build_model(cfg)
     generator = make_generator(cfg.seed, model.embedding_dim, model.num_classes, cfg.fraug_latent_dim) \
         if cfg.strategy == "fraug" else None
-    start_round, history = 0, []
+    start_round: int = 0
+    history: tuple[RoundRecord, ...] = ()
     if cfg.resume:
         ckpt = load_checkpoint(cfg.resume)
         model.load_state_dict(ckpt.model)
@@ -106,9 +105,9 @@ def run_server(grid: Grid, cfg: FLConfig) -> dict[str, Any]:
     finally:
         path = recorder.write_results()
         recorder.close()
-    results = recorder.results()
+    results = FLResult.read(path)
     log.info("%s finished: mean accuracy %s; results in %s", cfg.run_name,
-             f"{results['mean_accuracy']:.4f}" if results["mean_accuracy"] is not None else "n/a", path)
+             f"{results.mean_accuracy:.4f}" if results.mean_accuracy is not None else "n/a", path)
     return results
 
 

@@ -1,5 +1,5 @@
-"""What a federated run leaves behind: TensorBoard events, per-round history, results.json and
-checkpoints — all under one run directory.
+"""What a federated run leaves behind: TensorBoard events, per-round history, results.json (an
+:class:`~core.fl_config.FLResult`) and checkpoints — all under one run directory.
 
 The strategy reports each round's per-client replies here; nothing in it talks to Flower, so the
 same recorder serves the simulation and the deployment engine.
@@ -18,14 +18,13 @@ from typing import Any, Mapping
 import numpy as np
 import torch
 
-from core.fl_config import FLConfig
+from core.fl_config import FLConfig, FLResult, RoundRecord
+from protos.config import from_mapping
 
 log = logging.getLogger(__name__)
 
 RESULTS_FILE = "results.json"
 CHECKPOINT_FILE = "checkpoint.pt"
-RESULTS_KEYS = ("strategy", "seed", "rounds", "clients", "per_client_accuracy", "mean_accuracy",
-                "history", "config")
 
 
 @dataclass(frozen=True)
@@ -69,16 +68,25 @@ def _finite(x: float) -> float | None:
     return float(x) if math.isfinite(float(x)) else None
 
 
+def _mean(values: list[float | None]) -> float | None:
+    """Mean of the values, or None when one is missing (a mean over some clients would mislead)."""
+    return float(np.mean(values)) if values and all(v is not None for v in values) else None
+
+
+def _fmt(value: float | None) -> str:
+    return f"{value:.3f}" if value is not None else "n/a"
+
+
 class RunRecorder:
     """Collects per-round, per-client metrics; writes TensorBoard scalars and results.json."""
 
     def __init__(self, out_dir: Path, cfg: FLConfig, *, start_round: int = 0,
-                 previous_history: list[dict[str, Any]] | None = None) -> None:
+                 previous_history: tuple[RoundRecord, ...] | list[RoundRecord] = ()) -> None:
         self.out_dir = Path(out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.cfg = cfg
         self.start_round = start_round
-        self.history: list[dict[str, Any]] = list(previous_history or [])
+        self.history: list[RoundRecord] = list(previous_history)
         self._current: dict[str, Any] = {}
         self._writer: Any = None
         self._t0 = time.perf_counter()
@@ -103,12 +111,12 @@ class RunRecorder:
                     bytes_up: int) -> None:
         """Local-training metrics of each client (loss, FRAug losses, label consistency)."""
         entry = self._entry(rnd)
-        entry["bytes_down"] += bytes_down
-        entry["bytes_up"] += bytes_up
+        entry["bytes_down"] += int(bytes_down)
+        entry["bytes_up"] += int(bytes_up)
         fraug_means: dict[str, list[float]] = {}
         for pid, metrics in sorted(per_client.items()):
             name = self.cfg.client_label(pid)
-            client = entry["clients"].setdefault(name, {"partition_id": pid})
+            client = entry["clients"].setdefault(name, {"partition_id": int(pid)})
             client["train_loss"] = _finite(metrics.get("train-loss", float("nan")))
             client["train_accuracy"] = _finite(metrics.get("train-accuracy", float("nan")))
             self._scalar(f"train_loss/{name}", metrics.get("train-loss", float("nan")), rnd)
@@ -125,67 +133,65 @@ class RunRecorder:
                     self._scalar(f"fraug/{k}/mean", v, rnd)
 
     def eval_round(self, rnd: int, per_client: Mapping[int, Mapping[str, float]], bytes_down: int,
-                   bytes_up: int) -> dict[str, Any]:
+                   bytes_up: int) -> RoundRecord:
         """Each client's model (with its local parts) on its own val/test split; closes the round."""
         entry = self._entry(rnd)
-        entry["bytes_down"] += bytes_down
-        entry["bytes_up"] += bytes_up
+        entry["bytes_down"] += int(bytes_down)
+        entry["bytes_up"] += int(bytes_up)
         for pid, metrics in sorted(per_client.items()):
             name = self.cfg.client_label(pid)
-            client = entry["clients"].setdefault(name, {"partition_id": pid})
+            client = entry["clients"].setdefault(name, {"partition_id": int(pid)})
             for key in ("test-accuracy", "test-loss", "val-accuracy", "val-loss"):
                 client[key.replace("-", "_")] = _finite(metrics[key])
             self._scalar(f"accuracy/{name}", metrics["test-accuracy"], rnd)
             self._scalar(f"loss/{name}", metrics["test-loss"], rnd)
             self._scalar(f"val_accuracy/{name}", metrics["val-accuracy"], rnd)
         clients = entry["clients"].values()
-        entry["mean_accuracy"] = float(np.mean([c["test_accuracy"] for c in clients]))
-        entry["mean_val_accuracy"] = float(np.mean([c["val_accuracy"] for c in clients]))
+        entry["mean_accuracy"] = _mean([c.get("test_accuracy") for c in clients])
+        entry["mean_val_accuracy"] = _mean([c.get("val_accuracy") for c in clients])
         now = time.perf_counter()
         entry["round_seconds"] = now - self._t_round
         self._t_round = now
-        self._scalar("accuracy/mean", entry["mean_accuracy"], rnd)
-        self._scalar("val_accuracy/mean", entry["mean_val_accuracy"], rnd)
-        self._scalar("bytes/down", entry["bytes_down"], rnd)
-        self._scalar("bytes/up", entry["bytes_up"], rnd)
-        self.history.append(entry)
+        record = from_mapping(RoundRecord, entry)  # checks the round's invariants
+        for tag, value in (("accuracy/mean", record.mean_accuracy), ("val_accuracy/mean", record.mean_val_accuracy)):
+            if value is not None:
+                self._scalar(tag, value, rnd)
+        self._scalar("bytes/down", record.bytes_down, rnd)
+        self._scalar("bytes/up", record.bytes_up, rnd)
+        self.history.append(record)
         self._current = {}
         if self._writer is not None:
             self._writer.flush()
-        fr = entry.get("fraug")
-        log.info("%s round %d/%d: mean acc %.3f (val %.3f)%s, %.1f KB down / %.1f KB up, %.1fs",
-                 self.cfg.run_name, rnd, self.cfg.rounds, entry["mean_accuracy"], entry["mean_val_accuracy"],
+        fr = record.fraug or {}
+        log.info("%s round %d/%d: mean acc %s (val %s)%s, %.1f KB down / %.1f KB up, %.1fs",
+                 self.cfg.run_name, rnd, self.cfg.rounds, _fmt(record.mean_accuracy), _fmt(record.mean_val_accuracy),
                  f", label consistency {fr['label_consistency_real']:.2f}/{fr['label_consistency_proto']:.2f}"
-                 if fr and fr.get("label_consistency_real") is not None else "",
-                 entry["bytes_down"] / 1e3, entry["bytes_up"] / 1e3, entry["round_seconds"])
-        return entry
+                 if fr.get("label_consistency_real") is not None and fr.get("label_consistency_proto") is not None
+                 else "", record.bytes_down / 1e3, record.bytes_up / 1e3, record.round_seconds)
+        return record
 
     # ------------------------------------------------------------------ end of run
-    def results(self) -> dict[str, Any]:
-        """The results.json document (final = last recorded round)."""
-        last = self.history[-1] if self.history else {"clients": {}, "mean_accuracy": None}
-        per_client = {name: c.get("test_accuracy") for name, c in last["clients"].items()}
-        return {
-            "strategy": self.cfg.strategy,
-            "seed": self.cfg.seed,
-            "rounds": self.cfg.rounds,
-            "clients": self.cfg.clients,
-            "per_client_accuracy": per_client,
-            "mean_accuracy": last.get("mean_accuracy"),
-            "per_client_val_accuracy": {name: c.get("val_accuracy") for name, c in last["clients"].items()},
-            "mean_val_accuracy": last.get("mean_val_accuracy"),
-            "history": self.history,
-            "config": self.cfg.to_run_config(),
-            "resumed_from_round": self.start_round,
-            "wall_seconds": time.perf_counter() - self._t0,
-        }
+    def results(self) -> FLResult:
+        """The run's result so far (final = last recorded round)."""
+        last = self.history[-1] if self.history else RoundRecord(round=1)
+        return FLResult(
+            strategy=self.cfg.strategy,
+            seed=self.cfg.seed,
+            rounds=self.cfg.rounds,
+            clients=self.cfg.clients,
+            per_client_accuracy={name: c.test_accuracy for name, c in last.clients.items()},
+            mean_accuracy=last.mean_accuracy,
+            per_client_val_accuracy={name: c.val_accuracy for name, c in last.clients.items()},
+            mean_val_accuracy=last.mean_val_accuracy,
+            history=tuple(self.history),
+            config=self.cfg.to_run_config(),
+            resumed_from_round=self.start_round,
+            wall_seconds=time.perf_counter() - self._t0,
+        )
 
     def write_results(self) -> Path:
-        path = self.out_dir / RESULTS_FILE
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(self.results(), indent=1) + "\n")
-        tmp.replace(path)
-        return path
+        """Write results.json (atomically)."""
+        return self.results().write(self.out_dir / RESULTS_FILE)
 
     def close(self) -> None:
         if self._writer is not None:

@@ -1,17 +1,19 @@
 """``fedshift fl compare``: every strategy × every seed, then one table and one plot.
 
-Each run is a separate ``fedshift fl`` process (Ray starts and stops cleanly per run, and a crash
-of one run cannot poison the others); its output goes to ``<run dir>/run.log``. A run whose
-results.json already exists with the same settings is reused, so an interrupted comparison
-resumes where it stopped (``--force`` reruns everything).
+Each run is a separate ``fedshift fl --config <run dir>/fl.toml`` process (Ray starts and stops
+cleanly per run, and a crash of one run cannot poison the others); its output goes to
+``<run dir>/run.log`` and its summary to ``<run dir>/results.json`` (an
+:class:`~core.fl_config.FLResult`). A run whose complete results.json already holds the same
+settings is reused, so an interrupted comparison resumes where it stopped (``force`` reruns
+everything).
 
-Outputs in DIR: ``comparison.md`` (mean ± std per domain and overall, paired per-seed
-differences FRAug − FedBN and FedBN − FedAvg), ``comparison.json``, ``accuracy_vs_round.png``.
+Outputs in DIR: ``fl.toml`` (the shared settings), ``comparison.md`` (mean ± std per domain and
+overall, paired per-seed differences FRAug − FedBN and FedBN − FedAvg), ``comparison.json``,
+``accuracy_vs_round.png``.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import shlex
@@ -19,9 +21,12 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
+
+from core.fl_config import FLResult
+from simulations.fl_role import ROLE_FILE, FLRun
 
 log = logging.getLogger(__name__)
 
@@ -29,29 +34,16 @@ NAMES = {"local": "local-only", "fedavg": "FedAvg", "fedprox": "FedProx", "fedbn
 PAIRS = (("fraug", "fedbn"), ("fedbn", "fedavg"), ("fedbn", "local"))
 
 
-def _run_args(args: argparse.Namespace, strategy: str, seed: int, out: Path) -> list[str]:
-    cmd = [sys.executable, "-m", "simulations.cli", "fl", "--strategy", strategy, "--seed", str(seed),
-           "--out", str(out), "--cpus-per-client", str(args.cpus_per_client)]
-    if args.rounds is not None:
-        cmd += ["--rounds", str(args.rounds)]
-    if args.clients is not None:
-        cmd += ["--clients", str(args.clients)]
-    if args.num_cpus is not None:
-        cmd += ["--num-cpus", str(args.num_cpus)]
-    for item in args.sets or []:
-        cmd += ["--set", item]
-    return cmd
-
-
-def _reusable(results_path: Path, expected: dict[str, Any]) -> bool:
+def _reusable(results_path: Path, run: FLRun) -> bool:
+    """A complete results.json of exactly these settings is already there."""
     if not results_path.is_file():
         return False
     try:
-        results = json.loads(results_path.read_text())
-    except json.JSONDecodeError:
+        done = FLResult.read(results_path)
+    except ValueError as exc:
+        log.info("rerunning: %s", exc)
         return False
-    done = len(results.get("history", [])) == results.get("rounds")
-    return done and results.get("config") == expected
+    return done.complete and done.config == run.fl.to_run_config()
 
 
 def _run_one(cmd: list[str], log_path: Path) -> None:
@@ -73,36 +65,41 @@ def _run_one(cmd: list[str], log_path: Path) -> None:
         raise RuntimeError(f"run failed (exit {rc}): {shlex.join(cmd)}\n--- {log_path} (tail) ---\n{tail}")
 
 
-def run_comparison(args: argparse.Namespace, out: Path) -> Path:
-    """Run (or reuse) every strategy × seed; write the table and plot; return the table's path."""
-    from simulations.commands.fl import overrides_from_args
+def child_command(config_path: Path) -> list[str]:
+    """The ``fedshift fl`` process that runs one role file."""
+    return [sys.executable, "-m", "simulations.cli", "fl", "--config", str(config_path)]
 
-    from core.fl_config import FLConfig
 
+def run_comparison(base: FLRun, strategies: Sequence[str], seeds: Sequence[int], out: Path,
+                   force: bool = False) -> Path:
+    """Run (or reuse) every strategy × seed with ``base``'s other settings, each run in its own
+    ``fedshift fl`` process under ``out/<strategy>-seed<seed>``; write the table and plot; return
+    the table's path."""
+    out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    plan = [(s, k) for k in args.seeds for s in args.strategies]
-    results: list[dict[str, Any]] = []
+    base.write(out / ROLE_FILE)
+    plan = [(s, k) for k in seeds for s in strategies]
+    results: list[FLResult] = []
     t0 = time.perf_counter()
     for i, (strategy, seed) in enumerate(plan, 1):
         run_dir = out / f"{strategy}-seed{seed}"
-        expected = FLConfig.from_run_config(overrides_from_args(args, strategy=strategy, seed=seed,
-                                                                out=run_dir)).to_run_config()
-        if not args.force and _reusable(run_dir / "results.json", expected):
+        run = FLRun(fl=base.fl.replace(strategy=strategy, seed=seed, out_dir=str(run_dir)),
+                    simulation=base.simulation)
+        if not force and _reusable(run_dir / "results.json", run):
             log.info("[%d/%d] %s seed %d: reusing %s", i, len(plan), strategy, seed, run_dir)
         else:
             t = time.perf_counter()
             log.info("[%d/%d] %s seed %d: running (log: %s)", i, len(plan), strategy, seed, run_dir / "run.log")
             run_dir.mkdir(parents=True, exist_ok=True)
-            _run_one(_run_args(args, strategy, seed, run_dir), run_dir / "run.log")
+            _run_one(child_command(run.write(run_dir / ROLE_FILE)), run_dir / "run.log")
             log.info("[%d/%d] %s seed %d: done in %.0f s", i, len(plan), strategy, seed, time.perf_counter() - t)
-        res = json.loads((run_dir / "results.json").read_text())
-        log.info("[%d/%d] %s seed %d: mean accuracy %.4f (val %.4f)", i, len(plan), strategy, seed,
-                 res["mean_accuracy"], res["mean_val_accuracy"])
+        res = FLResult.read(run_dir / "results.json")
+        log.info("[%d/%d] %s seed %d: mean accuracy %s (val %s)", i, len(plan), strategy, seed,
+                 _pct(res.mean_accuracy), _pct(res.mean_val_accuracy))
         results.append(res)
-    command = "fedshift fl compare " + shlex.join(sys.argv[sys.argv.index("compare") + 1:]) \
-        if "compare" in sys.argv else "fedshift fl compare"
     summary = summarize(results)
-    summary["command"] = command
+    summary["command"] = shlex.join(["fedshift", "fl", "compare", "--config", str(out / ROLE_FILE),
+                                     "--strategies", *strategies, "--seeds", *map(str, seeds), "--out", str(out)])
     summary["wall_seconds"] = time.perf_counter() - t0
     (out / "comparison.json").write_text(json.dumps(summary, indent=1) + "\n")
     table = out / "comparison.md"
@@ -113,34 +110,43 @@ def run_comparison(args: argparse.Namespace, out: Path) -> Path:
     return table
 
 
-def _mean_std(values: Sequence[float]) -> tuple[float, float]:
+def _pct(x: float | None) -> str:
+    return f"{x:.4f}" if x is not None else "n/a"
+
+
+def _mean_std(values: Sequence[float | None]) -> tuple[float, float]:
+    """Mean and sample std (a missing value counts as NaN, so it shows instead of vanishing)."""
     arr = np.asarray(values, dtype=float)
     return float(arr.mean()), float(arr.std(ddof=1)) if len(arr) > 1 else 0.0
 
 
-def summarize(results: Sequence[dict[str, Any]]) -> dict[str, Any]:
+def _diff(a: float | None, b: float | None) -> float:
+    return a - b if a is not None and b is not None else float("nan")
+
+
+def summarize(results: Sequence[FLResult]) -> dict[str, Any]:
     """Per strategy: per-domain and mean accuracy over seeds; paired per-seed differences."""
-    by: dict[str, dict[int, dict[str, Any]]] = {}
+    by: dict[str, dict[int, FLResult]] = {}
     for r in results:
-        by.setdefault(r["strategy"], {})[int(r["seed"])] = r
+        by.setdefault(r.strategy, {})[r.seed] = r
     strategies = [s for s in NAMES if s in by] + sorted(set(by) - set(NAMES))
-    domains = list(next(iter(results))["per_client_accuracy"]) if results else []
+    domains = list(results[0].per_client_accuracy) if results else []
     table: dict[str, Any] = {}
     for s in strategies:
         runs = by[s]
-        row = {d: _mean_std([runs[k]["per_client_accuracy"][d] for k in sorted(runs)]) for d in domains}
-        row["mean"] = _mean_std([runs[k]["mean_accuracy"] for k in sorted(runs)])
-        row["val_mean"] = _mean_std([runs[k]["mean_val_accuracy"] for k in sorted(runs)])
+        row = {d: _mean_std([runs[k].per_client_accuracy.get(d) for k in sorted(runs)]) for d in domains}
+        row["mean"] = _mean_std([runs[k].mean_accuracy for k in sorted(runs)])
+        row["val_mean"] = _mean_std([runs[k].mean_val_accuracy for k in sorted(runs)])
         table[s] = {"seeds": sorted(runs), **row}
     pairs: dict[str, Any] = {}
     for a, b in PAIRS:
         if a in by and b in by:
             seeds = sorted(set(by[a]) & set(by[b]))
-            diffs = [by[a][k]["mean_accuracy"] - by[b][k]["mean_accuracy"] for k in seeds]
-            val_diffs = [by[a][k]["mean_val_accuracy"] - by[b][k]["mean_val_accuracy"] for k in seeds]
+            diffs = [_diff(by[a][k].mean_accuracy, by[b][k].mean_accuracy) for k in seeds]
+            val_diffs = [_diff(by[a][k].mean_val_accuracy, by[b][k].mean_val_accuracy) for k in seeds]
             pairs[f"{a}-{b}"] = {"seeds": seeds, "test": diffs, "test_mean_std": _mean_std(diffs),
                                  "val": val_diffs, "val_mean_std": _mean_std(val_diffs)}
-    first = next(iter(results))["config"] if results else {}
+    first = dict(results[0].config) if results else {}
     return {"strategies": strategies, "domains": domains, "table": table, "paired": pairs, "config": first}
 
 
@@ -178,20 +184,23 @@ def markdown_table(summary: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot_accuracy(results: Sequence[dict[str, Any]], path: Path) -> None:
-    """Mean client test accuracy vs round per strategy (mean over seeds, band = ±1 std)."""
+def plot_accuracy(results: Sequence[FLResult | Mapping[str, Any]], path: Path) -> None:
+    """Mean client test accuracy vs round per strategy (mean over seeds, band = ±1 std).
+
+    A mapping is read as a results.json document (``FLResult.from_dict``)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    by: dict[str, list[list[float]]] = {}
+    by: dict[str, list[list[float | None]]] = {}
     for r in results:
-        by.setdefault(r["strategy"], []).append([h["mean_accuracy"] for h in r["history"]])
+        r = r if isinstance(r, FLResult) else FLResult.from_dict(dict(r))
+        by.setdefault(r.strategy, []).append([h.mean_accuracy for h in r.history])
     fig, ax = plt.subplots(figsize=(7, 4.2))
     for s in [s for s in NAMES if s in by]:
         n = min(len(c) for c in by[s])
-        curves = np.array([c[:n] for c in by[s]]) * 100
+        curves = np.array([c[:n] for c in by[s]], dtype=float) * 100
         rounds = np.arange(1, n + 1)
         mean, std = curves.mean(0), curves.std(0)
         ax.plot(rounds, mean, label=NAMES[s])

@@ -9,14 +9,13 @@ backend within the call.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import warnings
-from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
-from core.fl_config import FLConfig
+from core.fl_config import FLResult
+from simulations.fl_role import ROLE_FILE, FLRun
 
 log = logging.getLogger(__name__)
 
@@ -48,40 +47,34 @@ def quiet_flower(verbose: bool = False) -> None:
     flwr_logger.setLevel(logging.DEBUG if verbose else logging.WARNING)
 
 
-def run_fl_simulation(overrides: Mapping[str, Any], *, num_cpus: int | None = None,
-                      cpus_per_client: int = 1, verbose: bool = False) -> dict[str, Any]:
-    """Run the federated experiment the run-config ``overrides`` describe; return results.json."""
+def run_fl_simulation(run: FLRun, *, verbose: bool = False) -> FLResult:
+    """Run the federated experiment ``run`` describes; write ``fl.toml`` (the resolved settings),
+    results.json, checkpoint and TensorBoard events to its output folder; return the result."""
     from flwr.simulation import run_simulation
 
     from client.app import make_client_app
     from server.app import make_server_app, output_dir
+    from server.recorder import RESULTS_FILE
 
-    cfg = FLConfig.from_run_config(overrides)  # refuse bad settings before Ray starts
+    cfg, res = run.fl, run.simulation
     quiet_flower(verbose)
     for key, value in FLOWER_ENV.items():
         os.environ.setdefault(key, value)
     os.environ.setdefault("OMP_NUM_THREADS", str(cfg.threads))
-    cpus = num_cpus or min(os.cpu_count() or 1, cfg.clients * cpus_per_client)
+    cpus = res.num_cpus or min(os.cpu_count() or 1, cfg.clients * res.cpus_per_client)
     out = output_dir(cfg)
     out.mkdir(parents=True, exist_ok=True)
-    stale = out / "results.json"
-    if stale.exists() and not cfg.resume:
-        stale.unlink()
+    run.write(out / ROLE_FILE)
+    results_path = out / RESULTS_FILE
+    if results_path.exists() and not cfg.resume:
+        results_path.unlink()
     log.info("simulation: %s, %d clients on %d CPU(s), %d round(s) -> %s", cfg.strategy, cfg.clients, cpus,
              cfg.rounds, out)
+    overrides = cfg.to_run_config()
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=DeprecationWarning)
         run_simulation(server_app=make_server_app(overrides), client_app=make_client_app(overrides),
-                       num_supernodes=cfg.clients, backend_config=backend_config(cpus, cpus_per_client))
-    results_path = out / "results.json"
+                       num_supernodes=cfg.clients, backend_config=backend_config(cpus, res.cpus_per_client))
     if not results_path.is_file():
         raise RuntimeError(f"the simulation ended without writing {results_path}")
-    return json.loads(results_path.read_text())
-
-
-def load_results(path: str | Path) -> dict[str, Any]:
-    """Read a results.json (or the one inside a run directory)."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / "results.json"
-    return json.loads(path.read_text())
+    return FLResult.read(results_path)

@@ -32,6 +32,7 @@ import time
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
+from core.fl_config import FLResult
 from simulations.fl_sim import FLOWER_ENV
 from simulations.processes import ProcessGroup
 
@@ -111,23 +112,28 @@ def _flwr_run(procs: ProcessGroup, env: Mapping[str, str], connection: str, run_
         raise RuntimeError(f"`flwr run` exited with {rc}; see {procs.log_dir / 'flwr-run.log'}")
 
 
-def _results(out_dir: Path, rounds: int, timeout: float) -> dict[str, Any]:
-    """results.json once the ServerApp has recorded every round (it runs in another process)."""
+def _results(out_dir: Path, timeout: float) -> FLResult:
+    """results.json once the ServerApp has recorded every round (it runs in another process;
+    the file is replaced atomically, so a read sees a whole one)."""
     path = out_dir / "results.json"
     deadline = time.monotonic() + timeout
+    problem = "not complete"
     while time.monotonic() < deadline:
         if path.is_file():
-            with contextlib.suppress(json.JSONDecodeError):
-                results = json.loads(path.read_text())
-                if len(results.get("history", [])) >= rounds:
+            try:
+                results = FLResult.read(path)
+            except ValueError as exc:  # e.g. a stale file of another version: the run may still replace it
+                problem = f"unreadable ({exc})"
+            else:
+                if results.complete:
                     return results
         time.sleep(1.0)
-    raise TimeoutError(f"{path} not complete within {timeout:.0f} s")
+    raise TimeoutError(f"{path} {problem} within {timeout:.0f} s")
 
 
 def run_simulation_cli(run_config: Mapping[str, Any], *, num_supernodes: int, work_dir: Path,
-                       timeout: float = 1800.0) -> dict[str, Any]:
-    """``flwr run .`` with the managed local simulation SuperLink; returns results.json."""
+                       timeout: float = 1800.0) -> FLResult:
+    """``flwr run .`` with the managed local simulation SuperLink; returns the run's result."""
     flwr_home = work_dir / "flwr-home"
     out_dir = Path(str(run_config.get("out-dir") or work_dir / "run")).resolve()
     run_config = {**run_config, "out-dir": str(out_dir), "clients": num_supernodes}
@@ -137,7 +143,7 @@ def run_simulation_cli(run_config: Mapping[str, Any], *, num_supernodes: int, wo
     with ProcessGroup(work_dir) as procs:
         try:
             _flwr_run(procs, env, "local", run_config, timeout)
-            return _results(out_dir, int(run_config.get("rounds", 1)), 60.0)
+            return _results(out_dir, 60.0)
         finally:
             for pid in _pids_with_arg(str(flwr_home / "local-superlink")):
                 procs.adopt("local-superlink", pid)
@@ -162,8 +168,8 @@ def local_deployment(num_supernodes: int, work_dir: Path) -> Iterator[str]:
 
 
 def run_deployment(run_config: Mapping[str, Any], *, num_supernodes: int, work_dir: Path,
-                   timeout: float = 1800.0) -> dict[str, Any]:
-    """A SuperLink + ``num_supernodes`` SuperNodes on loopback run the app; returns results.json."""
+                   timeout: float = 1800.0) -> FLResult:
+    """A SuperLink + ``num_supernodes`` SuperNodes on loopback run the app; returns the run's result."""
     run_config = {**run_config, "clients": num_supernodes}
     run_config.setdefault("out-dir", str(work_dir / "run"))
     with local_deployment(num_supernodes, work_dir) as superlink:
@@ -171,7 +177,7 @@ def run_deployment(run_config: Mapping[str, Any], *, num_supernodes: int, work_d
 
 
 def run_remote(run_config: Mapping[str, Any], *, superlink: str, work_dir: Path, insecure: bool = True,
-               timeout: float = 3600.0) -> dict[str, Any]:
+               timeout: float = 3600.0) -> FLResult:
     """``flwr run .`` against a running SuperLink (deployment engine, SuperNodes elsewhere).
 
     The ServerApp writes ``out-dir`` on the SuperLink's machine: it must be this folder (same
@@ -183,7 +189,7 @@ def run_remote(run_config: Mapping[str, Any], *, superlink: str, work_dir: Path,
     _write_connection(flwr_home, "remote", f'address = "{superlink}"\ninsecure = {str(insecure).lower()}')
     with ProcessGroup(work_dir) as procs:
         _flwr_run(procs, flower_env(flwr_home), "remote", run_config, timeout)
-        return _results(out_dir, int(run_config.get("rounds", 1)), 120.0)
+        return _results(out_dir, 120.0)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -202,8 +208,8 @@ def main(argv: list[str] | None = None) -> int:
     work_dir.mkdir(parents=True, exist_ok=True)
     fn = run_simulation_cli if args.engine == "simulation" else run_deployment
     results = fn(run_config, num_supernodes=args.num_supernodes, work_dir=work_dir, timeout=args.timeout)
-    log.info("%s via %s: mean accuracy %.4f; logs in %s", results["strategy"], args.engine, results["mean_accuracy"],
-             work_dir)
+    log.info("%s via %s: mean accuracy %s; logs in %s", results.strategy, args.engine,
+             f"{results.mean_accuracy:.4f}" if results.mean_accuracy is not None else "n/a", work_dir)
     return 0
 
 

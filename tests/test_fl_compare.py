@@ -6,15 +6,27 @@ from pathlib import Path
 
 import pytest
 
+from core.fl_config import ClientRound, FLResult, RoundRecord
 from simulations.fl_compare import markdown_table, plot_accuracy, summarize
 
 
-def _result(strategy: str, seed: int, acc: float) -> dict:
-    per = {"mnist": acc + 0.05, "inverse": acc - 0.05}
-    history = [{"round": r, "mean_accuracy": acc * r / 3} for r in (1, 2, 3)]
-    return {"strategy": strategy, "seed": seed, "rounds": 3, "clients": 2, "per_client_accuracy": per,
-            "mean_accuracy": acc, "mean_val_accuracy": acc - 0.01, "history": history,
-            "config": {"rounds": 3, "clients": 2}}
+def _result(strategy: str, seed: int, acc: float) -> FLResult:
+    def clients(a: float) -> dict[str, ClientRound]:
+        return {"mnist": ClientRound(0, test_accuracy=a + 0.05, val_accuracy=a + 0.04),
+                "inverse": ClientRound(1, test_accuracy=a - 0.05, val_accuracy=a - 0.06)}
+
+    def mean(a: float, key: str) -> float:
+        return sum(getattr(c, key) for c in clients(a).values()) / 2
+
+    history = tuple(RoundRecord(r, clients(acc * r / 3), mean_accuracy=mean(acc * r / 3, "test_accuracy"),
+                                mean_val_accuracy=mean(acc * r / 3, "val_accuracy")) for r in (1, 2, 3))
+    last = history[-1]
+    return FLResult(strategy=strategy, seed=seed, rounds=3, clients=2,
+                    per_client_accuracy={n: c.test_accuracy for n, c in last.clients.items()},
+                    mean_accuracy=last.mean_accuracy,
+                    per_client_val_accuracy={n: c.val_accuracy for n, c in last.clients.items()},
+                    mean_val_accuracy=last.mean_val_accuracy, history=history,
+                    config={"strategy": strategy, "seed": seed, "rounds": 3, "clients": 2})
 
 
 def test_summary_table_and_paired_differences(tmp_path: Path) -> None:
@@ -30,3 +42,5 @@ def test_summary_table_and_paired_differences(tmp_path: Path) -> None:
     assert "`fedshift fl compare --seeds 0 1`" in md
     plot_accuracy(results, tmp_path / "acc.png")
     assert (tmp_path / "acc.png").stat().st_size > 1000
+    plot_accuracy([r.to_dict() for r in results], tmp_path / "acc2.png")  # results.json documents, as read
+    assert (tmp_path / "acc2.png").stat().st_size > 1000

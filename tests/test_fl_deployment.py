@@ -31,14 +31,14 @@ def _assert_all_stopped(work_dir: Path) -> None:
 def test_deployment_engine_two_supernodes(tmp_path: Path) -> None:
     results = run_deployment({**SMALL, "strategy": "fedbn", "seed": 3}, num_supernodes=2, work_dir=tmp_path,
                              timeout=900)
-    assert results["strategy"] == "fedbn" and results["clients"] == 2
-    assert [h["round"] for h in results["history"]] == [1, 2]
-    assert set(results["per_client_accuracy"]) == {"mnist", "inverse"}
+    assert results.strategy == "fedbn" and results.clients == 2
+    assert [h.round for h in results.history] == [1, 2]
+    assert set(results.per_client_accuracy) == {"mnist", "inverse"}
     assert (tmp_path / "run" / "checkpoint.pt").is_file()
     _assert_all_stopped(tmp_path)
 
 
 def test_flwr_run_local_simulation(tmp_path: Path) -> None:
     results = run_simulation_cli({**SMALL, "strategy": "fraug"}, num_supernodes=2, work_dir=tmp_path, timeout=600)
-    assert results["strategy"] == "fraug" and len(results["history"]) == 2
+    assert results.strategy == "fraug" and len(results.history) == 2
     _assert_all_stopped(tmp_path)

@@ -7,10 +7,17 @@ from pathlib import Path
 
 import pytest
 
-from server.recorder import RESULTS_KEYS, load_checkpoint
+from core.fl_config import FLConfig, FLResult
+from protos.config import load_config
+from server.recorder import load_checkpoint
+from simulations.fl_role import FLRun, SimulationResources
 
 SMALL = {"clients": 2, "rounds": 2, "model-width": 0.125, "image-size": 16, "train-per-client": 40,
          "batch-size": 16}
+
+
+def _run(**run_config: object) -> FLRun:
+    return FLRun(fl=FLConfig.from_run_config({**SMALL, **run_config}), simulation=SimulationResources(num_cpus=2))
 
 
 @pytest.fixture(scope="module")
@@ -18,22 +25,27 @@ def fraug_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from simulations.fl_sim import run_fl_simulation
 
     out = tmp_path_factory.mktemp("fl") / "fraug"
-    run_fl_simulation({**SMALL, "strategy": "fraug", "seed": 1, "out-dir": str(out)}, num_cpus=2)
+    result = run_fl_simulation(_run(strategy="fraug", seed=1, **{"out-dir": str(out)}))
+    assert result == FLResult.read(out / "results.json")
     return out
 
 
 def test_results_json_schema(fraug_run: Path) -> None:
-    results = json.loads((fraug_run / "results.json").read_text())
-    assert set(RESULTS_KEYS) <= set(results)
-    assert (results["strategy"], results["seed"], results["rounds"], results["clients"]) == ("fraug", 1, 2, 2)
-    assert set(results["per_client_accuracy"]) == {"mnist", "inverse"}
-    assert all(0.0 <= v <= 1.0 for v in results["per_client_accuracy"].values())
-    assert results["mean_accuracy"] == pytest.approx(sum(results["per_client_accuracy"].values()) / 2)
-    assert [h["round"] for h in results["history"]] == [1, 2]
-    h = results["history"][-1]
-    assert h["bytes_down"] > 0 and h["bytes_up"] > 0
-    assert 0.0 <= h["fraug"]["label_consistency_real"] <= 1.0
-    assert results["config"]["strategy"] == "fraug" and results["config"]["model-width"] == 0.125
+    results = FLResult.read(fraug_run / "results.json")
+    assert (results.strategy, results.seed, results.rounds, results.clients) == ("fraug", 1, 2, 2)
+    assert results.complete and set(results.per_client_accuracy) == {"mnist", "inverse"}
+    assert all(0.0 <= v <= 1.0 for v in results.per_client_accuracy.values())
+    assert results.mean_accuracy == pytest.approx(sum(results.per_client_accuracy.values()) / 2)
+    assert [h.round for h in results.history] == [1, 2]
+    h = results.history[-1]
+    assert h.bytes_down > 0 and h.bytes_up > 0
+    assert 0.0 <= h.fraug["label_consistency_real"] <= 1.0
+    assert results.config["strategy"] == "fraug" and results.config["model-width"] == 0.125
+    # the key names readers of the plain JSON use are kept
+    raw = json.loads((fraug_run / "results.json").read_text())
+    assert raw["schema"] == FLResult.SCHEMA and raw["history"][-1]["mean_accuracy"] == h.mean_accuracy
+    # the resolved role config is written beside the results
+    assert load_config(FLRun, fraug_run / "fl.toml").fl.strategy == "fraug"
 
 
 def test_tensorboard_tags_are_readable(fraug_run: Path) -> None:
@@ -53,9 +65,8 @@ def test_checkpoint_and_resume(fraug_run: Path) -> None:
 
     ckpt = load_checkpoint(fraug_run)
     assert ckpt.round == 2 and ckpt.generator and ckpt.model
-    resumed = run_fl_simulation({**SMALL, "rounds": 3, "strategy": "fraug", "seed": 1,
-                                 "out-dir": str(fraug_run), "resume": str(fraug_run / "checkpoint.pt")},
-                                num_cpus=2)
-    assert [h["round"] for h in resumed["history"]] == [1, 2, 3]
-    assert resumed["resumed_from_round"] == 2
+    resumed = run_fl_simulation(_run(rounds=3, strategy="fraug", seed=1, **{
+        "out-dir": str(fraug_run), "resume": str(fraug_run / "checkpoint.pt")}))
+    assert [h.round for h in resumed.history] == [1, 2, 3]
+    assert resumed.resumed_from_round == 2
     assert load_checkpoint(fraug_run).round == 3

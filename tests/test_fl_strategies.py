@@ -167,11 +167,12 @@ def test_byte_counts_and_per_client_metrics_reach_the_recorder(model_state, tmp_
     strat.aggregate_evaluate(1, ev)
     entry = rec.history[-1]
     one_model = sum(len(v.data) + len(k) for k, v in _record(state).items())
-    assert entry["bytes_up"] == 2 * one_model and entry["bytes_down"] == sum(
+    assert entry.bytes_up == 2 * one_model and entry.bytes_down == sum(
         m.content["arrays"].count_bytes() for m in sent)
-    assert entry["clients"]["mnist"]["test_accuracy"] == 0.5
-    assert entry["clients"]["inverse"]["test_accuracy"] == 0.7
-    assert entry["mean_accuracy"] == pytest.approx(0.6)
+    assert entry.clients["mnist"].test_accuracy == 0.5
+    assert entry.clients["inverse"].test_accuracy == 0.7
+    assert entry.mean_accuracy == pytest.approx(0.6)
+    assert rec.results().per_client_accuracy == {"mnist": 0.5, "inverse": 0.7}
     rec.close()
 
 

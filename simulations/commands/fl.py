@@ -1,9 +1,7 @@
 """``fedshift fl``: federated training on digits-shift in Flower's simulation engine.
 
-``fedshift fl --strategy fedbn --seed 0 --rounds 30 --clients 5 --out runs/fedbn`` runs one
-experiment; ``fedshift fl compare --seeds 0 1 2 --out DIR`` runs local-only, FedAvg, FedProx,
-FedBN and FRAug for each seed and writes a Markdown table and an accuracy-vs-round plot.
-Any run-config key (see pyproject's ``[tool.flwr.app.config]``) can be set with ``--set k=v``.
+This module only parses the command line into an :class:`~simulations.fl_role.FLRun` and calls
+:func:`~simulations.fl_sim.run_fl_simulation` or :func:`~simulations.fl_compare.run_comparison`.
 """
 
 from __future__ import annotations
@@ -11,76 +9,111 @@ from __future__ import annotations
 import argparse
 import logging
 from pathlib import Path
-from typing import Any
+from typing import get_type_hints
+
+from core.fl_config import STRATEGIES, FLConfig
+from protos.config import add_config_flags, coerce, resolve
+from simulations.fl_role import FLRun
 
 log = logging.getLogger(__name__)
 
-STRATEGY_CHOICES = ("local", "fedavg", "fedprox", "fedbn", "fraug")
+DESCRIPTION = """\
+Federated training on digits-shift (one image domain per client) with Flower's simulation engine.
 
+  fedshift fl --strategy fedbn --seed 0 --rounds 30 --clients 5 --out runs/fedbn
+      one run: results.json, checkpoint.pt, TensorBoard events and fl.toml (its settings) in the
+      output folder
+  fedshift fl compare --seeds 0 1 2 --out runs/fl-compare
+      every strategy for every seed, then comparison.md (mean ± std, paired differences) and an
+      accuracy-vs-round plot; finished runs are reused when the comparison is started again
+  fedshift fl --print-config > fl.toml;  fedshift fl --config fl.toml --rounds 5
+      settings from a file; any flag given overrides the file
+"""
 
-def _parse_sets(items: list[str] | None) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for item in items or []:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise ValueError(f"--set expects key=value, got {item!r}")
-        out[key.strip()] = value.strip()
-    return out
+_COMPARE_ONLY = ("seeds", "strategies", "force")
+_SINGLE_RUN_ONLY = ("strategy", "seed", "out_dir", "resume")  # compare sets these per run
 
 
 def configure(p: argparse.ArgumentParser) -> None:
+    p.description = DESCRIPTION
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
     p.add_argument("mode", nargs="?", choices=("run", "compare"), default="run",
-                   help="run one experiment (default) or compare all strategies over seeds")
-    p.add_argument("--strategy", choices=STRATEGY_CHOICES, default="fedavg")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="compare: seeds")
-    p.add_argument("--strategies", nargs="+", choices=STRATEGY_CHOICES, default=list(STRATEGY_CHOICES),
-                   help="compare: strategies")
-    p.add_argument("--rounds", type=int, help="federated rounds (default: run config)")
-    p.add_argument("--clients", type=int, help="clients, one digits-shift domain each (<=5 or a multiple of 5)")
-    p.add_argument("--out", type=Path, help="output directory (default runs/fl-<strategy>-seed<seed>)")
-    p.add_argument("--resume", type=Path, help="checkpoint (or run directory) to resume from")
+                   help="run: one experiment (the default); compare: every strategy over several seeds")
+    p.add_argument("--out", type=Path, metavar="DIR",
+                   help="run: the output folder (same as --out-dir); compare: the folder for all runs, "
+                        "the table and the plot (required)")
     p.add_argument("--set", dest="sets", action="append", metavar="KEY=VALUE",
-                   help="any run-config key, e.g. --set model-width=0.5 (repeatable)")
-    p.add_argument("--num-cpus", type=int, help="CPUs Ray may use (default: min(cores, clients))")
-    p.add_argument("--cpus-per-client", type=int, default=1,
-                   help="Ray CPUs per simulated client (1: one client per core in parallel)")
-    p.add_argument("--force", action="store_true", help="compare: rerun runs that already have results")
+                   help="set a setting by its Flower run-config name, e.g. --set model-width=0.5 (repeatable)")
+    add_config_flags(p, FLRun)
+    cmp = p.add_argument_group("compare")
+    cmp.add_argument("--seeds", type=int, nargs="+", metavar="N", help="seeds to run (default: 0 1 2)")
+    cmp.add_argument("--strategies", nargs="+", choices=STRATEGIES, metavar="STRATEGY",
+                     help=f"strategies to run (default: all of {', '.join(STRATEGIES)})")
+    cmp.add_argument("--force", action="store_true", default=None,
+                     help="rerun runs whose results are already there")
 
 
-def overrides_from_args(args: argparse.Namespace, *, strategy: str, seed: int, out: Path | None) -> dict[str, Any]:
-    """The run-config overrides a command line describes (validated by FLConfig)."""
-    from core.fl_config import FLConfig
+def _given(args: argparse.Namespace, field: str) -> bool:
+    return hasattr(args, f"cfg:fl.{field}")
 
-    ov: dict[str, Any] = {**_parse_sets(args.sets), "strategy": strategy, "seed": seed}
-    if args.rounds is not None:
-        ov["rounds"] = args.rounds
-    if args.clients is not None:
-        ov["clients"] = args.clients
-    if out is not None:
-        ov["out-dir"] = str(out)
-    if getattr(args, "resume", None) is not None:
-        ov["resume"] = str(args.resume)
-    FLConfig.from_run_config(ov)  # fail fast, before anything starts
-    return ov
+
+def _apply_sets(args: argparse.Namespace) -> None:
+    """``--set key=value`` (run-config spelling) as if the field's own flag had been given."""
+    hints = get_type_hints(FLConfig)
+    keys = FLConfig.keys()
+    for item in args.sets or []:
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ValueError(f"--set expects KEY=VALUE, got {item!r}")
+        if key not in keys:
+            raise ValueError(f"--set: unknown key {key!r}; valid keys: {', '.join(keys)}")
+        field = key.replace("-", "_")
+        if _given(args, field):
+            raise ValueError(f"--set {key} repeats a setting already given on the command line")
+        setattr(args, f"cfg:fl.{field}", coerce(value.strip(), hints[field], f"--set {key}", text=True))
+
+
+def run_settings(args: argparse.Namespace) -> FLRun:
+    """The settings a command line describes: defaults < --config FILE < --set < flags."""
+    if args.mode == "run":
+        for name in _COMPARE_ONLY:
+            if getattr(args, name) is not None:
+                raise ValueError(f"--{name} is for `fedshift fl compare`")
+        if args.out is not None:
+            if _given(args, "out_dir"):
+                raise ValueError("give --out or --out-dir, not both")
+            setattr(args, "cfg:fl.out_dir", str(args.out))
+    _apply_sets(args)
+    if args.mode == "compare":
+        given = [f for f in _SINGLE_RUN_ONLY if _given(args, f)]
+        if given:
+            raise ValueError(f"compare sets {', '.join(given)} for each run itself; use --strategies, --seeds "
+                             "and --out")
+    return resolve(FLRun, args)
 
 
 def run(args: argparse.Namespace) -> int:
+    settings = run_settings(args)
+    if args.print_config:
+        print(settings.to_toml(), end="")
+        return 0
     if args.mode == "compare":
         from simulations.fl_compare import run_comparison
 
         if args.out is None:
             raise ValueError("compare needs --out DIR")
-        report = run_comparison(args, args.out)
-        log.info("comparison table: %s", report)
+        if settings.fl.resume:
+            raise ValueError("compare cannot resume from one checkpoint; start it again to reuse finished runs")
+        table = run_comparison(settings, strategies=args.strategies or list(STRATEGIES),
+                               seeds=args.seeds or [0, 1, 2], out=args.out, force=bool(args.force))
+        log.info("comparison table: %s", table)
         return 0
 
     from simulations.fl_sim import run_fl_simulation
 
-    overrides = overrides_from_args(args, strategy=args.strategy, seed=args.seed, out=args.out)
-    results = run_fl_simulation(overrides, num_cpus=args.num_cpus, cpus_per_client=args.cpus_per_client,
-                                verbose=getattr(args, "verbose", False))
-    per_client = ", ".join(f"{k} {v:.3f}" for k, v in results["per_client_accuracy"].items() if v is not None)
-    log.info("%s seed %d: mean accuracy %.4f (%s)", results["strategy"], results["seed"],
-             results["mean_accuracy"], per_client)
+    result = run_fl_simulation(settings, verbose=getattr(args, "verbose", False))
+    per_client = ", ".join(f"{k} {v:.3f}" for k, v in result.per_client_accuracy.items() if v is not None)
+    mean = f"{result.mean_accuracy:.4f}" if result.mean_accuracy is not None else "n/a"
+    log.info("%s seed %d: mean accuracy %s (%s)", result.strategy, result.seed, mean, per_client)
     return 0
