@@ -24,6 +24,7 @@ from typing import Callable, Mapping, TypeVar
 import grpc
 import numpy as np
 
+from edge.summary import Latency, SubscriberStats
 from protos.codec import GRPC_OPTIONS, decode_state, encode_array
 from protos.contract import file_sha256  # noqa: F401 - re-exported: the hash registration sends
 from protos.fedshift.v1 import edge_pb2 as pb
@@ -234,10 +235,8 @@ class Subscriber(threading.Thread):
         with self._lock:
             self._episode = int(value)
 
-    def stats(self) -> "SubscriberStats":
+    def stats(self) -> SubscriberStats:
         """A snapshot of the counters plus update latency (cloud step done -> applied here)."""
-        from edge.summary import Latency, SubscriberStats
-
         with self._lock:
             counts = dict(self._counts)
             lat = list(self._latencies)

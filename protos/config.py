@@ -179,7 +179,8 @@ def to_mapping(obj: Any) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------- TOML
 
 
-def _toml_value(v: Any, key: str) -> str:
+def toml_value(v: Any, key: str = "value") -> str:
+    """One value as a TOML literal (also Flower's ``--run-config`` values)."""
     if isinstance(v, bool):
         return "true" if v else "false"
     if isinstance(v, int):
@@ -193,7 +194,7 @@ def _toml_value(v: Any, key: str) -> str:
     if isinstance(v, str):
         return json.dumps(v, ensure_ascii=False)  # JSON's string escapes are valid TOML
     if isinstance(v, (list, tuple)):
-        return "[" + ", ".join(_toml_value(x, key) for x in v) + "]"
+        return "[" + ", ".join(toml_value(x, key) for x in v) + "]"
     raise ValueError(f"{key}: cannot write {v!r} as TOML")
 
 
@@ -213,7 +214,7 @@ def to_toml(obj: Any, *, header: str = "") -> str:
             if v is None:
                 lines.append(f"# {f.name} = (not set)")
             else:
-                lines.append(f"{f.name} = {_toml_value(v, prefix + f.name)}")
+                lines.append(f"{f.name} = {toml_value(v, prefix + f.name)}")
 
     emit(obj, "")
     while tables:

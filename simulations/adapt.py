@@ -19,7 +19,6 @@ batch statistics, the accuracy of that alone without any cloud (``bn_stats_accur
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import time

@@ -21,7 +21,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -184,10 +184,8 @@ def markdown_table(summary: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot_accuracy(results: Sequence[FLResult | Mapping[str, Any]], path: Path) -> None:
-    """Mean client test accuracy vs round per strategy (mean over seeds, band = ±1 std).
-
-    A mapping is read as a results.json document (``FLResult.from_dict``)."""
+def plot_accuracy(results: Sequence[FLResult], path: Path) -> None:
+    """Mean client test accuracy vs round per strategy (mean over seeds, band = ±1 std)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -195,7 +193,6 @@ def plot_accuracy(results: Sequence[FLResult | Mapping[str, Any]], path: Path) -
 
     by: dict[str, list[list[float | None]]] = {}
     for r in results:
-        r = r if isinstance(r, FLResult) else FLResult.from_dict(dict(r))
         by.setdefault(r.strategy, []).append([h.mean_accuracy for h in r.history])
     fig, ax = plt.subplots(figsize=(7, 4.2))
     for s in [s for s in NAMES if s in by]:

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import logging
 import os
 import shlex
@@ -33,6 +32,7 @@ from pathlib import Path
 from typing import Any, Iterator, Mapping
 
 from core.fl_config import FLResult
+from protos.config import toml_value
 from simulations.fl_sim import FLOWER_ENV
 from simulations.processes import ProcessGroup
 
@@ -58,17 +58,9 @@ def flower_env(flwr_home: Path, **extra: str) -> dict[str, str]:
     return env
 
 
-def _toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    return json.dumps(str(value))  # a TOML basic string
-
-
 def run_config_arg(run_config: Mapping[str, Any]) -> str:
     """``--run-config`` text: space-separated ``key=value`` with TOML values."""
-    return " ".join(f"{k}={_toml_value(v)}" for k, v in run_config.items())
+    return " ".join(f"{k}={toml_value(v, k)}" for k, v in run_config.items())
 
 
 def _pids_with_arg(fragment: str) -> list[int]:

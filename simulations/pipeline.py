@@ -16,35 +16,30 @@ import shlex
 import sys
 import time
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from simulations.scenario import Scenario, to_toml
+
+if TYPE_CHECKING:  # heavy stacks are imported by the stages that use them
+    from simulations.adapt import AdaptConfig
+    from simulations.fl_role import FLRun
 
 log = logging.getLogger(__name__)
 
 STAGES = ("data", "fl", "export", "adapt", "report")
 
 
-def fl_run_config(s: Scenario, strategy: str, out: Path) -> dict:
-    """The scenario's FL settings as Flower run config (``[tool.flwr.app.config]`` keys)."""
-    return {
-        "strategy": strategy, "seed": s.seed, "rounds": s.fl.rounds, "clients": s.fl.clients,
-        "model": s.fl.model, "image-size": s.data.image_size, "train-per-client": s.data.train_per_client,
-        "local-epochs": s.fl.local_epochs, "batch-size": s.fl.batch_size, "lr": s.fl.lr,
-        "momentum": s.fl.momentum, "threads": s.resources.threads, "out-dir": str(out.resolve()),
-    }
+def fl_run(s: Scenario, strategy: str, out: Path) -> "FLRun":
+    """The FL stage's settings for one strategy (written as ``out/fl.toml`` for its child)."""
+    from core.fl_config import FLConfig
+    from simulations.fl_role import FLRun, SimulationResources
 
-
-def fl_overrides(s: Scenario, strategy: str, out: Path) -> list[str]:
-    """``fedshift fl`` arguments running :func:`fl_run_config` on the simulation engine."""
-    config = fl_run_config(s, strategy, out)
-    args = ["fl", "--strategy", config.pop("strategy"), "--seed", str(config.pop("seed")),
-            "--cpus-per-client", str(s.resources.cpus_per_client)]
-    if s.resources.num_cpus:
-        args += ["--num-cpus", str(s.resources.num_cpus)]
-    for k, v in config.items():
-        args += ["--set", f"{k}={v}"]
-    return args
+    fl = FLConfig(strategy=strategy, seed=s.seed, rounds=s.fl.rounds, clients=s.fl.clients, model=s.fl.model,
+                  image_size=s.data.image_size, train_per_client=s.data.train_per_client,
+                  local_epochs=s.fl.local_epochs, batch_size=s.fl.batch_size, lr=s.fl.lr, momentum=s.fl.momentum,
+                  threads=s.resources.threads, out_dir=str(out.resolve()))
+    return FLRun(fl=fl, simulation=SimulationResources(num_cpus=s.resources.num_cpus,
+                                                       cpus_per_client=s.resources.cpus_per_client))
 
 
 class Pipeline:
@@ -74,8 +69,15 @@ class Pipeline:
             seconds = time.monotonic() - t0
             self.timings[name] = {"seconds": round(seconds, 2), "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
             self._stages_file.write_text(json.dumps(self.timings, indent=2))
+            self.write_results()
             log.info("[%d/%d] %s done in %.1f s", i, len(STAGES), name, seconds)
         return self.timings
+
+    def write_results(self) -> Path:
+        """``RUN/results.json``: every finished stage's summary, gathered."""
+        from simulations.results import gather
+
+        return gather(self.out, self.s.name, self.s.seed, self.timings).write(self.out / "results.json")
 
     # ---------------------------------------------------------------- stages
 
@@ -90,32 +92,44 @@ class Pipeline:
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
 
     def fl(self) -> None:
+        from core.fl_config import FLResult
         from simulations.processes import ProcessGroup, fedshift_argv
 
         if self.s.fl.superlink:  # deployment engine: a running SuperLink and its SuperNodes
             from simulations.flwr_local import run_remote
 
             for strategy in self.s.fl.strategies:
-                run_remote(fl_run_config(self.s, strategy, self.out / "fl" / strategy), superlink=self.s.fl.superlink,
+                run = fl_run(self.s, strategy, self.out / "fl" / strategy)
+                run.write(self.out / "fl" / strategy / "fl.toml")
+                run_remote(run.fl.to_run_config(), superlink=self.s.fl.superlink,
                            work_dir=self.out / "logs" / f"flwr-{strategy}")
             return
         with ProcessGroup(self.out / "logs") as group:
             for strategy in self.s.fl.strategies:
                 name = f"fl-{strategy}"
-                proc = group.start(name, fedshift_argv(*fl_overrides(self.s, strategy, self.out / "fl" / strategy)))
+                path = self.out / "fl" / strategy / "fl.toml"
+                fl_run(self.s, strategy, path.parent).write(path)
+                proc = group.start(name, fedshift_argv("fl", "--config", str(path)))
                 _follow(group, name, proc, prefix=f"fl {strategy}")
                 if proc.returncode != 0:
                     raise RuntimeError(f"federated training ({strategy}) failed:\n{group.tail(name)}")
         for strategy in self.s.fl.strategies:
-            r = json.loads((self.out / "fl" / strategy / "results.json").read_text())
-            log.info("fl %s: mean accuracy %.2f%%", strategy, 100 * r["mean_accuracy"])
+            r = FLResult.read(self.out / "fl" / strategy / "results.json")
+            mean = "n/a" if r.mean_accuracy is None else f"{100 * r.mean_accuracy:.2f}%"
+            log.info("fl %s: mean accuracy %s", strategy, mean)
 
     def export(self) -> None:
+        """Every model file the edges will run, written once: ``edge.onnx`` (running statistics)
+        and, when the method re-estimates BN on the edge, ``edge_batch_stats.onnx``; plus the
+        weights the cloud's student starts from."""
         import torch
 
         from core.export import export_onnx
         from core.models import create_model
+        from protos.contract import file_sha256
         from server.recorder import load_checkpoint
+        from simulations.adapt import METHODS
+        from simulations.results import ExportedFile, ExportSummary
 
         deploy = self.deployed_strategy()
         ckpt = load_checkpoint(self.out / "fl" / deploy)
@@ -125,42 +139,66 @@ class Pipeline:
         out.mkdir(parents=True, exist_ok=True)
         torch.save(model.state_dict(), out / "edge_weights.pt")
         size = self.s.data.image_size
-        info = export_onnx(model.eval(), out / "edge.onnx", (3, size, size), model_name=self.s.fl.model,
-                           version=0)
-        (out / "deployed.json").write_text(json.dumps({"strategy": deploy, "round": ckpt.round}, indent=2))
-        log.info("exported the %s model (round %d) to %s", deploy, ckpt.round, info.path)
+        files = {"edge.onnx": False}
+        if METHODS[self.s.cloud.method].batch_stats:
+            files["edge_batch_stats.onnx"] = True
+        for name, batch_stats in files.items():
+            info = export_onnx(model.eval(), out / name, (3, size, size), model_name=self.s.fl.model, version=0,
+                               batch_stats=batch_stats)
+            log.info("exported the %s model (round %d) to %s", deploy, ckpt.round, info.path)
+        ExportSummary(strategy=deploy, round=ckpt.round, weights="edge_weights.pt",
+                      files={name: ExportedFile(file_sha256(out / name), bs) for name, bs in files.items()}
+                      ).write(out / "deployed.json")
 
     def deployed_strategy(self) -> str:
         """``fl.deploy``, or with ``best_val`` the strategy with the best mean validation accuracy
         (never the test split: the edges' streams are built from it)."""
         if self.s.fl.deploy != "best_val":
             return self.s.fl.deploy
-        val = {s: json.loads((self.out / "fl" / s / "results.json").read_text())["mean_val_accuracy"]
-               for s in self.s.fl.strategies}
+        from core.fl_config import FLResult
+
+        val = {s: FLResult.read(self.out / "fl" / s / "results.json").mean_val_accuracy for s in self.s.fl.strategies}
+        if missing := [s for s, v in val.items() if v is None]:
+            raise ValueError(f"no validation accuracy for {missing}: cannot pick the model to deploy")
         best = max(val, key=lambda s: (val[s], -self.s.fl.strategies.index(s)))
         log.info("deploying %s (best mean validation accuracy: %s)", best,
                  ", ".join(f"{s} {100 * v:.1f}%" for s, v in val.items()))
         return best
 
     def adapt(self) -> None:
-        from simulations.adapt import AdaptConfig, run_adapt
+        from simulations.adapt import run_adapt
 
-        s = self.s
-        cfg = AdaptConfig(
-            method=s.cloud.method, edges=s.edge.count, corruptions=s.edge.corruptions, severity=s.edge.severity,
-            protocol=s.edge.protocol, passes=s.edge.passes, limit=s.edge.limit or None,
-            batch_size=s.edge.batch_size, seed=s.seed, data_seed=s.seed, image_size=s.data.image_size, sync_s=s.edge.sync_s, edge_model=s.fl.model,
-            edge_weights=str(self.out / "export" / "edge_weights.pt"), teacher=s.cloud.teacher,
-            teacher_weights=s.cloud.teacher_weights or None, teacher_epochs=s.cloud.teacher_epochs,
-            cache=s.resources.cache or None, threads=s.resources.threads, device=s.cloud.device,
-            cloud_address=s.cloud.address)
-        run_adapt(cfg, self.out / "adapt")
+        from simulations.results import ExportSummary
+
+        export = self.out / "export"
+        ExportSummary.read(export / "deployed.json").verify(export)  # run what the export stage wrote
+        run_adapt(adapt_config(self.s, export), self.out / "adapt")
 
     def report(self) -> None:
         from simulations.report import write_report
 
         path = write_report(self.out)
         log.info("report: %s", path)
+
+
+def adapt_config(s: Scenario, export: Path) -> "AdaptConfig":
+    """The adapt stage's settings: the scenario's, with the export stage's files as inputs."""
+    from edge.config import EdgeConfig, NodeConfig
+    from server.config import CloudConfig
+    from simulations.adapt import AdaptConfig
+
+    batch_stats = export / "edge_batch_stats.onnx"
+    return AdaptConfig(
+        method=s.cloud.method, edges=s.edge.count, corruptions=s.edge.corruptions, severity=s.edge.severity,
+        protocol=s.edge.protocol, passes=s.edge.passes, limit=s.edge.limit or None, seed=s.seed, data_seed=s.seed,
+        teacher_epochs=s.cloud.teacher_epochs, edge_onnx=str(export / "edge.onnx"),
+        edge_onnx_batch_stats=str(batch_stats) if batch_stats.is_file() else "", cloud_address=s.cloud.address,
+        edge=EdgeConfig(batch_size=s.edge.batch_size, threads=s.resources.threads,
+                        node=NodeConfig(sync_timeout_s=s.edge.sync_s)),
+        cloud=CloudConfig(student=s.fl.model, student_weights=str(export / "edge_weights.pt"),
+                          teacher=s.cloud.teacher, teacher_weights=s.cloud.teacher_weights,
+                          image_size=s.data.image_size, cache=s.resources.cache, threads=s.resources.threads,
+                          device=s.cloud.device))
 
 
 def deployable_state(ckpt) -> dict:

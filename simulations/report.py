@@ -11,6 +11,11 @@ import json
 import logging
 from pathlib import Path
 
+from core.fl_config import FLResult
+from edge.summary import EdgeSummary
+from simulations.adapt import AdaptResult
+from simulations.results import ExportSummary
+
 log = logging.getLogger(__name__)
 
 
@@ -18,39 +23,57 @@ def _load(path: Path) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def fl_table(fl: dict[str, dict]) -> str:
-    domains = list(next(iter(fl.values()))["per_client_accuracy"])
+def _pct(v: float | None) -> str:
+    return "n/a" if v is None else f"{100 * v:.1f}"
+
+
+def fl_table(fl: dict[str, FLResult]) -> str:
+    domains = list(next(iter(fl.values())).per_client_accuracy)
     lines = ["| strategy | " + " | ".join(domains) + " | mean |", "|" + "---|" * (len(domains) + 2)]
     for name, r in fl.items():
-        cells = [f"{100 * r['per_client_accuracy'][d]:.1f}" for d in domains]
-        lines.append(f"| {name} | " + " | ".join(cells) + f" | {100 * r['mean_accuracy']:.1f} |")
+        cells = [_pct(r.per_client_accuracy.get(d)) for d in domains]
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {_pct(r.mean_accuracy)} |")
     return "\n".join(lines)
 
 
-def adapt_table(r: dict) -> str:
+def adapt_table(r: AdaptResult) -> str:
     """Per corruption: no adaptation, edge BN statistics alone (no cloud), the method."""
     nan = float("nan")
-    refs = [("no adaptation", r["no_adapt_accuracy"])]
-    if r.get("bn_stats_accuracy"):
-        refs.append(("edge BN statistics", r["bn_stats_accuracy"]))
-    up = r.get("uploaded_per_corruption", {})
-    head = ["corruption", *[name for name, _ in refs], r["method"], "gain vs no adaptation"]
+    refs = [("no adaptation", r.no_adapt_accuracy)]
+    if r.bn_stats_accuracy is not None:
+        refs.append(("edge BN statistics", r.bn_stats_accuracy))
+    head = ["corruption", *[name for name, _ in refs], r.method, "gain vs no adaptation"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    rows = [(c, [ref["per_corruption"].get(c, nan) for _, ref in refs], v)
-            for c, v in r["accuracy"]["per_corruption"].items()]
-    rows.append(("**mean**", [ref["overall"] for _, ref in refs], r["accuracy"]["overall"]))
+    rows = [(c, [ref.per_corruption.get(c, nan) for _, ref in refs], v) for c, v in r.accuracy.per_corruption.items()]
+    rows.append(("**mean**", [ref.overall for _, ref in refs], r.accuracy.overall))
     for name, base, value in rows:
         cells = [f"{100 * b:.1f}" for b in base] + [f"{100 * value:.1f}", f"{100 * (value - base[0]):+.1f}"]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    lines += ["", f"Uploaded {r['uploaded']:,} of {r['seen']:,} samples ({100 * r['upload_rate']:.1f}%); "
-              f"{r['bytes_up'] / 1e6:.2f} MB up, {r['bytes_down'] / 1e6:.2f} MB down; "
-              f"{r['versions_applied']} parameter versions applied at the edges."]
-    if up:
-        lines.append("Uploads per corruption: " + ", ".join(f"{c} {n}" for c, n in up.items()) + ".")
+    lines += ["", f"Uploaded {r.uploaded:,} of {r.seen:,} samples ({100 * r.upload_rate:.1f}%); "
+              f"{r.bytes_up / 1e6:.2f} MB up, {r.bytes_down / 1e6:.2f} MB down; "
+              f"{r.versions_applied} parameter versions applied at the edges."]
+    if r.uploaded_per_corruption:
+        lines.append("Uploads per corruption: " + ", ".join(f"{c} {n}" for c, n in r.uploaded_per_corruption.items())
+                     + ".")
     return "\n".join(lines)
 
 
-def plot_edges(edges: list[dict], path: Path) -> None:
+def edge_models(r: AdaptResult, run: Path) -> str:
+    """Which model file(s) the edges ran, by path (relative to the run) and sha256."""
+    files: dict[tuple[str, str], list[str]] = {}
+    for e in r.per_edge:
+        files.setdefault((e.model_path, e.model_sha256), []).append(str(e.edge_id))
+    lines = []
+    for (path, sha), edges in files.items():
+        try:
+            shown = Path(path).resolve().relative_to(run.resolve())
+        except ValueError:
+            shown = Path(path)
+        lines.append(f"- `{shown}` (sha256 `{sha[:16]}…`): {', '.join(edges)}")
+    return "\n".join(lines)
+
+
+def plot_edges(edges: list[EdgeSummary], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -58,17 +81,17 @@ def plot_edges(edges: list[dict], path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(6.5, 4))
     for s in edges:
-        t = s.get("timeline") or {}
+        t = s.timeline
         correct = labelled = 0
         xs, ys = [], []
-        for seen, n, c in zip(t.get("seen", []), t.get("n", []), t.get("correct", [])):
+        for seen, n, c in zip(t.seen, t.n, t.correct):
             if c is None:
                 continue
             correct, labelled = correct + c, labelled + n
             xs.append(seen)
             ys.append(100 * correct / labelled)
         if xs:
-            ax.plot(xs, ys, label=str(s["edge_id"]))
+            ax.plot(xs, ys, label=str(s.edge_id))
     ax.set_xlabel("samples seen by the edge")
     ax.set_ylabel("online accuracy (%)")
     ax.set_title("edges: online accuracy")
@@ -90,14 +113,15 @@ def write_report(run_dir: str | Path) -> Path:
     scenario = (run / "scenario.toml").read_text() if (run / "scenario.toml").is_file() else ""
     parts += ["Reproduce (same seed → same numbers):", "", "```bash", command, "```", ""]
 
-    fl = {p.parent.name: _load(p) for p in sorted((run / "fl").glob("*/results.json"))}
+    fl = {p.parent.name: FLResult.read(p) for p in sorted((run / "fl").glob("*/results.json"))}
     parts += ["## Federated training", ""]
     if fl:
         parts += ["Final test accuracy per client domain (%):", "", fl_table(fl), ""]
-        deployed = _load(run / "export" / "deployed.json")
-        if deployed:
-            parts += [f"Exported to the edges: the **{deployed['strategy']}** model after round {deployed['round']} "
-                      "(`export/edge.onnx`).", ""]
+        if (run / "export" / "deployed.json").is_file():
+            deployed = ExportSummary.read(run / "export" / "deployed.json")
+            files = ", ".join(f"`export/{name}`" for name in deployed.files)
+            parts += [f"Exported for the edges: the **{deployed.strategy}** model after round {deployed.round} "
+                      f"({files}).", ""]
         from simulations.fl_compare import plot_accuracy
 
         plot_accuracy(list(fl.values()), plots / "fl_accuracy.png")
@@ -105,14 +129,15 @@ def write_report(run_dir: str | Path) -> Path:
     else:
         parts += ["(no federated results in this folder)", ""]
 
-    adapt = _load(run / "adapt" / "results.json")
     parts += ["## Cloud-edge adaptation", ""]
-    if adapt:
-        cfg = adapt["config"]
-        parts += [f"Method `{adapt['method']}` ({adapt['about']}); {adapt['edges']} edge process(es); "
-                  f"{len(cfg['corruptions'])} corruption(s) at severity {cfg['severity']}, protocol "
-                  f"{cfg['protocol']}. Online accuracy (%):", "", adapt_table(adapt), ""]
-        edges = [json.loads(p.read_text()) for p in sorted((run / "adapt" / "edges").glob("*.json"))]
+    if (run / "adapt" / "results.json").is_file():
+        adapt = AdaptResult.read(run / "adapt" / "results.json")
+        cfg = adapt.config
+        parts += [f"Method `{adapt.method}` ({adapt.about}); {adapt.edges} edge process(es); "
+                  f"{len(cfg.corruptions)} corruption(s) at severity {cfg.severity}, protocol "
+                  f"{cfg.protocol}. The edges ran:", "", edge_models(adapt, run), "",
+                  "Online accuracy (%):", "", adapt_table(adapt), ""]
+        edges = [EdgeSummary.read(p) for p in sorted((run / "adapt" / "edges").glob("*.json"))]
         plot_edges(edges, plots / "edge_accuracy.png")
         parts += ["![online accuracy vs samples](plots/edge_accuracy.png)", ""]
     else:

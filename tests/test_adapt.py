@@ -13,7 +13,7 @@ from edge.summary import EdgeSummary
 from protos.config import load_config
 from protos.contract import file_sha256
 from server.config import CloudConfig
-from simulations.adapt import METHODS, Accuracy, AdaptConfig, AdaptResult, aggregate, run_adapt
+from simulations.adapt import METHODS, AdaptConfig, AdaptResult, run_adapt
 
 
 def _live_processes_mentioning(text: str) -> list[str]:

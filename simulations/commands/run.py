@@ -18,6 +18,8 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, help="run folder (default: runs/<scenario>-<time>)")
     p.add_argument("--from", dest="start", default="data",
                    help="re-run from this stage on an existing run folder: data, fl, export, adapt, report")
+    p.add_argument("--print-config", action="store_true",
+                   help="print the resolved scenario as TOML and exit (save it, edit it, run it as a file)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -25,6 +27,11 @@ def run(args: argparse.Namespace) -> int:
     from simulations.scenario import load_scenario
 
     scenario = load_scenario(args.scenario, args.overrides)
+    if args.print_config:
+        from simulations.scenario import to_toml
+
+        print(to_toml(scenario), end="")
+        return 0
     if args.start != "data" and args.out is None:
         raise ValueError("--from needs --out pointing at an existing run folder")
     out = args.out or Path("runs") / f"{scenario.name}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -37,6 +44,6 @@ def run(args: argparse.Namespace) -> int:
         return 130
     log.info("finished in %.0f s (%s)", time.monotonic() - t0,
              ", ".join(f"{k} {v['seconds']:.0f} s" for k, v in timings.items()))
-    print(f"\nreport:      {out / 'report.md'}\nresults:     {out / 'adapt' / 'results.json'}\n"
+    print(f"\nreport:      {out / 'report.md'}\nresults:     {out / 'results.json'}\n"
           f"TensorBoard: tensorboard --logdir {out}")
     return 0
