@@ -19,11 +19,17 @@ Two constant sets are available (``constants=``):
   approximation of ImageMagick's motion blur (the original used Wand), and ``elastic_transform``
   uses its size-relative variant (alpha = 250 * [.05, .065, .085, .1, .12], sigma = 1% of the image
   side, no random affine), not the original ImageNet-C affine + elastic constants.
-* ``"cifar"`` -- CIFAR-10-C constants from Hendrycks & Dietterich's ``make_cifar_c.py``, written
-  down here from memory of that script (no copy is available offline).  The noise, blur, weather
-  and digital constants below are believed exact; the least certain are ``elastic_transform``
+* ``"cifar"`` -- CIFAR-10-C constants from Hendrycks & Dietterich's ``make_cifar_c.py``
+  (``hendrycks/robustness``, ``ImageNet-C/create_c/make_cifar_c.py``), checked against that
+  script constant by constant: all 15 severity tables match it, including ``elastic_transform``
   (random affine + elastic, (alpha, sigma, affine) = 32 * [(0, 0, .08), (.05, .2, .07),
-  (.08, .06, .06), (.1, .04, .05), (.1, .03, .03)]) and the frost crop scale (textures shrunk 5x).
+  (.08, .06, .06), (.1, .04, .05), (.1, .03, .03)]), ``motion_blur`` ((radius, sigma) = (6, 1),
+  (6, 1.5), (6, 2), (8, 2), (9, 2.5)) and the frost textures shrunk 5x.  With these constants
+  two procedures follow that script rather than the reference package: ``frost`` picks its
+  texture among the first five of the six (``np.random.randint(5)``; the package draws among all
+  six), and ``snow`` crops its zoomed layer from the centre and truncates it to uint8 before the
+  motion blur (the package blurs the uncropped float layer and crops its top-left corner).
+  Motion blur itself is the package's shift-based approximation here too (the script used Wand).
   Where CIFAR-10-C hard-codes 32 px, the code scales with the actual image size.
 * ``"auto"`` -- ``"cifar"`` when ``min(H, W) <= 64`` else ``"imagenet"``: ImageNet-C's pixel-sized
   constants (blur radii, zoom, pixelate, frost crops) are far harsher on 32 px images.
@@ -34,8 +40,9 @@ brightness, contrast, pixelate, JPEG) match it within one grey level, and motion
 its ``_motion_blur`` to float precision.  Deviations from the reference (all measured by the tests):
 
 * ``frost`` is procedural (no texture files): a seeded ice texture (blurred "cloud" noise plus
-  three families of crystalline streaks) whose per-channel mean and standard deviation are drawn
-  from those measured on the six ImageNet-C frost textures, blended exactly like ImageNet-C
+  three families of crystalline streaks) whose per-channel mean and standard deviation are those
+  measured on one of the ImageNet-C frost textures, drawn like the reference draws its file (among
+  the first five with ``"cifar"``, all six with ``"imagenet"``), blended exactly like ImageNet-C
   (``c0 * x + c1 * frost``).
 * ``glass_blur`` resolves the reference's sequential pixel-"swap" sweep (which, on RGB rows, is a
   chain of copies -- as in the original ImageNet-C / CIFAR-10-C code) for the whole batch with
@@ -123,7 +130,7 @@ _CIFAR: Mapping[str, tuple] = MappingProxyType({
     "impulse_noise": (0.01, 0.02, 0.03, 0.05, 0.07),
     "defocus_blur": ((0.3, 0.4), (0.4, 0.5), (0.5, 0.6), (1, 0.2), (1.5, 0.1)),
     "glass_blur": ((0.05, 1, 1), (0.25, 1, 1), (0.4, 1, 1), (0.25, 1, 2), (0.4, 1, 2)),
-    "motion_blur": ((10, 1), (10, 1.5), (10, 2), (10, 2.5), (12, 3)),
+    "motion_blur": ((6, 1), (6, 1.5), (6, 2), (8, 2), (9, 2.5)),
     "zoom_blur": ((1, 1.06, 0.01), (1, 1.11, 0.01), (1, 1.16, 0.01), (1, 1.21, 0.01),
                   (1, 1.26, 0.01)),
     "snow": ((0.1, 0.2, 1, 0.6, 8, 3, 0.95), (0.1, 0.2, 1, 0.5, 10, 4, 0.9),
@@ -141,13 +148,17 @@ _CIFAR: Mapping[str, tuple] = MappingProxyType({
 })
 
 # Per-channel (R, G, B) mean and std of the six ImageNet-C frost textures shipped with the
-# reference package (frost2.png and frost3.png are identical there; kept so that the texture
-# distribution matches the reference's uniform choice among six files).
+# reference package (frost2.png and frost3.png are identical there; both kept so that a uniform
+# draw over the first k rows matches the reference's uniform choice among its first k files).
 _FROST_MEAN = np.array([(77.7, 149.1, 165.7), (200.8, 205.4, 214.5), (200.8, 205.4, 214.5),
                         (137.6, 152.8, 165.2), (112.4, 123.4, 134.8), (71.4, 95.4, 104.5)], _F)
 _FROST_STD = np.array([(26.9, 16.5, 15.3), (21.4, 22.1, 22.6), (21.4, 22.1, 22.6),
                        (28.5, 28.5, 29.9), (44.4, 43.3, 41.7), (35.2, 42.7, 47.4)], _F)
 _FROST_SCALE = MappingProxyType({"imagenet": 1.0, "cifar": 0.2})  # CIFAR-10-C shrinks frost 5x
+# How many of the six textures a frost image draws from (uniformly, the first k): make_cifar_c.py
+# draws ``np.random.randint(5)`` (frost6 is never used); imagecorruptions-imaug 1.1.5, which the
+# ImageNet-C constants follow, draws ``np.random.randint(6)``.
+_FROST_TEXTURES = MappingProxyType({"imagenet": 6, "cifar": 5})
 _MIN_TAP_WEIGHT = 1e-6
 
 
@@ -516,25 +527,46 @@ def _zoom_blur(x: np.ndarray, c: tuple, rng: np.random.Generator, kind: str) -> 
     return np.clip((x + out) / (len(factors) + 1), 0, 1)
 
 
-def _snow(x: np.ndarray, c: tuple, rng: np.random.Generator, kind: str) -> np.ndarray:
-    loc, scale, zoom, thresh, radius, sigma, blend = c
-    n, h, w = x.shape[:3]
-    layer = (loc + scale * rng.standard_normal((n, h, w))).astype(_F)
-    layer = _clipped_zoom(layer, zoom)
+def _snow_layer(c: tuple, rng: np.random.Generator, n: int, h: int, w: int,
+                kind: str) -> np.ndarray:
+    """Snow flakes before their motion blur: (N, H, W) for ``"cifar"``, (N, >= H, >= W) otherwise.
+
+    ``"cifar"`` follows make_cifar_c.py: the zoomed layer is cropped from the centre (its
+    ``clipped_zoom`` trims ``(zoomed - H) // 2``) and truncated to uint8 (``astype(np.uint8)``
+    before the Wand blur).  ``"imagenet"`` follows imagecorruptions-imaug: the uncropped float
+    layer is blurred and its top-left corner is kept afterwards (see :func:`_snow`).
+    """
+    loc, scale, zoom, thresh = c[:4]
+    if kind == "cifar":
+        layer = _clipped_zoom(loc + scale * rng.standard_normal((n, h, w)), zoom)  # float64
+        top, left = (layer.shape[1] - h) // 2, (layer.shape[2] - w) // 2
+        layer = layer[:, top:top + h, left:left + w]
+    else:
+        layer = _clipped_zoom((loc + scale * rng.standard_normal((n, h, w))).astype(_F), zoom)
     layer[layer < thresh] = 0
     layer = np.clip(layer, 0, 1)
+    if kind == "cifar":
+        layer = np.floor(layer * 255) / 255
+    return layer.astype(_F)
+
+
+def _snow(x: np.ndarray, c: tuple, rng: np.random.Generator, kind: str) -> np.ndarray:
+    radius, sigma, blend = c[4:]
+    n, h, w = x.shape[:3]
+    layer = _snow_layer(c, rng, n, h, w, kind)
     layer = _motion_blur(layer, radius, sigma, rng.uniform(-135, -45, size=n))
     layer = (np.round(np.clip(layer, 0, 1) * 255) / 255).astype(_F)[:, :h, :w, None]
     x = blend * x + (1 - blend) * np.maximum(x, _gray(x)[..., None] * 1.5 + 0.5)
     return np.clip(x + layer + layer[:, ::-1, ::-1], 0, 1)
 
 
-def _frost_layer(rng: np.random.Generator, n: int, h: int, w: int, scale: float) -> np.ndarray:
+def _frost_layer(rng: np.random.Generator, n: int, h: int, w: int, scale: float,
+                 n_textures: int) -> np.ndarray:
     """Procedural ice texture (N, H, W, 3) in [0, 255] with ImageNet-C frost colour statistics.
 
     Pattern = low-frequency "clouds" + three families of crystalline streaks (a random main angle
-    and two branches at ~+-60 degrees) + fine
-    grain, standardised per image, then tinted with the mean/std of a randomly chosen texture.
+    and two branches at ~+-60 degrees) + fine grain, standardised per image, then tinted with the
+    mean/std of a texture drawn uniformly among the first ``n_textures`` of the six.
     """
     def standardise(a: np.ndarray) -> np.ndarray:
         a = a - a.mean(axis=(1, 2), keepdims=True)
@@ -552,7 +584,7 @@ def _frost_layer(rng: np.random.Generator, n: int, h: int, w: int, scale: float)
         streaks += standardise(_motion_blur(seeds, length, length / 2, angle + offset))
     grain = rng.standard_normal((n, h, w), dtype=_F)
     pattern = standardise(0.8 * clouds + standardise(streaks) + 0.3 * grain)
-    texture = rng.integers(len(_FROST_MEAN), size=n)
+    texture = rng.integers(n_textures, size=n)
     mean = _FROST_MEAN[texture][:, None, None, :]
     std = _FROST_STD[texture][:, None, None, :]
     return np.clip(mean + std * pattern[..., None], 0, 255)
@@ -560,7 +592,7 @@ def _frost_layer(rng: np.random.Generator, n: int, h: int, w: int, scale: float)
 
 def _frost(x: np.ndarray, c: tuple, rng: np.random.Generator, kind: str) -> np.ndarray:
     n, h, w = x.shape[:3]
-    layer = _frost_layer(rng, n, h, w, _FROST_SCALE[kind])
+    layer = _frost_layer(rng, n, h, w, _FROST_SCALE[kind], _FROST_TEXTURES[kind])
     return np.clip((c[0] * 255) * x + c[1] * layer, 0, 255) / 255
 
 

@@ -245,3 +245,114 @@ def test_motion_blur_taps_match_reference(reference, size: int) -> None:
         ref = np.stack([ref_blur(im.astype(np.float64), radius, sigma, a)
                         for im, a in zip(images, angles)])
         assert np.abs(ours - ref).max() < 1e-2
+
+
+# ------------------------------------------------------------------ CIFAR-10-C (make_cifar_c.py)
+# Every severity table of Hendrycks' ImageNet-C/create_c/make_cifar_c.py (hendrycks/robustness),
+# written the way core.corruptions stores it: zoom blur as np.arange(start, stop, step) arguments,
+# elastic transform as fractions of the side (the script's IMSIZE * fraction with IMSIZE = 32).
+MAKE_CIFAR_C = {
+    "gaussian_noise": (0.04, 0.06, .08, .09, .10),
+    "shot_noise": (500, 250, 100, 75, 50),
+    "impulse_noise": (.01, .02, .03, .05, .07),
+    "defocus_blur": ((0.3, 0.4), (0.4, 0.5), (0.5, 0.6), (1, 0.2), (1.5, 0.1)),
+    "glass_blur": ((0.05, 1, 1), (0.25, 1, 1), (0.4, 1, 1), (0.25, 1, 2), (0.4, 1, 2)),
+    "motion_blur": ((6, 1), (6, 1.5), (6, 2), (8, 2), (9, 2.5)),
+    "zoom_blur": ((1, 1.06, 0.01), (1, 1.11, 0.01), (1, 1.16, 0.01), (1, 1.21, 0.01),
+                  (1, 1.26, 0.01)),
+    "snow": ((0.1, 0.2, 1, 0.6, 8, 3, 0.95), (0.1, 0.2, 1, 0.5, 10, 4, 0.9),
+             (0.15, 0.3, 1.75, 0.55, 10, 4, 0.9), (0.25, 0.3, 2.25, 0.6, 12, 6, 0.85),
+             (0.3, 0.3, 1.25, 0.65, 14, 12, 0.8)),
+    "frost": ((1, 0.2), (1, 0.3), (0.9, 0.4), (0.85, 0.4), (0.75, 0.45)),
+    "fog": ((.2, 3), (.5, 3), (0.75, 2.5), (1, 2), (1.5, 1.75)),
+    "brightness": (.05, .1, .15, .2, .3),
+    "contrast": (.75, .5, .4, .3, 0.15),
+    "elastic_transform": ((0, 0, 0.08), (0.05, 0.2, 0.07), (0.08, 0.06, 0.06), (0.1, 0.04, 0.05),
+                          (0.1, 0.03, 0.03)),
+    "pixelate": (0.95, 0.9, 0.85, 0.75, 0.65),
+    "jpeg_compression": (80, 65, 58, 50, 40),
+}
+
+
+def test_cifar_constants_are_make_cifar_c() -> None:
+    assert set(MAKE_CIFAR_C) == set(CORRUPTIONS)
+    for name, table in MAKE_CIFAR_C.items():
+        assert tuple(corruption_constants(name, s, "cifar") for s in SEVERITIES) == table, name
+    # motion blur in particular: CIFAR-10-C's (radius, sigma), not Tiny-ImageNet-C's
+    assert corruption_constants("motion_blur", 5, "cifar") == (9, 2.5)
+
+
+def _frost_texture_indices(constants: str, seeds: range, n: int = 150) -> np.ndarray:
+    """Texture drawn per image, read back from frost on black images (out = c1 * texture)."""
+    from core.corruptions import _FROST_MEAN
+
+    black = np.zeros((n, 32, 32, 3), np.uint8)
+    weight = corruption_constants("frost", 5, constants)[1]
+    found = []
+    for seed in seeds:
+        means = corrupt(black, "frost", 5, seed=seed, constants=constants).mean(axis=(1, 2))
+        dist = np.linalg.norm(means[:, None, :] / weight - _FROST_MEAN[None], axis=2)
+        assert dist.min(axis=1).max() < 8  # each image is clearly one texture's colour
+        found.append(dist.argmin(axis=1))
+    # frost2 and frost3 are the same texture: report them as index 1
+    return np.where(np.concatenate(found) == 2, 1, np.concatenate(found))
+
+
+def test_frost_texture_choice_follows_reference() -> None:
+    # make_cifar_c.py: np.random.randint(5) -> only the first five files (frost6 never used)
+    cifar = np.bincount(_frost_texture_indices("cifar", range(4)), minlength=6)
+    assert cifar[5] == 0 and (cifar[[0, 1, 3, 4]] > 0).all()
+    assert cifar[1] > 1.5 * cifar[0]  # indices 1 and 2 (one texture twice): ~2/5 of the draws
+    # imagecorruptions-imaug 1.1.5 (the ImageNet constants' reference): randint(6)
+    imagenet = np.bincount(_frost_texture_indices("imagenet", range(2)), minlength=6)
+    assert (imagenet[[0, 1, 3, 4, 5]] > 0).all()
+
+
+def _make_cifar_c_snow_layer(noise: np.ndarray, zoom: float, thresh: float,
+                             quantise=lambda v: v.astype(np.uint8)) -> np.ndarray:
+    """make_cifar_c.py's snow layer before its Wand motion blur, for one (H, W) noise image."""
+    h = noise.shape[0]
+    ch = int(np.ceil(h / zoom))
+    top = (h - ch) // 2
+    from scipy.ndimage import zoom as scizoom
+
+    layer = scizoom(noise[top:top + ch, top:top + ch, None], (zoom, zoom, 1), order=1)
+    trim = (layer.shape[0] - h) // 2
+    layer = layer[trim:trim + h, trim:trim + h]  # clipped_zoom crops from the centre ...
+    layer[layer < thresh] = 0
+    return quantise(np.clip(layer.squeeze(), 0, 1) * 255)  # ... then uint8 truncation
+
+
+@pytest.mark.parametrize("severity", SEVERITIES)
+def test_snow_layer_matches_make_cifar_c(severity: int) -> None:
+    from core.corruptions import _snow_layer
+
+    c = corruption_constants("snow", severity, "cifar")
+    n, size = 6, 32
+    ours = _snow_layer(c, np.random.default_rng(severity), n, size, size, "cifar")
+    assert ours.shape == (n, size, size)
+    levels = ours.astype(np.float64) * 255
+    np.testing.assert_allclose(levels, np.round(levels), atol=1e-3)  # exactly k / 255
+    noise = c[0] + c[1] * np.random.default_rng(severity).standard_normal((n, size, size))
+    expected = np.stack([_make_cifar_c_snow_layer(im, c[2], c[3]) for im in noise])
+    np.testing.assert_array_equal(np.round(levels).astype(np.uint8), expected)
+    # the check tells truncation from rounding: rounded levels would differ
+    rounded = np.stack([_make_cifar_c_snow_layer(im, c[2], c[3], np.round) for im in noise])
+    flakes = expected > 0  # the rest is thresholded to 0 (most of the layer)
+    assert flakes.sum() > 20 and (rounded != expected)[flakes].mean() > 0.3
+
+
+def test_snow_layer_is_cropped_from_the_centre() -> None:
+    # Severity 4 zooms 2.25x: a 32 px layer crops 15 px and zooms them to 34, so the centre crop
+    # (rows 1..32) and the package's top-left crop (rows 0..31) are one pixel apart.
+    from core.corruptions import _clipped_zoom, _snow_layer
+
+    c = corruption_constants("snow", 4, "cifar")
+    ours = _snow_layer(c, np.random.default_rng(0), 3, 32, 32, "cifar")
+    noise = c[0] + c[1] * np.random.default_rng(0).standard_normal((3, 32, 32))
+    zoomed = _clipped_zoom(noise, c[2])
+    assert zoomed.shape[1:] == (34, 34)
+    for top, expect_equal in ((1, True), (0, False)):
+        crop = zoomed[:, top:top + 32, top:top + 32]
+        crop = np.floor(np.clip(np.where(crop < c[3], 0, crop), 0, 1) * 255) / 255
+        assert np.array_equal(ours, crop.astype(np.float32)) == expect_equal
