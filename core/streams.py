@@ -152,7 +152,11 @@ def _corrupt_pass(images: np.ndarray, corruption: str, severity: int, seed: int,
 
 def _build_segment(images: np.ndarray, labels: np.ndarray, corruption: str, severity: int, *,
                    seg_no: int, passes: int, shuffle: bool, seed: int, limit: int | None,
-                   constants: str) -> Segment:
+                   constants: str, samples: int | None = None) -> Segment:
+    if samples is not None:  # this segment's own distinct images, drawn from the pool
+        pick = np.sort(corruption_seed(seed, "segment", seg_no, corruption, severity, "samples")
+                       .choice(images.shape[0], size=samples, replace=False))
+        images, labels = images[pick], labels[pick]
     n = images.shape[0]
     total = n * passes if limit is None else min(limit, n * passes)
     parts_x, parts_y = [], []
@@ -178,12 +182,16 @@ def build_stream(images: np.ndarray, labels: np.ndarray, *,
                  corruptions: Sequence[str] | str = CORRUPTIONS,
                  severities: Sequence[int] | int = (5,), protocol: str = "reset",
                  passes: int = 1, shuffle: bool = True, seed: int = 0, limit: int | None = None,
-                 constants: str = "auto") -> CorruptedStream:
+                 samples: int | None = None, constants: str = "auto") -> CorruptedStream:
     """Build the edge test stream: one corrupted segment per (corruption, severity).
 
-    ``passes`` repeats each segment's images (each pass re-shuffled and re-corrupted with its own
-    seed); ``limit`` caps the samples per segment (passes included); ``constants`` is passed to
-    :func:`core.corruptions.corrupt` ("auto": CIFAR-10-C constants for images <= 64 px).
+    ``samples`` (the long-stream knob) gives each segment that many *distinct* images, drawn
+    without replacement from the pool by a generator keyed by the segment (so segments differ in
+    which images they show, as ImageNet-C shows each image under every corruption only when the
+    pool is used whole); ``None`` uses the whole pool. ``passes`` repeats each segment's images
+    (each pass re-shuffled and re-corrupted with its own seed); ``limit`` caps the samples per
+    segment (passes included); ``constants`` is passed to :func:`core.corruptions.corrupt`
+    ("auto": CIFAR-10-C constants for images <= 64 px).
     """
     _check_protocol(protocol)
     labels = _check_data(images, labels)
@@ -196,12 +204,17 @@ def build_stream(images: np.ndarray, labels: np.ndarray, *,
     passes = _positive_int(passes, "passes")
     if limit is not None:
         limit = _positive_int(limit, "limit")
+    if samples is not None:
+        samples = _positive_int(samples, "samples")
+        if samples > images.shape[0]:
+            raise ValueError(f"samples = {samples} distinct images per corruption, but the pool holds only "
+                             f"{images.shape[0]}: use a larger test split or passes > 1")
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
         raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
     pairs = [(c, int(s)) for c in corruptions for s in severities]
     segments = [
         _build_segment(images, labels, c, s, seg_no=i, passes=passes, shuffle=bool(shuffle),
-                       seed=int(seed), limit=limit, constants=constants)
+                       seed=int(seed), limit=limit, constants=constants, samples=samples)
         for i, (c, s) in enumerate(pairs)
     ]
     return CorruptedStream(segments, protocol)

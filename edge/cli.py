@@ -19,7 +19,7 @@ import threading
 from dataclasses import replace
 
 from edge.config import TOKEN_ENV, EdgeConfig
-from protos.config import add_config_flags, resolve, to_toml
+from protos.config import add_config_flags, resolve_or_print
 
 log = logging.getLogger("edge")
 
@@ -34,9 +34,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    cfg = resolve(EdgeConfig, args)
-    if args.print_config:
-        print(to_toml(cfg), end="")
+    cfg = resolve_or_print(EdgeConfig, args)
+    if cfg is None:
         return 0
     if missing := cfg.missing():
         raise ValueError(f"missing setting(s) {', '.join(missing)}: give --{missing[0]} or set it in --config")

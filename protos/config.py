@@ -373,3 +373,13 @@ def resolve(cls: type[T], args: argparse.Namespace) -> T:
     except ValueError as exc:
         where = f"{args.config}: " if getattr(args, "config", None) is not None else ""
         raise ValueError(f"{where}{exc}") from exc
+
+
+def resolve_or_print(cls: type[T], args: argparse.Namespace) -> T | None:
+    """The resolved config; with ``--print-config`` it is printed as TOML instead and ``None`` is
+    returned (the command then exits 0)."""
+    cfg = resolve(cls, args)
+    if getattr(args, "print_config", False):
+        print(to_toml(cfg), end="")
+        return None
+    return cfg

@@ -23,7 +23,7 @@ import threading
 from dataclasses import replace
 from pathlib import Path
 
-from protos.config import add_config_flags, resolve, to_toml
+from protos.config import add_config_flags, resolve_or_print
 from server.config import TOKEN_ENV, CloudConfig
 
 log = logging.getLogger(__name__)
@@ -40,9 +40,8 @@ def configure(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    cfg = resolve(CloudConfig, args)
-    if args.print_config:
-        print(to_toml(cfg), end="")
+    cfg = resolve_or_print(CloudConfig, args)
+    if cfg is None:
         return 0
     return serve(cfg)
 

@@ -131,6 +131,28 @@ def test_passes_recorrupt_and_limit(data) -> None:
     assert len(few) == 4 and len(set(few.labels.tolist())) == 4
 
 
+def test_distinct_samples_per_corruption(data) -> None:
+    """Long streams: each segment its own distinct images from the pool, seeded, reproducible."""
+    images, labels = data
+    stream = build(data, corruptions=("contrast", "fog", "gaussian_noise"), severities=(5,), samples=6)
+    picks = [sorted(seg.labels.tolist()) for seg in stream.segments]
+    for pick in picks:
+        assert len(pick) == 6 == len(set(pick))  # distinct within the segment
+        assert set(pick) <= set(labels.tolist())
+    assert len({tuple(p) for p in picks}) > 1  # segments draw their own subsets
+    again = build(data, corruptions=("contrast", "fog", "gaussian_noise"), severities=(5,), samples=6)
+    for a, b in zip(stream.segments, again.segments):
+        np.testing.assert_array_equal(a.images, b.images)
+    # contrast is deterministic: each sample is its source image corrupted
+    seg = stream.segments[0]
+    np.testing.assert_array_equal(seg.images, corrupt(images, "contrast", 5, seed=0)[seg.labels // 7])
+    # with passes, the same distinct subset repeats, re-corrupted; limit still caps
+    two = build(data, corruptions=("gaussian_noise",), severities=(5,), samples=4, passes=2, limit=7).segments[0]
+    assert len(two) == 7 and set(two.labels[4:].tolist()) <= set(two.labels[:4].tolist())
+    with pytest.raises(ValueError, match="pool holds only 10"):
+        build(data, samples=11)
+
+
 def test_samples(data) -> None:
     stream = build(data, corruptions=("contrast", "fog"), severities=(5,))
     samples = list(stream.samples())
@@ -155,6 +177,7 @@ def test_default_is_all_15_at_severity_5(data) -> None:
     ({"severities": (0,)}, "severity"),
     ({"passes": 0}, "passes"),
     ({"limit": 0}, "limit"),
+    ({"samples": 0}, "samples"),
     ({"seed": -1}, "seed"),
     ({"constants": "tiny"}, "constants"),
 ])

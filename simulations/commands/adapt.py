@@ -25,12 +25,11 @@ def configure(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from protos.config import resolve, to_toml
+    from protos.config import resolve_or_print
     from simulations.adapt import AdaptConfig, run_adapt
 
-    cfg = resolve(AdaptConfig, args)
-    if args.print_config:
-        print(to_toml(cfg), end="")
+    cfg = resolve_or_print(AdaptConfig, args)
+    if cfg is None:
         return 0
     if args.out is None:
         raise ValueError("--out DIR is required")
