@@ -174,11 +174,11 @@ class CemaConfig:
     method: str = option("cema", "cema/distill: teacher step + distillation; tent: entropy on the student alone",
                          choices=METHODS)
     batch_size: int = option(16, "uploaded samples per cloud step (paper: 32)")
-    replay: bool = option(True, "mix replay samples into student batches (--no-replay: the uploads alone)")
+    replay: bool = option(True, "mix replay samples into student batches (false: the uploads alone)")
     replay_capacity: int = option(2000, "replay buffer size (paper: 10,000)", flag="replay-size")
     replay_start: int = option(64, "replay samples needed before they are mixed in (paper: 256)")
     replay_ratio: int = option(3, "replay samples per upload in a student batch (3:1)")
-    teacher_adapt: bool = option(True, "adapt the teacher on the uploads (--no-teacher-adapt: keep it fixed)")
+    teacher_adapt: bool = option(True, "adapt the teacher on the uploads (false: keep it fixed)")
     teacher_lr: float = option(1e-3, "teacher learning rate (paper: 2.5e-4)")
     student_lr: float = option(1e-2, "student learning rate (paper: 2.5e-3, 10x the teacher's)")
     momentum: float = option(0.9, "SGD momentum of both optimizers")

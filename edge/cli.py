@@ -4,7 +4,8 @@ Settings come from ``--config edge.toml`` and flags (:class:`edge.config.EdgeCon
 heavy is imported inside :func:`run`, so the dispatcher stays instant. SIGTERM and Ctrl-C stop
 the node at the next batch boundary (at once if it is waiting for input), stop the subscriber,
 close the channel and write the summary; the exit status is then 0 and the summary says
-``stopped_early``. A failed run still writes its summary, with ``error`` set.
+``stopped_early``. A run that fails once the node is running still writes its summary, with
+``error`` set; a model, source or setting that cannot be opened is reported at once (exit 2).
 """
 
 from __future__ import annotations

@@ -50,8 +50,8 @@ class SelectionConfig:
     e0_factor: float = option(0.4, "E0 = factor·ln C (EATA's reliability threshold)")
     redundancy: float | None = option(None, "EATA redundancy: keep if cos(m, p) < D (none: off)")
     redundancy_momentum: float = option(0.9, "momentum of the redundancy filter's moving average")
-    dynamic: bool = option(True, "dynamic E_max (--no-dynamic: E_max = E0 throughout, an ablation)")
-    use_emin: bool = option(True, "the low-informative floor E_min (--no-emin: an ablation)", flag="emin")
+    dynamic: bool = option(True, "dynamic E_max (false: E_max = E0 throughout, an ablation)")
+    use_emin: bool = option(True, "the low-informative floor E_min (false: none, an ablation)", flag="emin")
     random_rate: float | None = option(None, "keep probability of method 'random'")
     seed: int = option(0, "seed of method 'random'", flag="selection-seed")
 

@@ -32,6 +32,7 @@ from typing import Any, Mapping, Sequence, TypeVar, Union, get_args, get_origin,
 
 T = TypeVar("T")
 _NONE_WORDS = ("none", "off", "null")
+_NON_FINITE = ("inf", "-inf", "nan")
 
 
 def option(default: Any = dataclasses.MISSING, help: str = "", *, flag: str | None = None,
@@ -41,6 +42,15 @@ def option(default: Any = dataclasses.MISSING, help: str = "", *, flag: str | No
     if default_factory is not dataclasses.MISSING:
         return dataclasses.field(default_factory=default_factory, metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
+
+
+def same_as(cls: type, name: str, default: Any = dataclasses.MISSING) -> Any:
+    """A field that mirrors ``cls.name`` (its help, and its default unless one is given): a
+    setting that a scenario passes on to a role is documented and defaulted in one place."""
+    f = next(f for f in dataclasses.fields(cls) if f.name == name)
+    if default is dataclasses.MISSING:
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+    return option(default, f.metadata.get("help", ""), choices=f.metadata.get("choices"))
 
 
 def section(factory: Any, help: str = "", *, prefix: str = "") -> Any:
@@ -124,6 +134,8 @@ def coerce(value: Any, hint: Any, key: str, *, text: bool = False) -> Any:
                 pass
     elif hint is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str) and value in _NON_FINITE:  # JSON's spelling of them (records)
             return float(value)
         if text and isinstance(value, str):
             try:
@@ -279,18 +291,21 @@ def _scalar_parser(hint: Any, flag: str) -> Any:
     return parse
 
 
-def _default_text(f: dataclasses.Field) -> str:
-    if f.default is not dataclasses.MISSING:
-        d = f.default
-    elif f.default_factory is not dataclasses.MISSING:
-        d = f.default_factory()
-    else:
+def _default_text(help_text: str, default: Any) -> str:
+    """`` (default: X)`` after the help, unless the help already says what the default is."""
+    if "(default" in help_text:
         return ""
-    if d is None:
+    if default is None:
         return " (default: not set)"
-    if isinstance(d, (list, tuple)):
-        d = " ".join(map(str, d)) if d else "none"
-    return f" (default: {d})" if d != "" else ""
+    if isinstance(default, (list, tuple)):
+        default = " ".join(map(str, default)) if default else "none"
+    return f" (default: {default})" if default != "" else ""
+
+
+def _value_at(obj: Any, path: tuple[str, ...]) -> Any:
+    for name in path:
+        obj = getattr(obj, name)
+    return obj
 
 
 def add_config_flags(parser: argparse.ArgumentParser, cls: type, *, title: str = "settings") -> None:
@@ -304,6 +319,7 @@ def add_config_flags(parser: argparse.ArgumentParser, cls: type, *, title: str =
                         help="print the resolved settings as TOML and exit")
     groups: dict[tuple[str, ...], Any] = {}
     seen: dict[str, str] = {}
+    defaults = cls()  # the defaults as resolved (a section's own factory may differ from its class's)
     for path, flag, f, hint in _leaves(cls):
         dest = "cfg:" + ".".join(path)
         if flag in seen:
@@ -314,7 +330,8 @@ def add_config_flags(parser: argparse.ArgumentParser, cls: type, *, title: str =
         if group is None:
             group = groups[path[:-1]] = parser.add_argument_group(
                 f"[{'.'.join(path[:-1])}] {title}" if path[:-1] else title)
-        help_text = (f.metadata.get("help") or "") + _default_text(f)
+        help_text = f.metadata.get("help") or ""
+        help_text += _default_text(help_text, _value_at(defaults, path))
         kwargs: dict[str, Any] = {"dest": dest, "default": argparse.SUPPRESS, "help": help_text}
         if f.metadata.get("choices"):
             kwargs["choices"] = f.metadata["choices"]

@@ -18,14 +18,15 @@ from protos.config import from_mapping, to_mapping
 R = TypeVar("R", bound="Record")
 
 
-def _finite_or_none(v: Any) -> Any:
-    """NaN/inf have no JSON spelling: written as null."""
+def _json_safe(v: Any) -> Any:
+    """NaN/inf have no JSON spelling: written as the strings "nan"/"inf"/"-inf", which
+    ``protos.config.coerce`` reads back as floats."""
     if isinstance(v, float) and not math.isfinite(v):
-        return None
+        return "nan" if math.isnan(v) else ("inf" if v > 0 else "-inf")
     if isinstance(v, dict):
-        return {k: _finite_or_none(x) for k, x in v.items()}
+        return {k: _json_safe(x) for k, x in v.items()}
     if isinstance(v, list):
-        return [_finite_or_none(x) for x in v]
+        return [_json_safe(x) for x in v]
     return v
 
 
@@ -38,7 +39,7 @@ class Record:
 
     def to_dict(self) -> dict[str, Any]:
         derived = {k: getattr(self, k) for k in self.DERIVED}
-        return {"schema": self.SCHEMA, **_finite_or_none({**to_mapping(self), **derived})}
+        return {"schema": self.SCHEMA, **_json_safe({**to_mapping(self), **derived})}
 
     def to_json(self, indent: int | None = 1) -> str:
         return json.dumps(self.to_dict(), indent=indent, allow_nan=False)

@@ -159,9 +159,11 @@ class CloudService(pb_grpc.EdgeServiceServicer):
     """
 
     def __init__(self, student: nn.Module, teacher: nn.Module | None, config: CloudConfig,
-                 *, preprocess: Preprocess, run_info: Mapping[str, Any] | None = None) -> None:
+                 *, preprocess: Preprocess, edge_model_sha256: str = "",
+                 run_info: Mapping[str, Any] | None = None) -> None:
         self.config = config
         self.preprocess = preprocess
+        self.edge_model_sha256 = edge_model_sha256  # the file ``preprocess`` was read from ("" unknown)
         self._student = copy.deepcopy(student).cpu()
         self._teacher = copy.deepcopy(teacher).cpu() if (teacher is not None and config.cema.uses_teacher) else None
         if config.cema.uses_teacher and self._teacher is None:
@@ -274,6 +276,10 @@ class CloudService(pb_grpc.EdgeServiceServicer):
             context.abort(grpc.StatusCode.FAILED_PRECONDITION,
                           f"edge model does not match the cloud's student (norm tensors missing at the edge: "
                           f"{missing}, unknown to the cloud: {extra})")
+        if self.edge_model_sha256 and request.model_sha256 and request.model_sha256 != self.edge_model_sha256:
+            log.warning("edge %s runs a model file (sha256 %s…) other than the cloud's edge model (%s…): its uploads "
+                        "are preprocessed with the cloud's file's metadata", request.edge_id,
+                        request.model_sha256[:12], self.edge_model_sha256[:12])
         with self._lock:
             edge = self._edges.get(request.edge_id)
         if edge is None:
@@ -379,6 +385,8 @@ class CloudService(pb_grpc.EdgeServiceServicer):
         self._check_token(request.auth_token, context)
         edge = self._edge(request.edge_id, context)
         values = dict(request.values)
+        if bad := sorted(k for k, v in values.items() if not math.isfinite(v)):
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"metrics must be finite numbers: {', '.join(bad)}")
         with self._lock:
             edge.metrics.update(values)
         for key, value in values.items():
@@ -569,9 +577,11 @@ class CloudServer:
     """
 
     def __init__(self, student: nn.Module, teacher: nn.Module | None, config: CloudConfig,
-                 *, preprocess: Preprocess, run_info: Mapping[str, Any] | None = None) -> None:
+                 *, preprocess: Preprocess, edge_model_sha256: str = "",
+                 run_info: Mapping[str, Any] | None = None) -> None:
         self.config = config
-        self.service = CloudService(student, teacher, config, preprocess=preprocess, run_info=run_info)
+        self.service = CloudService(student, teacher, config, preprocess=preprocess,
+                                    edge_model_sha256=edge_model_sha256, run_info=run_info)
         self._executor = ThreadPoolExecutor(max_workers=config.max_workers, thread_name_prefix="cloud-rpc")
         self._server = grpc.server(self._executor, options=GRPC_OPTIONS)
         pb_grpc.add_EdgeServiceServicer_to_server(self.service, self._server)

@@ -120,7 +120,8 @@ def serve(cfg: CloudConfig) -> int:
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGTERM, signal.SIGINT):
             previous[sig] = signal.signal(sig, lambda signum, frame: stop.set())
-    server = CloudServer(student, teacher, cfg, preprocess=meta.preprocess, run_info=info)
+    server = CloudServer(student, teacher, cfg, preprocess=meta.preprocess,
+                         edge_model_sha256=info["edge_model_sha256"], run_info=info)
     try:
         server.start()
         if cfg.port_file:

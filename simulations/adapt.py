@@ -34,6 +34,7 @@ from edge.summary import EdgeSummary
 from protos.config import option, section, write_config
 from protos.records import Record
 from server.config import CloudConfig
+from server.stats import CloudStats
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +69,27 @@ METHODS: dict[str, MethodSpec] = {
 }
 
 
+# Fields of the child configs that the launcher fills in itself: a template that sets one would be
+# overwritten without a word, so that is refused, naming what to set instead.
+LAUNCHER_OWNED: dict[str, str] = {
+    "edge.server": "cloud_address (or nothing: a local cloud)", "edge.model": "edge_onnx",
+    "edge.source": "corruptions / severity / protocol / samples", "edge.edge_id": "edges",
+    "edge.out": "the run folder (--out)", "edge.seed": "seed", "edge.token": "$FEDSHIFT_TOKEN",
+    "edge.node.limit": "limit", "edge.selection.method": "method", "edge.selection.seed": "seed",
+    "edge.selection.num_classes": "nothing (read from the model)",
+    "cloud.host": "nothing (loopback)", "cloud.port": "nothing (a free port)", "cloud.port_file": "nothing",
+    "cloud.out_dir": "the run folder (--out)", "cloud.lockstep": "edge.node.sync_timeout_s",
+    "cloud.edge_model": "edge_onnx", "cloud.token": "$FEDSHIFT_TOKEN", "cloud.cema.method": "method",
+    "cloud.cema.seed": "seed",
+}
+
+
+def _field(obj: object, path: str) -> object:
+    for name in path.split("."):
+        obj = getattr(obj, name)
+    return obj
+
+
 def _simulation_edge() -> EdgeConfig:
     """The edges' template in a simulation: lockstep with the cloud (2 s bound)."""
     return EdgeConfig(node=NodeConfig(sync_timeout_s=2.0))
@@ -88,6 +110,7 @@ class AdaptConfig:
     severity: int = option(5, "corruption severity 1..5")
     protocol: str = option("reset", "reset (a new episode per corruption) or continual", choices=("reset", "continual"))
     passes: int = option(1, "passes over the test images per corruption")
+    samples: int | None = option(None, "distinct test images per corruption (default: the whole test pool)")
     limit: int | None = option(None, "samples per edge (default: the whole stream)")
     seed: int = option(0, "seed of streams, selection and learners")
     data_seed: int = option(0, "digits-shift split: the streams are its test images (never trained on)")
@@ -117,6 +140,18 @@ class AdaptConfig:
             raise ValueError(f"protocol must be 'reset' or 'continual', got {self.protocol!r}")
         if not 1 <= self.severity <= 5:
             raise ValueError(f"severity must be 1..5, got {self.severity}")
+        if self.limit is not None and self.limit < 1:
+            raise ValueError(f"limit must be >= 1 (or not set: the whole stream), got {self.limit}")
+        if self.samples is not None and self.samples < 1:
+            raise ValueError(f"samples must be >= 1 (or not set: the whole test pool), got {self.samples}")
+        defaults = {"edge": EdgeConfig(), "cloud": CloudConfig()}
+        for path, instead in LAUNCHER_OWNED.items():
+            role, rest = path.split(".", 1)
+            if _field(getattr(self, role), rest) != _field(defaults[role], rest):
+                raise ValueError(f"{path} is set by the launcher for each child; set {instead} instead")
+        if self.edge.selection.e0_factor != self.cloud.cema.e0_factor:
+            raise ValueError(f"edge.selection.e0_factor {self.edge.selection.e0_factor} and cloud.cema.e0_factor "
+                             f"{self.cloud.cema.e0_factor} must agree: both are CEMA's E0 = factor·ln C")
 
     @property
     def spec(self) -> MethodSpec:
@@ -174,7 +209,8 @@ def prepare(cfg: AdaptConfig, out: Path) -> Prepared:
     for i in range(cfg.edges):
         mine = cfg.corruptions[i::cfg.edges]
         stream = build_stream(test.images, test.labels, corruptions=mine, severities=(cfg.severity,),
-                              protocol=cfg.protocol, passes=cfg.passes, seed=cfg.seed * 1000 + i)
+                              protocol=cfg.protocol, passes=cfg.passes, samples=cfg.samples,
+                              seed=cfg.seed * 1000 + i)
         path = out / "streams" / f"edge{i}.npz"
         path.parent.mkdir(parents=True, exist_ok=True)
         save_stream_npz(path, stream)
@@ -204,8 +240,8 @@ def edge_config(cfg: AdaptConfig, i: int, prep: Prepared, server: str, out: Path
         redundancy = EATA_REDUNDANCY
     selection = replace(e.selection, method=spec.edge, seed=seed, redundancy=redundancy, **dict(spec.selection))
     node = replace(e.node, limit=cfg.limit, sync_timeout_s=e.node.sync_timeout_s if cfg.lockstep else 0.0)
-    return replace(e, server=server, model=str(prep.edge_onnx), source=f"npz:{prep.streams[i]}",
-                   edge_id=f"edge{i}", out=str(out / "edges" / f"edge{i}.json"), seed=seed, node=node,
+    return replace(e, server=server, model=_abs(prep.edge_onnx), source=f"npz:{_abs(prep.streams[i])}",
+                   edge_id=f"edge{i}", out=_abs(out / "edges" / f"edge{i}.json"), seed=seed, node=node,
                    selection=selection)
 
 
@@ -213,10 +249,15 @@ def cloud_config(cfg: AdaptConfig, prep: Prepared, out: Path, port_file: Path) -
     """The cloud's resolved config: the template, the method's cloud step, the prepared files."""
     spec, c = cfg.spec, cfg.cloud
     cema = replace(c.cema, method=str(spec.cloud), seed=cfg.seed, **dict(spec.cema))
-    return replace(c, host="127.0.0.1", port=0, port_file=str(port_file), student_weights=str(prep.edge_weights),
-                   teacher_weights=str(prep.teacher_weights or ""), out_dir=str(out),
+    return replace(c, host="127.0.0.1", port=0, port_file=_abs(port_file), student_weights=_abs(prep.edge_weights),
+                   teacher_weights=_abs(prep.teacher_weights) if prep.teacher_weights else "", out_dir=_abs(out),
                    max_workers=max(c.max_workers, 2 * cfg.edges + 4), lockstep=cfg.lockstep,
-                   edge_model=str(prep.edge_onnx), cema=cema)
+                   edge_model=_abs(prep.edge_onnx), cema=cema)
+
+
+def _abs(path: str | os.PathLike) -> str:
+    """Child config paths are absolute, so a child can be re-run by hand from anywhere."""
+    return str(Path(path).resolve())
 
 
 def run_adapt(cfg: AdaptConfig, out: str | os.PathLike) -> "AdaptResult":
@@ -264,7 +305,9 @@ def run_adapt(cfg: AdaptConfig, out: str | os.PathLike) -> "AdaptResult":
     no_adapt = forward_only_accuracy(prep.plain_onnx, prep.streams, batch, limit)
     bn = forward_only_accuracy(prep.bn_onnx, prep.streams, batch, limit) if prep.bn_onnx is not None else None
     timing = Timing(prepare=t_prepared - t0, adapt=time.monotonic() - t_prepared)
-    results = aggregate(cfg, summaries, no_adapt, bn_stats=bn, timing=timing)
+    stats_file = out / "cloud" / "stats.json"
+    cloud = CloudStats.read(stats_file) if spec.cloud is not None and not cfg.cloud_address else None
+    results = aggregate(cfg, summaries, no_adapt, bn_stats=bn, timing=timing, cloud=cloud)
     write_edge_tensorboard(summaries, out / "edges")
     results.write(out / "results.json")
     log.info("%s: online accuracy %.2f%% (no adaptation %.2f%%), uploaded %.1f%%", cfg.method,
@@ -346,6 +389,7 @@ class AdaptResult(Record):
     update_latency_s_mean: float | None
     per_edge: tuple[EdgeBrief, ...]
     timing_s: Timing = field(default_factory=Timing)
+    cloud: CloudStats | None = None  # the local cloud's own counters (None: no cloud, or a remote one)
 
     def __post_init__(self) -> None:
         if len(self.per_edge) != self.edges:
@@ -357,6 +401,10 @@ class AdaptResult(Record):
             raise ValueError(f"counts: uploaded {self.uploaded}, kept {self.kept}, seen {self.seen}")
         if sum(self.uploaded_per_corruption.values()) != self.uploaded:
             raise ValueError("uploaded_per_corruption does not sum to uploaded")
+        if self.cloud is not None:  # what the edges say they delivered is what the cloud received
+            received = self.cloud.samples + sum(e.stale_samples for e in self.cloud.edges.values())
+            if received != self.uploaded:
+                raise ValueError(f"the edges count {self.uploaded} samples acknowledged, the cloud {received} received")
 
     @property
     def upload_rate(self) -> float:
@@ -390,7 +438,8 @@ def forward_only_accuracy(model: Path, streams: Sequence[Path], batch_size: int,
 
 
 def aggregate(cfg: AdaptConfig, summaries: Sequence[EdgeSummary], no_adapt: Accuracy, *,
-              bn_stats: Accuracy | None = None, timing: Timing = Timing()) -> AdaptResult:
+              bn_stats: Accuracy | None = None, timing: Timing = Timing(),
+              cloud: CloudStats | None = None) -> AdaptResult:
     """Sum the edges' counters; accuracy per corruption over all edges that streamed it."""
     correct: dict[str, int] = {}
     labelled: dict[str, int] = {}
@@ -417,7 +466,7 @@ def aggregate(cfg: AdaptConfig, summaries: Sequence[EdgeSummary], no_adapt: Accu
         per_edge=tuple(EdgeBrief(s.edge_id, s.seen, s.kept, s.uploaded, s.accuracy, s.bytes_up, s.bytes_down,
                                  s.versions_applied, s.wall_s, s.sync_timeouts, s.model.path, s.model.sha256)
                        for s in summaries),
-        timing_s=timing,
+        timing_s=timing, cloud=cloud,
     )
 
 

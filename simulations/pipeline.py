@@ -170,8 +170,14 @@ class Pipeline:
 
         from simulations.results import ExportSummary
 
+        from simulations.adapt import METHODS
+
         export = self.out / "export"
-        ExportSummary.read(export / "deployed.json").verify(export)  # run what the export stage wrote
+        exported = ExportSummary.read(export / "deployed.json")
+        exported.verify(export)  # run what the export stage wrote, unchanged
+        if METHODS[self.s.cloud.method].batch_stats and "edge_batch_stats.onnx" not in exported.files:
+            raise ValueError(f"method {self.s.cloud.method!r} runs the batch-statistics export, which the export "
+                             "stage did not write: re-run from the export stage (--from export)")
         run_adapt(adapt_config(self.s, export), self.out / "adapt")
 
     def report(self) -> None:
@@ -190,7 +196,8 @@ def adapt_config(s: Scenario, export: Path) -> "AdaptConfig":
     batch_stats = export / "edge_batch_stats.onnx"
     return AdaptConfig(
         method=s.cloud.method, edges=s.edge.count, corruptions=s.edge.corruptions, severity=s.edge.severity,
-        protocol=s.edge.protocol, passes=s.edge.passes, limit=s.edge.limit or None, seed=s.seed, data_seed=s.seed,
+        protocol=s.edge.protocol, passes=s.edge.passes, samples=s.edge.samples, limit=s.edge.limit, seed=s.seed,
+        data_seed=s.seed,
         teacher_epochs=s.cloud.teacher_epochs, edge_onnx=str(export / "edge.onnx"),
         edge_onnx_batch_stats=str(batch_stats) if batch_stats.is_file() else "", cloud_address=s.cloud.address,
         edge=EdgeConfig(batch_size=s.edge.batch_size, threads=s.resources.threads,

@@ -14,7 +14,12 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from core.corruptions import CORRUPTIONS
-from protos.config import from_mapping, load_toml
+from core.fl_config import FLConfig
+from edge.config import EdgeConfig, NodeConfig
+from protos.config import from_mapping, load_toml, option, same_as
+from server.config import CloudConfig
+from simulations.adapt import AdaptConfig
+from simulations.fl_role import SimulationResources
 from protos.config import to_toml as config_toml
 
 SCENARIO_DIR = Path(__file__).resolve().parent / "scenarios"
@@ -22,55 +27,57 @@ SCENARIO_DIR = Path(__file__).resolve().parent / "scenarios"
 
 @dataclass(frozen=True)
 class DataSpec:
-    dataset: str = "digits-shift"  # the built-in benchmark (user folders: see core.data)
-    image_size: int = 32
-    train_per_client: int = 0  # 0: each client's whole training split
+    dataset: str = option("digits-shift", "the built-in benchmark (user folders: see core.data)")
+    image_size: int = same_as(FLConfig, "image_size", 32)
+    train_per_client: int = same_as(FLConfig, "train_per_client")
 
 
 @dataclass(frozen=True)
 class FLSpec:
-    strategies: tuple[str, ...] = ("fraug", "fedbn")
-    deploy: str = "best_val"  # whose trained model the edges run: a strategy, or the best on validation
-    rounds: int = 20
-    clients: int = 5  # one per domain; 10 → two clients per domain
-    model: str = "edge_cnn"  # also the edge model and the cloud's student
-    local_epochs: int = 1
-    batch_size: int = 32
-    lr: float = 0.05
-    momentum: float = 0.9
-    # deployment engine instead of the simulation: a running SuperLink's Control API address
-    # (HOST:PORT) whose SuperNodes serve the clients; its ServerApp must see this run folder
-    superlink: str = ""
+    strategies: tuple[str, ...] = option(("fraug", "fedbn"), "strategies to train, one Flower run each")
+    deploy: str = option("best_val", "whose trained model the edges run: a strategy, or best_val (the best mean "
+                         "validation accuracy)")
+    rounds: int = same_as(FLConfig, "rounds", 20)
+    clients: int = same_as(FLConfig, "clients")
+    model: str = option("edge_cnn", "registry model: trained by FL, run by the edges, the cloud's student")
+    local_epochs: int = same_as(FLConfig, "local_epochs")
+    batch_size: int = same_as(FLConfig, "batch_size")
+    lr: float = same_as(FLConfig, "lr", 0.05)
+    momentum: float = same_as(FLConfig, "momentum", 0.9)
+    superlink: str = option("", "deployment engine instead of the simulation: a running SuperLink's Control API "
+                            "address (HOST:PORT) whose SuperNodes serve the clients; its ServerApp must see "
+                            "this run folder")
 
 
 @dataclass(frozen=True)
 class EdgeSpec:
-    count: int = 5
-    corruptions: tuple[str, ...] = CORRUPTIONS  # dealt round-robin to the edges
-    severity: int = 5
-    protocol: str = "reset"
-    passes: int = 1
-    limit: int = 0  # samples per edge; 0: the whole stream
-    batch_size: int = 64
-    sync_s: float = 2.0
+    count: int = option(5, "edge processes (each streams its share of the corruptions)")
+    corruptions: tuple[str, ...] = same_as(AdaptConfig, "corruptions")
+    severity: int = same_as(AdaptConfig, "severity")
+    protocol: str = same_as(AdaptConfig, "protocol")
+    passes: int = same_as(AdaptConfig, "passes")
+    samples: int | None = same_as(AdaptConfig, "samples")
+    limit: int | None = same_as(AdaptConfig, "limit")
+    batch_size: int = same_as(EdgeConfig, "batch_size")
+    sync_s: float = same_as(NodeConfig, "sync_timeout_s", 2.0)
 
 
 @dataclass(frozen=True)
 class CloudSpec:
-    method: str = "cema"  # simulations.adapt.METHODS
-    teacher: str = "teacher_resnet"
-    teacher_weights: str = ""  # "" → the built-in teacher (trained once, cached)
-    teacher_epochs: int = 30  # built-in teacher: training epochs (cached per setting)
-    device: str = "cpu"  # "cuda" moves the teacher and the distillation to the GPU
-    address: str = ""  # a running remote cloud (HOST:PORT) instead of a local process
+    method: str = same_as(AdaptConfig, "method")
+    teacher: str = same_as(CloudConfig, "teacher")
+    teacher_weights: str = same_as(CloudConfig, "teacher_weights")
+    teacher_epochs: int = same_as(AdaptConfig, "teacher_epochs")
+    device: str = same_as(CloudConfig, "device")
+    address: str = same_as(AdaptConfig, "cloud_address")
 
 
 @dataclass(frozen=True)
 class ResourceSpec:
-    num_cpus: int = 0  # 0: all of this machine's
-    cpus_per_client: int = 1  # Flower simulation: CPUs per client (parallel clients = num_cpus / this)
-    threads: int = 1  # torch / ONNX Runtime threads per process
-    cache: str = ""  # cache of the built-in models ("" → $FEDSHIFT_CACHE or ~/.cache/fedshift)
+    num_cpus: int = same_as(SimulationResources, "num_cpus")
+    cpus_per_client: int = same_as(SimulationResources, "cpus_per_client")
+    threads: int = option(1, "torch / ONNX Runtime threads per process")
+    cache: str = same_as(CloudConfig, "cache")
 
 
 @dataclass(frozen=True)

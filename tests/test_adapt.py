@@ -57,6 +57,9 @@ def test_cema_with_two_edge_processes(tmp_path, weights) -> None:
     assert set(results.accuracy.per_corruption) == {"contrast", "fog"}
     assert results.versions_applied > 2  # the two reset states plus cloud updates
     assert results.bytes_down > 0 and results.bytes_up > 96 * 32 * 32 * 3
+    # the cloud's own counters, checked against the edges' in the type: every acked sample arrived
+    assert results.cloud is not None and results.cloud.samples == results.uploaded
+    assert set(results.cloud.edges) == {"edge0", "edge1"}
     assert 0.0 <= results.accuracy.overall <= 1.0
     assert set(results.bn_stats_accuracy.per_corruption) == {"contrast", "fog"}  # the no-cloud reference
     # the children ran from the config files the launcher wrote; each edge ran the batch-statistics export

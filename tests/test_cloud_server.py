@@ -291,6 +291,10 @@ def test_metrics_tensorboard_and_clean_shutdown(models, tmp_path: Path) -> None:
     stub.ReportMetrics(pb.MetricsReport(edge_id="e1", step=7, values={"accuracy": 0.5, "uploaded": 8}), timeout=10)
     assert server.service.wait_idle(30)
     assert server.service.stats().edges["e1"].metrics == {"accuracy": 0.5, "uploaded": 8.0}
+    with pytest.raises(grpc.RpcError) as bad:  # a NaN would make stats.json unreadable: refused, named
+        stub.ReportMetrics(pb.MetricsReport(edge_id="e1", step=8, values={"loss": float("nan")}), timeout=10)
+    assert bad.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "loss" in bad.value.details()
+    assert server.service.stats().edges["e1"].metrics == {"accuracy": 0.5, "uploaded": 8.0}
     time.sleep(0.2)
     server.stop(grace=1.0)
     reader.join(10)

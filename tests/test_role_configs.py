@@ -145,3 +145,31 @@ def test_edge_config_sections_are_the_selection_config() -> None:
     assert cfg.selection.num_classes == 0 and cfg.selection.for_classes(4).num_classes == 4
     with pytest.raises(ValueError, match="set for 3 classes"):
         SelectionConfig(num_classes=3).for_classes(4)
+
+
+def test_adapt_refuses_template_fields_the_launcher_owns(capsys) -> None:
+    with pytest.raises(ValueError, match="edge.node.limit is set by the launcher for each child; set limit instead"):
+        AdaptConfig(edge=EdgeConfig(node=__import__("edge.config").config.NodeConfig(limit=5)))
+    with pytest.raises(ValueError, match="cloud.cema.method is set by the launcher"):
+        AdaptConfig(cloud=CloudConfig(cema=replace(CloudConfig().cema, method="tent")))
+    assert fedshift(["adapt", "--edge-token", "s3cret", "--print-config"]) == 2
+    assert "$FEDSHIFT_TOKEN" in capsys.readouterr().err  # secrets never land in a run folder's files
+    with pytest.raises(ValueError, match="must agree"):
+        AdaptConfig(edge=EdgeConfig(selection=SelectionConfig(e0_factor=0.5)))
+
+
+def test_help_shows_the_resolved_defaults(capsys) -> None:
+    with pytest.raises(SystemExit):
+        fedshift(["adapt", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "(pair with a lockstep cloud; 0: never wait) (default: 2.0)" in text  # the adapt template's, not 0.0
+    assert "(default: the whole stream) (default" not in text
+
+
+def test_non_finite_values_survive_files_and_records(tmp_path) -> None:
+    cfg = AdaptConfig(timeout_s=float("inf"))
+    path = tmp_path / "a.toml"
+    path.write_text(to_toml(cfg))
+    assert load_config(AdaptConfig, path) == cfg
+    s = _summary(wall_s=float("inf"))
+    assert EdgeSummary.from_json(s.to_json()) == s  # JSON has no inf: written as "inf", read back as a float

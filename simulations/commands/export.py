@@ -10,12 +10,15 @@ log = logging.getLogger(__name__)
 
 
 def configure(p: argparse.ArgumentParser) -> None:
+    p.description = ("Export a model to the ONNX file an edge runs: normalization tensors keep stable names so "
+                     "the cloud's updates can be applied live; preprocessing, class names and a parameter "
+                     "version travel in the file's metadata.")
     p.add_argument("--model", required=True, help="registry name (e.g. edge_cnn) or timm:<name>")
     p.add_argument("--weights", type=Path, help="local state dict (.pt/.pth) or .safetensors file")
     p.add_argument("--out", type=Path, required=True, help="output .onnx file")
-    p.add_argument("--num-classes", type=int, default=10)
-    p.add_argument("--image-size", type=int, default=32)
-    p.add_argument("--in-chans", type=int, default=3)
+    p.add_argument("--num-classes", type=int, default=10, help="classes the model predicts (default: 10)")
+    p.add_argument("--image-size", type=int, default=32, help="input height = width in pixels (default: 32)")
+    p.add_argument("--in-chans", type=int, default=3, help="input channels (default: 3)")
     p.add_argument("--class-names", nargs="+", help="default: 0 .. num_classes-1")
     p.add_argument("--version", type=int, default=0, help="parameter version written to the metadata")
     p.add_argument("--norm-as-inputs", action="store_true",
