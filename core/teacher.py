@@ -33,12 +33,12 @@ import torch
 
 from core.corruptions import CORRUPTIONS, corrupt, corruption_constants, corruption_seed, resolve_constants
 from core.data import FederatedDataset, Split, make_digits_shift
+from core.data.cache import CACHE_ENV, cache_dir  # noqa: F401  (re-exported)
 from core.models import SplitModel, create_model, load_weights
 from core.training import LocalSpec, evaluate, to_tensor, train_local
 
 log = logging.getLogger(__name__)
 
-CACHE_ENV = "FEDSHIFT_CACHE"
 CACHE_FORMAT = 1  # bump when training code changes in a way the config does not capture
 # noise / blur / contrast families (METHODS.md pilot); the other 9 test corruptions stay unseen
 AUGMENT_CORRUPTIONS: tuple[str, ...] = (
@@ -96,13 +96,6 @@ class SupervisedConfig:
 
 DEFAULT_TEACHER = SupervisedConfig(model="teacher_resnet", epochs=30, augment=AUGMENT_CORRUPTIONS)
 DEFAULT_EDGE = SupervisedConfig(model="edge_cnn", epochs=40, augment=())
-
-
-def cache_dir(path: str | os.PathLike | None = None) -> Path:
-    """Where trained built-ins live: the argument, else ``$FEDSHIFT_CACHE``, else ~/.cache/fedshift."""
-    if path is None:
-        path = os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "fedshift"
-    return Path(path).expanduser()
 
 
 # --------------------------------------------------------------------------------------------

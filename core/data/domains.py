@@ -1,17 +1,25 @@
-"""Domain styles for the built-in digits benchmark: one 8x8 digit, five looks.
+"""Domain styles of the built-in benchmarks: one ink mask, five looks.
 
 Each style imitates one of the Digits-5 domains FedBN and FRAug train on (MNIST, inverted
 MNIST, MNIST-M, USPS, SVHN) so that clients differ in their *features* while sharing labels.
 Everything is vectorised over the batch and driven only by the rng passed in.
 
-Geometry is done with separable, axis-aligned resampling: each image is a 4x super-sampled
-bicubic version of the 8x8 digit, read through per-image scale/shift with a triangle filter
-that widens when shrinking (so small outputs are anti-aliased, not aliased).
+The styles read a *fine ink mask*: (N, F, F) values in [0, 1] whose whole square is the
+character's box (a digit's 8x8 frame), drawn at a resolution finer than the output.
+:func:`render_ink` styles such masks directly (glyph-shift's rendered fonts); :func:`render`
+first turns digits-shift's 8x8 digits into one (a 4x super-sampled bicubic version) and keeps
+their ink box from the 8x8 grid, so its output is what it always was.
+
+Geometry is done with separable, axis-aligned resampling: the mask is read through per-image
+scale/shift with a triangle filter that widens when shrinking (so small outputs are
+anti-aliased, not aliased). Lengths in the styles are in *box units*: the box is 8 units wide
+(a digit pixel), whatever the mask's resolution.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import NamedTuple
 
 import numpy as np
 from scipy import ndimage
@@ -19,21 +27,55 @@ from scipy import ndimage
 DOMAINS: tuple[str, ...] = ("mnist", "inverse", "mnistm", "usps", "svhn")
 
 _SUPER = 4  # super-sampling factor of the smooth digit source (8x8 -> 32x32)
-_DIGIT = 8.0  # side of the source digit, in source pixels
+_DIGIT = 8.0  # side of the ink box, in box units (a digit's pixels)
+_INK_THRESHOLD = 0.2  # ink above this counts for the ink box (usps framing)
 _LUMA = np.array([0.299, 0.587, 0.114])
+
+
+class _Source(NamedTuple):
+    """What a style reads: the fine mask and each image's ink box (centre (N, 2) as row, col,
+    and side (N,)), both in box units."""
+
+    fine: np.ndarray
+    box_centre: np.ndarray
+    box_side: np.ndarray
 
 
 def render(digits: np.ndarray, domain: str, size: int, rng: np.random.Generator) -> np.ndarray:
     """Render (N, 8, 8) digits with values in [0, 16] as (N, size, size, 3) uint8 in a style."""
-    if domain not in _RENDERERS:
-        raise ValueError(f"unknown domain {domain!r}; valid domains: {', '.join(DOMAINS)}")
+    _check_style(domain, size)
     digits = np.asarray(digits, dtype=np.float64)
     if digits.ndim != 3 or digits.shape[1:] != (8, 8):
         raise ValueError(f"digits must be (N, 8, 8), got {digits.shape}")
+    ink = np.clip(digits / 16.0, 0.0, 1.0)
+    centre, side = _ink_box(ink, unit=1.0)
+    return _style(_Source(_smooth_source(ink), centre, side), domain, int(size), rng)
+
+
+def render_ink(fine_ink: np.ndarray, domain: str, size: int,
+               rng: np.random.Generator) -> np.ndarray:
+    """Render (N, F, F) ink masks with values in [0, 1] (F >= 8; the square is the character's
+    box) as (N, size, size, 3) uint8 in a domain style."""
+    _check_style(domain, size)
+    fine = np.asarray(fine_ink, dtype=np.float64)
+    if fine.ndim != 3 or fine.shape[1] != fine.shape[2] or fine.shape[1] < 8:
+        raise ValueError(f"fine_ink must be (N, F, F) with F >= 8, got {fine.shape}")
+    if not np.isfinite(fine).all():
+        raise ValueError("fine_ink has non-finite values")
+    fine = np.clip(fine, 0.0, 1.0)
+    centre, side = _ink_box(fine, unit=fine.shape[1] / _DIGIT)
+    return _style(_Source(fine, centre, side), domain, int(size), rng)
+
+
+def _check_style(domain: str, size: int) -> None:
+    if domain not in _RENDERERS:
+        raise ValueError(f"unknown domain {domain!r}; valid domains: {', '.join(DOMAINS)}")
     if not isinstance(size, (int, np.integer)) or size < 8:
         raise ValueError(f"size must be an integer >= 8, got {size!r}")
-    ink = np.clip(digits / 16.0, 0.0, 1.0)
-    rgb = _RENDERERS[domain](ink, int(size), rng)
+
+
+def _style(src: _Source, domain: str, size: int, rng: np.random.Generator) -> np.ndarray:
+    rgb = _RENDERERS[domain](src, size, rng)
     return np.clip(np.rint(rgb * 255.0), 0, 255).astype(np.uint8)
 
 
@@ -67,16 +109,17 @@ def _resample_weights(pos: np.ndarray, n_src: int, step: np.ndarray | float) -> 
 
 
 def _place(fine: np.ndarray, size: int, centre: np.ndarray, span: np.ndarray) -> np.ndarray:
-    """Sample (N, size, size) from the super-sampled digits.
+    """Sample (N, size, size) from the fine masks.
 
-    centre: (N, 2) point of the 8x8 digit (row, col; 0..8) at the image centre.
-    span: (N,) how many digit pixels the output side covers (8 = the digit box exactly).
+    centre: (N, 2) point of the box (row, col; 0..8 box units) at the image centre.
+    span: (N,) how many box units the output side covers (8 = the box exactly).
     """
     n_src = fine.shape[1]
+    unit = n_src / _DIGIT  # fine pixels per box unit (4 for the super-sampled digits)
     u = (np.arange(size) + 0.5) / size - 0.5  # output pixel centres, -0.5..0.5
-    pos = centre[:, :, None] + u[None, None, :] * span[:, None, None]  # (N, 2, S) digit px
-    pos = pos * _SUPER - 0.5  # -> super-sampled pixel index
-    step = span * _SUPER / size  # (N,)
+    pos = centre[:, :, None] + u[None, None, :] * span[:, None, None]  # (N, 2, S) box units
+    pos = pos * unit - 0.5  # -> fine pixel index
+    step = span * unit / size  # (N,)
     w_rows = _resample_weights(pos[:, 0], n_src, step[:, None])  # (N, S, n_src)
     w_cols = _resample_weights(pos[:, 1], n_src, step[:, None])
     return np.clip(np.einsum("nsy,nyx,ntx->nst", w_rows, fine, w_cols, optimize=True), 0, 1)
@@ -87,17 +130,20 @@ def _centred(n: int, fill: float) -> tuple[np.ndarray, np.ndarray]:
     return np.full((n, 2), _DIGIT / 2), np.full(n, _DIGIT / fill)
 
 
-def _ink_box(ink: np.ndarray, threshold: float = 0.2) -> tuple[np.ndarray, np.ndarray]:
-    """Centre (N, 2) and side (N,) of the square around each digit's ink (whole box if none)."""
+def _ink_box(ink: np.ndarray, unit: float,
+             threshold: float = _INK_THRESHOLD) -> tuple[np.ndarray, np.ndarray]:
+    """Centre (N, 2) and side (N,), in box units, of the square around each image's ink
+    (whole box if none); `unit` is the pixels of `ink` per box unit."""
     centres, sides = [], []
+    n_px = ink.shape[1]
     for axis in (2, 1):  # rows: reduce over columns; cols: reduce over rows
-        present = (ink > threshold).any(axis=axis)  # (N, 8)
+        present = (ink > threshold).any(axis=axis)  # (N, F)
         first = np.argmax(present, axis=1)
-        last = 7 - np.argmax(present[:, ::-1], axis=1)
+        last = n_px - 1 - np.argmax(present[:, ::-1], axis=1)
         empty = ~present.any(axis=1)
-        first, last = np.where(empty, 0, first), np.where(empty, 7, last)
-        centres.append((first + last + 1) / 2.0)
-        sides.append(last - first + 1.0)
+        first, last = np.where(empty, 0, first), np.where(empty, n_px - 1, last)
+        centres.append((first + last + 1) / 2.0 / unit)
+        sides.append((last - first + 1.0) / unit)
     return np.stack(centres, axis=1), np.maximum(sides[0], sides[1])
 
 
@@ -122,18 +168,18 @@ def _grey(x: np.ndarray) -> np.ndarray:
 # --------------------------------------------------------------------------- styles
 
 
-def _mnist(ink: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
+def _mnist(src: _Source, size: int, rng: np.random.Generator) -> np.ndarray:
     """White digit on black, grey, with MNIST's ~20/28 margin."""
     del rng  # deterministic style
-    centre, span = _centred(len(ink), 0.72)
-    return _grey(_place(_smooth_source(ink), size, centre, span))
+    centre, span = _centred(len(src.fine), 0.72)
+    return _grey(_place(src.fine, size, centre, span))
 
 
-def _inverse(ink: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
+def _inverse(src: _Source, size: int, rng: np.random.Generator) -> np.ndarray:
     """Dark digit on a light background, both tinted with a random per-image hue."""
-    n = len(ink)
+    n = len(src.fine)
     centre, span = _centred(n, 0.72)
-    digit = _place(_smooth_source(ink), size, centre, span)[..., None]
+    digit = _place(src.fine, size, centre, span)[..., None]
     background = rng.uniform(0.55, 1.0, size=(n, 1, 1, 3))
     foreground = background * rng.uniform(0.0, 0.3, size=(n, 1, 1, 1))
     return background * (1.0 - digit) + foreground * digit
@@ -152,27 +198,28 @@ def _colour_texture(n: int, size: int, rng: np.random.Generator) -> np.ndarray:
     return np.clip(texture + 0.25 * (grain - 0.5), 0.0, 1.0)
 
 
-def _mnistm(ink: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
+def _mnistm(src: _Source, size: int, rng: np.random.Generator) -> np.ndarray:
     """MNIST-M: |background - digit| over a colour texture (the digit inverts the texture)."""
-    centre, span = _centred(len(ink), 0.72)
-    digit = _place(_smooth_source(ink), size, centre, span)[..., None]
-    return np.abs(_colour_texture(len(ink), size, rng) - digit)
+    n = len(src.fine)
+    centre, span = _centred(n, 0.72)
+    digit = _place(src.fine, size, centre, span)[..., None]
+    return np.abs(_colour_texture(n, size, rng) - digit)
 
 
-def _usps(ink: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
+def _usps(src: _Source, size: int, rng: np.random.Generator) -> np.ndarray:
     """USPS: digit scaled (aspect kept) to fill the frame, blurred, grey, low contrast."""
-    n = len(ink)
-    centre, side = _ink_box(ink)
-    digit = _blur(_place(_smooth_source(ink), size, centre, side + 0.4), 0.45 * size / 16)
+    n = len(src.fine)
+    centre, side = src.box_centre, src.box_side
+    digit = _blur(_place(src.fine, size, centre, side + 0.4), 0.45 * size / 16)
     low = rng.uniform(0.1, 0.25, size=(n, 1, 1))
     high = low + rng.uniform(0.4, 0.55, size=(n, 1, 1))
     return _grey(low + (high - low) * digit)
 
 
-def _svhn_mask(ink: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
+def _svhn_mask(src: _Source, size: int, rng: np.random.Generator) -> np.ndarray:
     """Jittered, rescaled digit plus fainter fragments of neighbouring digits at the sides."""
-    n = len(ink)
-    fine = _smooth_source(ink)
+    fine = src.fine
+    n = len(fine)
     centre = _DIGIT / 2 + rng.uniform(-0.7, 0.7, size=(n, 2))
     span = _DIGIT / rng.uniform(0.6, 0.85, size=n)
     mask = _place(fine, size, centre, span)
@@ -184,10 +231,10 @@ def _svhn_mask(ink: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarr
     return mask
 
 
-def _svhn(ink: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
+def _svhn(src: _Source, size: int, rng: np.random.Generator) -> np.ndarray:
     """SVHN: random palette per image, uneven lighting, blur and sensor noise."""
-    n = len(ink)
-    mask = _svhn_mask(ink, size, rng)[..., None]
+    n = len(src.fine)
+    mask = _svhn_mask(src, size, rng)[..., None]
     background = rng.random((n, 3))
     polarity = np.where(background @ _LUMA < 0.5, 1.0, -1.0)[:, None]  # light on dark or v.v.
     contrast = polarity * rng.uniform(0.35, 0.65, (n, 1))
@@ -201,7 +248,7 @@ def _svhn(ink: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
     return img + rng.normal(0.0, 1.0, img.shape) * rng.uniform(0.02, 0.07, (n, 1, 1, 1))
 
 
-_RENDERERS: dict[str, Callable[[np.ndarray, int, np.random.Generator], np.ndarray]] = {
+_RENDERERS: dict[str, Callable[[_Source, int, np.random.Generator], np.ndarray]] = {
     "mnist": _mnist,
     "inverse": _inverse,
     "mnistm": _mnistm,
