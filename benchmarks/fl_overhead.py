@@ -105,15 +105,13 @@ def engine_plain(a: argparse.Namespace) -> dict[str, Any]:
     import numpy as np
     import torch
 
-    from core.data import make_digits_shift
     from core.fl_config import FLConfig, build_model, clients_per_domain
     from core.training import LocalSpec, evaluate, train_local
 
     torch.set_num_threads(1)
     cfg = FLConfig.from_run_config(_overrides(a))
-    data = make_digits_shift(cfg.seed, image_size=cfg.image_size, domains=cfg.domains(),
-                             clients_per_domain=clients_per_domain(cfg.clients),
-                             train_per_client=cfg.train_per_client or None)
+    data = cfg.data.make(cfg.seed, cfg.image_size, domains=cfg.domains(),
+                         clients_per_domain=clients_per_domain(cfg.clients))
     model = build_model(cfg)
     global_state = {k: v.clone() for k, v in model.state_dict().items()}
     spec = LocalSpec(epochs=cfg.local_epochs, steps=cfg.local_steps, batch_size=cfg.batch_size, lr=cfg.lr,

@@ -20,6 +20,7 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from core.data.builtin import BuiltinData
 from core.norm import is_norm_key
 from core.fl_config import (
     DEPLOY_NORM_RECORD,
@@ -45,17 +46,13 @@ STATE_META = "meta"
 
 
 @functools.lru_cache(maxsize=4)
-def client_data(seed: int, image_size: int, domains: tuple[str, ...], per_domain: int, train_per_client: int) -> Any:
-    """The digits-shift dataset for these arguments (pure, so caching it per process is safe)."""
-    from core.data import make_digits_shift
-
-    return make_digits_shift(seed, image_size=image_size, domains=domains, clients_per_domain=per_domain,
-                             train_per_client=train_per_client or None)
+def client_data(data: BuiltinData, seed: int, image_size: int, domains: tuple[str, ...], per_domain: int) -> Any:
+    """The built-in dataset for these arguments (pure, so caching it per process is safe)."""
+    return data.make(seed, image_size, domains=domains, clients_per_domain=per_domain)
 
 
 def _dataset(cfg: FLConfig) -> Any:
-    return client_data(cfg.seed, cfg.image_size, cfg.domains(), clients_per_domain(cfg.clients),
-                       cfg.train_per_client)
+    return client_data(cfg.data, cfg.seed, cfg.image_size, cfg.domains(), clients_per_domain(cfg.clients))
 
 
 def _arrays_to_numpy(record: ArrayRecord | None) -> dict[str, np.ndarray]:

@@ -20,7 +20,8 @@ import math
 from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Any, ClassVar, Mapping
 
-from protos.config import from_mapping, option
+from core.data.builtin import BuiltinData
+from protos.config import from_mapping, option, same_as
 from protos.records import Record
 
 if TYPE_CHECKING:  # torch stays out of module import: the CLI parses flags without it
@@ -51,9 +52,13 @@ class FLConfig:
     seed: int = option(0, "random seed of the model initialisation, data order and augmentation")
     rounds: int = option(40, "federated rounds")
     clients: int = option(5, "clients, one digits-shift domain each (<= 5, or a multiple of 5)")
-    # data (digits-shift)
+    # data: a built-in feature-shift benchmark, one domain per client
+    dataset: str = same_as(BuiltinData, "dataset")
+    classes: int = same_as(BuiltinData, "classes")
     image_size: int = option(16, "image side in pixels")
-    train_per_client: int = option(0, "training images per client (0: the whole training split, about 215)")
+    train_per_client: int = same_as(BuiltinData, "train_per_client")
+    val_per_client: int = same_as(BuiltinData, "val_per_client")
+    test_per_client: int = same_as(BuiltinData, "test_per_client")
     # model
     model: str = option("digits_cnn", "model: digits_cnn, another built-in model, or timm:<name>")
     model_width: float = option(0.25, "width multiplier of digits_cnn")
@@ -113,6 +118,7 @@ class FLConfig:
         if not 0.0 <= self.fraug_proto_momentum <= 1.0:
             raise bad("fraug_proto_momentum", "must lie in [0, 1]")
         clients_per_domain(self.clients)  # raises on an impossible client count
+        self.data  # noqa: B018 - validates the dataset settings
 
     # ---------------------------------------------------------------- parsing
     @classmethod
@@ -139,6 +145,12 @@ class FLConfig:
     @property
     def run_name(self) -> str:
         return f"fl-{self.strategy}-seed{self.seed}"
+
+    @property
+    def data(self) -> BuiltinData:
+        """The built-in benchmark the clients train on."""
+        return BuiltinData(self.dataset, self.classes, self.train_per_client, self.val_per_client,
+                           self.test_per_client)
 
     def domains(self) -> tuple[str, ...]:
         """The digits-shift domains used: the first ``clients`` ones, or all of them."""
@@ -201,7 +213,7 @@ def shared_keys(model: "nn.Module", cfg: FLConfig) -> list[str]:
     return [k for k in model.state_dict() if k not in local]
 
 
-def build_model(cfg: FLConfig, num_classes: int = 10) -> "SplitModel":
+def build_model(cfg: FLConfig) -> "SplitModel":
     """The run's model with a deterministic initialisation (same on server and every client).
 
     The global torch RNG is forked, so building a model never disturbs a caller's random stream.
@@ -213,7 +225,7 @@ def build_model(cfg: FLConfig, num_classes: int = 10) -> "SplitModel":
     kwargs: dict[str, Any] = {"width": cfg.model_width} if cfg.model == "digits_cnn" else {}
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
-        return create_model(cfg.model, num_classes, image_size=cfg.image_size, **kwargs)
+        return create_model(cfg.model, cfg.classes, image_size=cfg.image_size, **kwargs)
 
 
 # -------------------------------------------------------------------- the run's result

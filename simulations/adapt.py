@@ -29,6 +29,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from core.corruptions import CORRUPTIONS
+from core.data.builtin import BuiltinData
 from edge.config import EdgeConfig, NodeConfig
 from edge.summary import EdgeSummary
 from protos.config import option, section, write_config
@@ -80,7 +81,7 @@ LAUNCHER_OWNED: dict[str, str] = {
     "cloud.host": "nothing (loopback)", "cloud.port": "nothing (a free port)", "cloud.port_file": "nothing",
     "cloud.out_dir": "the run folder (--out)", "cloud.lockstep": "edge.node.sync_timeout_s",
     "cloud.edge_model": "edge_onnx", "cloud.token": "$FEDSHIFT_TOKEN", "cloud.cema.method": "method",
-    "cloud.cema.seed": "seed",
+    "cloud.cema.seed": "seed", "cloud.num_classes": "data.classes",
 }
 
 
@@ -113,8 +114,11 @@ class AdaptConfig:
     samples: int | None = option(None, "distinct test images per corruption (default: the whole test pool)")
     limit: int | None = option(None, "samples per edge (default: the whole stream)")
     seed: int = option(0, "seed of streams, selection and learners")
-    data_seed: int = option(0, "digits-shift split: the streams are its test images (never trained on)")
-    teacher_epochs: int = option(30, "the built-in teacher's training epochs (each setting cached apart)")
+    data_seed: int = option(0, "seed of the built-in dataset: the streams are its test images (never trained on)")
+    data: BuiltinData = section(BuiltinData, "the built-in dataset the streams (and built-in models) come from",
+                                prefix="data-")
+    teacher_epochs: int = option(30, "the built-in teacher's training epochs (each setting cached apart; "
+                                 "glyph-shift's takes 20 in its benchmark)")
     edge_onnx: str = option("", "the ONNX file the edges run (running statistics); default: exported from "
                             "the student's weights into OUT/models")
     edge_onnx_batch_stats: str = option("", "its batch-statistics variant (methods that re-estimate BN on the "
@@ -184,27 +188,28 @@ class Prepared:
 def prepare(cfg: AdaptConfig, out: Path) -> Prepared:
     """Resolve models (training the built-ins once if not cached), take or export the ONNX files,
     write the streams."""
-    from core.data import make_digits_shift
     from core.streams import build_stream
-    from core.teacher import DEFAULT_EDGE, DEFAULT_TEACHER, eval_split, model_or_builtin
+    from core.teacher import builtin_config, eval_split, model_or_builtin
     from protos.contract import save_stream_npz
 
     spec, c = cfg.spec, cfg.cloud
-    builtin = {"data_seed": cfg.data_seed, "image_size": c.image_size}
-    model, edge_weights = model_or_builtin(c.student, c.student_weights or None, replace(DEFAULT_EDGE, **builtin),
-                                           c.cache or None, image_size=c.image_size)
+    builtin = {"image_size": c.image_size, "data_seed": cfg.data_seed}
+    model, edge_weights = model_or_builtin(c.student, c.student_weights or None,
+                                           builtin_config("edge", cfg.data, **builtin),
+                                           c.cache or None, num_classes=cfg.data.classes, image_size=c.image_size)
     teacher_weights = None
     if spec.cloud is not None and spec.cloud != "tent" and not cfg.cloud_address:
-        teacher_builtin = replace(DEFAULT_TEACHER, epochs=cfg.teacher_epochs, **builtin)
+        teacher_builtin = builtin_config("teacher", cfg.data, epochs=cfg.teacher_epochs, **builtin)
         _, teacher_weights = model_or_builtin(c.teacher, c.teacher_weights or None, teacher_builtin, c.cache or None,
-                                              image_size=c.image_size)
+                                              num_classes=cfg.data.classes, image_size=c.image_size)
     shape = (c.in_chans, c.image_size, c.image_size)
-    plain = _given_or_exported(cfg.edge_onnx, model, out / "models" / "edge.onnx", shape, c.student, False)
+    names = cfg.data.class_names()
+    plain = _given_or_exported(cfg.edge_onnx, model, out / "models" / "edge.onnx", shape, c.student, False, names)
     bn = None
     if spec.batch_stats:
         bn = _given_or_exported(cfg.edge_onnx_batch_stats, model, out / "models" / "edge_batch_stats.onnx", shape,
-                                c.student, True)
-    test = eval_split(make_digits_shift(seed=cfg.data_seed, image_size=c.image_size))
+                                c.student, True, names)
+    test = eval_split(cfg.data.make(cfg.data_seed, c.image_size))
     prepared = Prepared(bn or plain, plain, bn, edge_weights, teacher_weights)
     for i in range(cfg.edges):
         mine = cfg.corruptions[i::cfg.edges]
@@ -219,7 +224,8 @@ def prepare(cfg: AdaptConfig, out: Path) -> Prepared:
     return prepared
 
 
-def _given_or_exported(given: str, model, path: Path, shape, name: str, batch_stats: bool) -> Path:
+def _given_or_exported(given: str, model, path: Path, shape, name: str, batch_stats: bool,
+                       class_names: Sequence[str]) -> Path:
     """An earlier stage's file when one is given (checked), else this launcher's own export."""
     if given:
         if not Path(given).is_file():
@@ -227,7 +233,7 @@ def _given_or_exported(given: str, model, path: Path, shape, name: str, batch_st
         return Path(given)
     from core.export import export_onnx
 
-    export_onnx(model, path, shape, model_name=name, batch_stats=batch_stats)
+    export_onnx(model, path, shape, model_name=name, batch_stats=batch_stats, class_names=class_names)
     return path
 
 
@@ -252,7 +258,7 @@ def cloud_config(cfg: AdaptConfig, prep: Prepared, out: Path, port_file: Path) -
     return replace(c, host="127.0.0.1", port=0, port_file=_abs(port_file), student_weights=_abs(prep.edge_weights),
                    teacher_weights=_abs(prep.teacher_weights) if prep.teacher_weights else "", out_dir=_abs(out),
                    max_workers=max(c.max_workers, 2 * cfg.edges + 4), lockstep=cfg.lockstep,
-                   edge_model=_abs(prep.edge_onnx), cema=cema)
+                   edge_model=_abs(prep.edge_onnx), num_classes=cfg.data.classes, cema=cema)
 
 
 def _abs(path: str | os.PathLike) -> str:

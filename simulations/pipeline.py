@@ -34,8 +34,10 @@ def fl_run(s: Scenario, strategy: str, out: Path) -> "FLRun":
     from core.fl_config import FLConfig
     from simulations.fl_role import FLRun, SimulationResources
 
+    d = s.data
     fl = FLConfig(strategy=strategy, seed=s.seed, rounds=s.fl.rounds, clients=s.fl.clients, model=s.fl.model,
-                  image_size=s.data.image_size, train_per_client=s.data.train_per_client,
+                  dataset=d.dataset, classes=d.classes, image_size=d.image_size, train_per_client=d.train_per_client,
+                  val_per_client=d.val_per_client, test_per_client=d.test_per_client,
                   local_epochs=s.fl.local_epochs, batch_size=s.fl.batch_size, lr=s.fl.lr, momentum=s.fl.momentum,
                   threads=s.resources.threads, out_dir=str(out.resolve()))
     return FLRun(fl=fl, simulation=SimulationResources(num_cpus=s.resources.num_cpus,
@@ -82,9 +84,9 @@ class Pipeline:
     # ---------------------------------------------------------------- stages
 
     def data(self) -> None:
-        from core.data import make_digits_shift, save_corruption_preview, save_preview
+        from core.data import save_corruption_preview, save_preview
 
-        ds = make_digits_shift(seed=self.s.seed, image_size=self.s.data.image_size)
+        ds = self.s.data.builtin.make(self.s.seed, self.s.data.image_size)
         out = self.out / "data"
         save_preview(ds, out / "domains.png")
         save_corruption_preview(ds.clients[2].test.images[:2], out / "corruptions.png", seed=self.s.seed)
@@ -133,7 +135,7 @@ class Pipeline:
 
         deploy = self.deployed_strategy()
         ckpt = load_checkpoint(self.out / "fl" / deploy)
-        model = create_model(self.s.fl.model, 10, image_size=self.s.data.image_size)
+        model = create_model(self.s.fl.model, self.s.data.classes, image_size=self.s.data.image_size)
         model.load_state_dict(deployable_state(ckpt))
         out = self.out / "export"
         out.mkdir(parents=True, exist_ok=True)
@@ -144,7 +146,7 @@ class Pipeline:
             files["edge_batch_stats.onnx"] = True
         for name, batch_stats in files.items():
             info = export_onnx(model.eval(), out / name, (3, size, size), model_name=self.s.fl.model, version=0,
-                               batch_stats=batch_stats)
+                               batch_stats=batch_stats, class_names=self.s.data.builtin.class_names())
             log.info("exported the %s model (round %d) to %s", deploy, ckpt.round, info.path)
         ExportSummary(strategy=deploy, round=ckpt.round, weights="edge_weights.pt",
                       files={name: ExportedFile(file_sha256(out / name), bs) for name, bs in files.items()}
@@ -197,7 +199,7 @@ def adapt_config(s: Scenario, export: Path) -> "AdaptConfig":
     return AdaptConfig(
         method=s.cloud.method, edges=s.edge.count, corruptions=s.edge.corruptions, severity=s.edge.severity,
         protocol=s.edge.protocol, passes=s.edge.passes, samples=s.edge.samples, limit=s.edge.limit, seed=s.seed,
-        data_seed=s.seed,
+        data_seed=s.seed, data=s.data.builtin,
         teacher_epochs=s.cloud.teacher_epochs, edge_onnx=str(export / "edge.onnx"),
         edge_onnx_batch_stats=str(batch_stats) if batch_stats.is_file() else "", cloud_address=s.cloud.address,
         edge=EdgeConfig(batch_size=s.edge.batch_size, threads=s.resources.threads,

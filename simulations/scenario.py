@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from core.corruptions import CORRUPTIONS
+from core.data.builtin import BuiltinData
 from core.fl_config import FLConfig
 from edge.config import EdgeConfig, NodeConfig
 from protos.config import from_mapping, load_toml, option, same_as
@@ -27,9 +28,20 @@ SCENARIO_DIR = Path(__file__).resolve().parent / "scenarios"
 
 @dataclass(frozen=True)
 class DataSpec:
-    dataset: str = option("digits-shift", "the built-in benchmark (user folders: see core.data)")
+    dataset: str = same_as(BuiltinData, "dataset")
+    classes: int = same_as(BuiltinData, "classes")
     image_size: int = same_as(FLConfig, "image_size", 32)
-    train_per_client: int = same_as(FLConfig, "train_per_client")
+    train_per_client: int = same_as(BuiltinData, "train_per_client")
+    val_per_client: int = same_as(BuiltinData, "val_per_client")
+    test_per_client: int = same_as(BuiltinData, "test_per_client")
+
+    def __post_init__(self) -> None:
+        self.builtin  # noqa: B018 - validates
+
+    @property
+    def builtin(self) -> BuiltinData:
+        return BuiltinData(self.dataset, self.classes, self.train_per_client, self.val_per_client,
+                           self.test_per_client)
 
 
 @dataclass(frozen=True)
@@ -99,8 +111,6 @@ class Scenario:
             raise ValueError(f"edge.count must be 1..{len(self.edge.corruptions)} (one corruption per edge at least)")
         if self.fl.deploy == "local" or (self.fl.deploy == "best_val" and "local" in self.fl.strategies):
             raise ValueError("local-only training has no global model to deploy: set fl.deploy to another strategy")
-        if self.data.dataset != "digits-shift":
-            raise ValueError(f"data.dataset: only 'digits-shift' is wired into `fedshift run` (got {self.data.dataset!r})")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
