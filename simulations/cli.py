@@ -22,7 +22,7 @@ from typing import Sequence
 
 # subcommand -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "data": ("simulations.commands.data", "built-in data: preview the digits-shift domains and corruptions"),
+    "data": ("simulations.commands.data", "built-in data: preview the digits-shift or glyph-shift domains and the corruptions"),
     "run": ("simulations.commands.run", "the whole system: data -> FL -> export -> cloud + edges -> report"),
     "report": ("simulations.commands.report", "rebuild report.md and plots from a run folder"),
     "adapt": ("simulations.commands.adapt", "cloud + N edge processes on loopback: one CEMA-family method, or --compare"),

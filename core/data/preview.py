@@ -34,9 +34,13 @@ def preview_size(n_clients: int, per_client: int, image_size: int) -> tuple[int,
 
 def _pick(client: ClientData, per_client: int) -> list[int]:
     """Training samples in class order, one per class per pass (first of each class first),
-    so the row shows every class when per_client allows."""
+    so the row shows every class when per_client allows; with more classes than places, classes
+    evenly spaced over the whole set (a 100-class row is not just the digits)."""
     labels = client.train.labels
-    by_class = [np.flatnonzero(labels == c) for c in np.unique(labels)]
+    classes = np.unique(labels)
+    if per_client < len(classes):
+        classes = classes[np.linspace(0, len(classes) - 1, per_client).round().astype(int)]
+    by_class = [np.flatnonzero(labels == c) for c in classes]
     picked: list[int] = []
     for rank in range(max((len(b) for b in by_class), default=0)):
         picked += [int(b[rank]) for b in by_class if rank < len(b)]

@@ -5,29 +5,30 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-DATASETS = ("digits-shift", "glyph-shift")
+from core.data.builtin import BUILTIN_DATASETS as DATASETS
 
 
 def configure(p: argparse.ArgumentParser) -> None:
     sub = p.add_subparsers(dest="data_command", required=True, metavar="ACTION")
     prev = sub.add_parser("preview", help="PNG grid of a built-in benchmark's domains (one row per client)")
-    prev.add_argument("--out", type=Path, required=True)
+    prev.add_argument("--out", type=Path, required=True, help="PNG file to write")
     _dataset_flags(prev)
-    prev.add_argument("--clients-per-domain", type=int, default=1)
+    prev.add_argument("--clients-per-domain", type=int, default=1, help="clients per domain style (default: 1)")
     prev.add_argument("--per-client", type=int, default=10, help="samples shown per client (one per class first)")
     corr = sub.add_parser("corruptions", help="PNG grid of the 15 corruptions x 5 severities")
-    corr.add_argument("--out", type=Path, required=True)
+    corr.add_argument("--out", type=Path, required=True, help="PNG file to write")
     _dataset_flags(corr)
     corr.add_argument("--domain", default="mnistm", help="domain of the sample images")
-    corr.add_argument("--samples", type=int, default=2)
+    corr.add_argument("--samples", type=int, default=2, help="sample images per row (default: 2)")
 
 
 def _dataset_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--dataset", choices=DATASETS, default="digits-shift")
+    p.add_argument("--dataset", choices=DATASETS, default="digits-shift", help="built-in benchmark (default: "
+                   "digits-shift)")
     p.add_argument("--classes", type=int, default=10, choices=(10, 47, 100),
                    help="glyph-shift class set (digits-shift always has 10)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--image-size", type=int, default=32)
+    p.add_argument("--seed", type=int, default=0, help="data seed (default: 0)")
+    p.add_argument("--image-size", type=int, default=32, help="pixels (default: 32)")
 
 
 def _load(args: argparse.Namespace, domains: tuple[str, ...] | None = None, clients_per_domain: int = 1):
