@@ -117,8 +117,8 @@ class AdaptConfig:
     data_seed: int = option(0, "seed of the built-in dataset: the streams are its test images (never trained on)")
     data: BuiltinData = section(BuiltinData, "the built-in dataset the streams (and built-in models) come from",
                                 prefix="data-")
-    teacher_epochs: int = option(30, "the built-in teacher's training epochs (each setting cached apart; "
-                                 "glyph-shift's takes 20 in its benchmark)")
+    teacher_epochs: int | None = option(None, "the built-in teacher's training epochs (default: its dataset's, "
+                                        "digits-shift 30, glyph-shift 20; each setting is cached apart)")
     edge_onnx: str = option("", "the ONNX file the edges run (running statistics); default: exported from "
                             "the student's weights into OUT/models")
     edge_onnx_batch_stats: str = option("", "its batch-statistics variant (methods that re-estimate BN on the "
@@ -199,7 +199,8 @@ def prepare(cfg: AdaptConfig, out: Path) -> Prepared:
                                            c.cache or None, num_classes=cfg.data.classes, image_size=c.image_size)
     teacher_weights = None
     if spec.cloud is not None and spec.cloud != "tent" and not cfg.cloud_address:
-        teacher_builtin = builtin_config("teacher", cfg.data, epochs=cfg.teacher_epochs, **builtin)
+        epochs = {} if cfg.teacher_epochs is None else {"epochs": cfg.teacher_epochs}
+        teacher_builtin = builtin_config("teacher", cfg.data, **epochs, **builtin)
         _, teacher_weights = model_or_builtin(c.teacher, c.teacher_weights or None, teacher_builtin, c.cache or None,
                                               num_classes=cfg.data.classes, image_size=c.image_size)
     shape = (c.in_chans, c.image_size, c.image_size)

@@ -79,7 +79,7 @@ class CloudSpec:
     method: str = same_as(AdaptConfig, "method")
     teacher: str = same_as(CloudConfig, "teacher")
     teacher_weights: str = same_as(CloudConfig, "teacher_weights")
-    teacher_epochs: int = same_as(AdaptConfig, "teacher_epochs")
+    teacher_epochs: int | None = same_as(AdaptConfig, "teacher_epochs")
     device: str = same_as(CloudConfig, "device")
     address: str = same_as(AdaptConfig, "cloud_address")
 

@@ -173,3 +173,22 @@ def test_non_finite_values_survive_files_and_records(tmp_path) -> None:
     assert load_config(AdaptConfig, path) == cfg
     s = _summary(wall_s=float("inf"))
     assert EdgeSummary.from_json(s.to_json()) == s  # JSON has no inf: written as "inf", read back as a float
+
+
+def test_builtin_data_spec_is_validated_and_shared() -> None:
+    from core.data.builtin import BuiltinData
+    from core.fl_config import FLConfig
+
+    with pytest.raises(ValueError, match="digits-shift has 10 classes"):
+        BuiltinData("digits-shift", 47)
+    with pytest.raises(ValueError, match="not built in"):
+        BuiltinData("mnist-c")
+    assert BuiltinData("glyph-shift", 47).class_names()[:12] == tuple("0123456789AB")
+    fl = FLConfig.from_run_config({"dataset": "glyph-shift", "classes": "100", "test-per-client": 50})
+    assert fl.data == BuiltinData("glyph-shift", 100, test_per_client=50)
+    with pytest.raises(ValueError, match="digits-shift has 10 classes"):
+        FLConfig.from_run_config({"classes": 47})
+    a = AdaptConfig(data=BuiltinData("glyph-shift", 47))
+    parser = argparse.ArgumentParser()
+    add_config_flags(parser, AdaptConfig)
+    assert a.data.classes == 47 and "--data-classes" in parser.format_help()

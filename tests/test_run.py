@@ -160,3 +160,24 @@ def test_two_runs_at_once_do_not_collide(tmp_path) -> None:
                 p.kill()
     assert [p.returncode for p in procs] == [0, 0], [e[-2000:] for e in errs]
     assert _numbers(tmp_path / "a") == _numbers(tmp_path / "b")
+
+
+@pytest.mark.slow
+def test_large_scenario_cut_down_runs_on_glyph_shift(tmp_path) -> None:
+    """The `large` scenario's path (glyph-shift, long distinct-sample streams) end to end, at toy sizes."""
+    run = tmp_path / "large"
+    sets = ["data.classes=47", "data.train_per_client=60", "data.val_per_client=20", "data.test_per_client=60",
+            "fl.rounds=1", "fl.clients=2", "edge.count=2", 'edge.corruptions=["fog","contrast"]', "edge.samples=100",
+            "edge.batch_size=32", "cloud.method=distill_all", "cloud.teacher_epochs=1",
+            "resources.cache=" + str(tmp_path / "cache")]
+    out = subprocess.run([sys.executable, "-m", "simulations.cli", "run", "large", "--out", str(run),
+                          *[x for s in sets for x in ("--set", s)]], capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    results = RunResults.read(run / "results.json")
+    assert results.adapt.seen == 2 * 100 and results.adapt.config.data.dataset == "glyph-shift"
+    assert set(results.adapt.accuracy.per_corruption) == {"fog", "contrast"}
+    assert results.fl["fedbn"].fl_config.classes == 47
+    import onnx  # the exported model names the dataset's classes
+
+    meta = {p.key: p.value for p in onnx.load(str(run / "export" / "edge.onnx")).metadata_props}
+    assert json.loads(meta["fedshift.class_names"])[10:13] == ["A", "B", "C"]
