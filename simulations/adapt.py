@@ -20,6 +20,7 @@ batch statistics, the accuracy of that alone without any cloud (``bn_stats_accur
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 from dataclasses import dataclass, field, replace
@@ -52,9 +53,11 @@ class MethodSpec:
     about: str = ""
 
 
-# EATA's d = 0.05 for 1000 classes sits ~1.6x above cos(onehot, uniform) = 1/sqrt(C) ≈ 0.032;
-# the same ratio for C = 10 (1/sqrt(10) ≈ 0.32) gives 0.5. A scaling argument, not tuned.
-EATA_REDUNDANCY = 0.5
+def eata_redundancy(num_classes: int) -> float:
+    """EATA's redundancy threshold scaled to C classes: its d = 0.05 for 1000 classes sits ~1.6x
+    above cos(onehot, uniform) = 1/sqrt(C) ≈ 0.032; the same ratio gives 0.5 for C = 10 and 0.16
+    for C = 100. A scaling argument, not tuned."""
+    return 0.5 * math.sqrt(10 / num_classes)
 
 METHODS: dict[str, MethodSpec] = {
     "no_adapt": MethodSpec("none", None, batch_stats=False, about="the exported model as is"),
@@ -244,7 +247,7 @@ def edge_config(cfg: AdaptConfig, i: int, prep: Prepared, server: str, out: Path
     seed = cfg.seed * 1000 + i
     redundancy = e.selection.redundancy
     if redundancy is None and cfg.method == "eata":
-        redundancy = EATA_REDUNDANCY
+        redundancy = eata_redundancy(cfg.data.classes)
     selection = replace(e.selection, method=spec.edge, seed=seed, redundancy=redundancy, **dict(spec.selection))
     node = replace(e.node, limit=cfg.limit, sync_timeout_s=e.node.sync_timeout_s if cfg.lockstep else 0.0)
     return replace(e, server=server, model=_abs(prep.edge_onnx), source=f"npz:{_abs(prep.streams[i])}",
