@@ -118,8 +118,7 @@ class AdaptConfig:
     limit: int | None = option(None, "samples per edge (default: the whole stream)")
     seed: int = option(0, "seed of streams, selection and learners")
     data_seed: int = option(0, "seed of the built-in dataset: the streams are its test images (never trained on)")
-    data: BuiltinData = section(BuiltinData, "the built-in dataset the streams (and built-in models) come from",
-                                prefix="data-")
+    data: BuiltinData = section(BuiltinData, "the built-in dataset the streams (and built-in models) come from")
     teacher_epochs: int | None = option(None, "the built-in teacher's training epochs (default: its dataset's, "
                                         "digits-shift 30, glyph-shift 20; each setting is cached apart)")
     edge_onnx: str = option("", "the ONNX file the edges run (running statistics); default: exported from "

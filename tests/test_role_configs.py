@@ -191,4 +191,4 @@ def test_builtin_data_spec_is_validated_and_shared() -> None:
     a = AdaptConfig(data=BuiltinData("glyph-shift", 47))
     parser = argparse.ArgumentParser()
     add_config_flags(parser, AdaptConfig)
-    assert a.data.classes == 47 and "--data-classes" in parser.format_help()
+    assert a.data.classes == 47 and "--classes" in parser.format_help()
