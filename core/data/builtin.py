@@ -16,6 +16,7 @@ from .domains import DOMAINS
 from .types import FederatedDataset
 
 BUILTIN_DATASETS: tuple[str, ...] = ("digits-shift", "glyph-shift")
+GLYPH_DEFAULT_SIZES = {"train_per_client": 2000, "val_per_client": 250, "test_per_client": 1000}
 
 
 @dataclass(frozen=True)
@@ -42,6 +43,10 @@ class BuiltinData:
             if self.val_per_client or self.test_per_client:
                 raise ValueError("digits-shift splits its 1,797 digits by fixed fractions: "
                                  "val_per_client / test_per_client apply to glyph-shift only")
+        else:  # 0 resolves to the default size, so equal datasets have equal specs (and cache keys)
+            for key, size in GLYPH_DEFAULT_SIZES.items():
+                if getattr(self, key) == 0:
+                    object.__setattr__(self, key, size)
 
     def class_names(self) -> tuple[str, ...]:
         """The label names, in label order (written into the exported model's metadata)."""
@@ -62,8 +67,6 @@ class BuiltinData:
                                      train_per_client=self.train_per_client or None)
         from .glyph_shift import make_glyph_shift
 
-        sizes = {k: v for k, v in (("train_per_client", self.train_per_client),
-                                   ("val_per_client", self.val_per_client),
-                                   ("test_per_client", self.test_per_client)) if v}
         return make_glyph_shift(seed, classes=self.classes, image_size=image_size, domains=domains,
-                                clients_per_domain=clients_per_domain, **sizes)
+                                clients_per_domain=clients_per_domain, train_per_client=self.train_per_client,
+                                val_per_client=self.val_per_client, test_per_client=self.test_per_client)
