@@ -25,10 +25,15 @@ import argparse
 import dataclasses
 import json
 import math
-import tomllib
+import sys
 import types
 from pathlib import Path
 from typing import Any, Mapping, Sequence, TypeVar, Union, get_args, get_origin, get_type_hints
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # Python 3.10 boards (e.g. Jetson's Ubuntu 22.04): the same parser, from PyPI
+    import tomli as tomllib
 
 T = TypeVar("T")
 _NONE_WORDS = ("none", "off", "null")

@@ -8,7 +8,6 @@ exist is refused with an error naming it and the keys that do. Values are TOML l
 from __future__ import annotations
 
 import dataclasses
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -17,7 +16,7 @@ from core.corruptions import CORRUPTIONS
 from core.data.builtin import BuiltinData
 from core.fl_config import FLConfig
 from edge.config import EdgeConfig, NodeConfig
-from protos.config import from_mapping, load_toml, option, same_as
+from protos.config import from_mapping, load_toml, option, same_as, tomllib
 from server.config import CloudConfig
 from simulations.adapt import AdaptConfig
 from simulations.fl_role import SimulationResources
