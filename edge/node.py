@@ -39,18 +39,6 @@ __all__ = ["EdgeNode", "NodeConfig", "TIMELINE_KEYS"]
 log = logging.getLogger(__name__)
 
 @dataclass
-class _ShiftStats:
-    seen: int = 0
-    labelled: int = 0
-    correct: int = 0
-    kept: int = 0
-    uploaded: int = 0
-
-    def freeze(self) -> ShiftStats:
-        return ShiftStats(self.seen, self.labelled, self.correct, self.kept, self.uploaded)
-
-
-@dataclass
 class _Counters:
     seen: int = 0
     batches: int = 0
@@ -77,8 +65,8 @@ class _Counters:
     sync_wait_s: float = 0.0
     e_max: float | None = None
     cloud_version: int | None = None
-    per_corruption: dict[str, _ShiftStats] = field(default_factory=lambda: defaultdict(_ShiftStats))
-    per_shift: dict[str, _ShiftStats] = field(default_factory=lambda: defaultdict(_ShiftStats))
+    per_corruption: dict[str, ShiftStats] = field(default_factory=lambda: defaultdict(ShiftStats))
+    per_shift: dict[str, ShiftStats] = field(default_factory=lambda: defaultdict(ShiftStats))
     timeline: dict[str, list] = field(default_factory=lambda: {k: [] for k in TIMELINE_KEYS})
 
 
@@ -262,13 +250,8 @@ class EdgeNode:
         if correct is not None:
             c.labelled += n
             c.correct += correct
-        for stats in (c.per_corruption[batch.corruption], c.per_shift[f"{batch.corruption}@{batch.severity}"]):
-            stats.seen += n
-            stats.kept += sel.kept
-            stats.uploaded += uploaded
-            if correct is not None:
-                stats.labelled += n
-                stats.correct += correct
+        for table, key in ((c.per_corruption, batch.corruption), (c.per_shift, f"{batch.corruption}@{batch.severity}")):
+            table[key] = table[key].plus(n, sel.kept, uploaded, correct)
         row = {"seen": c.seen, "n": n, "kept": sel.kept, "uploaded": uploaded, "correct": correct,
                "e_max": sel.e_max, "mean_entropy": _finite(sel.mean_entropy), "version": version,
                "episode": self._episode, "corruption": batch.corruption,
@@ -323,8 +306,7 @@ class EdgeNode:
             updates=self._sub_stats(), reset_versions_applied=c.reset_versions_applied,
             initial_version=self._initial_version, final_version=rt.version, cloud_version=c.cloud_version,
             resets=c.resets, episode=self._episode, labelled=c.labelled, correct=c.correct,
-            per_corruption={k: v.freeze() for k, v in c.per_corruption.items()},
-            per_shift={k: v.freeze() for k, v in c.per_shift.items()},
+            per_corruption=dict(c.per_corruption), per_shift=dict(c.per_shift),
             mean_entropy=_finite(self.selector.mean_entropy), e_max_final=c.e_max,
             metrics_reports=c.metrics_reports, metrics_errors=c.metrics_errors, sync_waits=c.sync_waits,
             sync_timeouts=c.sync_timeouts, sync_wait_s=c.sync_wait_s, wall_s=wall,

@@ -14,6 +14,7 @@ stalled or torn. In ``inputs`` mode the tensors are fed with every run.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import threading
@@ -22,7 +23,7 @@ from typing import Mapping
 
 import numpy as np
 
-from protos.contract import ModelMetadata, Preprocess, file_sha256
+from protos.contract import ModelMetadata, Preprocess
 
 os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
 import onnxruntime as ort  # noqa: E402
@@ -43,7 +44,7 @@ class EdgeRuntime:
         if not self.path.is_file():
             raise FileNotFoundError(f"edge model not found: {self.path}")
         self._bytes = bytearray(self.path.read_bytes())
-        self.sha256: str = file_sha256(self.path)  # identifies the model file to the cloud
+        self.sha256: str = hashlib.sha256(self._bytes).hexdigest()  # identifies the file to the cloud
         self._options = ort.SessionOptions()
         # warnings only: batch-statistics exports leave running stats unused, and ORT would log
         # one line per such tensor at every session rebuild

@@ -45,6 +45,12 @@ class ShiftStats:
     def accuracy(self) -> float | None:
         return self.correct / self.labelled if self.labelled else None
 
+    def plus(self, seen: int, kept: int, uploaded: int, correct: int | None) -> "ShiftStats":
+        """These counters after one more batch (``correct`` None: the batch had no labels)."""
+        labelled = seen if correct is not None else 0
+        return ShiftStats(self.seen + seen, self.labelled + labelled, self.correct + (correct or 0),
+                          self.kept + kept, self.uploaded + uploaded)
+
 
 @dataclass(frozen=True)
 class Excluded:

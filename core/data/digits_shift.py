@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from .domains import DOMAINS, render
+from .domains import DOMAINS, check_domains, render
 from .partition import (
     seeded_rng,
     stratified_partition,
@@ -52,14 +52,7 @@ def _validate(
         raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
     if not is_int(image_size) or image_size < 8:
         raise ValueError(f"image_size must be an integer >= 8, got {image_size!r}")
-    if isinstance(domains, str):
-        raise ValueError(f"domains must be a sequence of names, got the string {domains!r}")
-    doms = tuple(domains)
-    unknown = [d for d in doms if d not in DOMAINS]
-    if not doms or unknown:
-        raise ValueError(f"unknown or no domains {unknown or doms}; valid: {', '.join(DOMAINS)}")
-    if len(set(doms)) != len(doms):
-        raise ValueError(f"domains must not repeat (use clients_per_domain), got {doms}")
+    doms = check_domains(domains)
     if not is_int(clients_per_domain) or clients_per_domain < 1:
         raise ValueError(
             f"clients_per_domain must be a positive integer, got {clients_per_domain!r}"

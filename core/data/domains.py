@@ -41,6 +41,19 @@ class _Source(NamedTuple):
     box_side: np.ndarray
 
 
+def check_domains(domains: object) -> tuple[str, ...]:
+    """The domain names as a tuple, refused when empty, unknown, repeated or a bare string."""
+    if isinstance(domains, str):
+        raise ValueError(f"domains must be a sequence of names, got the string {domains!r}")
+    doms = tuple(domains)  # type: ignore[arg-type]
+    unknown = [d for d in doms if d not in DOMAINS]
+    if not doms or unknown:
+        raise ValueError(f"unknown or no domains {unknown or doms}; valid: {', '.join(DOMAINS)}")
+    if len(set(doms)) != len(doms):
+        raise ValueError(f"domains must not repeat (use clients_per_domain), got {doms}")
+    return doms
+
+
 def render(digits: np.ndarray, domain: str, size: int, rng: np.random.Generator) -> np.ndarray:
     """Render (N, 8, 8) digits with values in [0, 16] as (N, size, size, 3) uint8 in a style."""
     _check_style(domain, size)

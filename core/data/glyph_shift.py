@@ -55,7 +55,7 @@ import numpy as np
 from scipy import ndimage
 
 from .cache import atomic_write, cache_dir, file_lock
-from .domains import DOMAINS, render_ink
+from .domains import DOMAINS, check_domains, render_ink
 from .glyphs import (
     ATLAS_BOX,
     ATLAS_SIDE,
@@ -252,14 +252,7 @@ class _Params:
                 raise ValueError(f"{name} must be a non-negative integer, got {n!r}")
         if train < 1:
             raise ValueError(f"train_per_client must be positive, got {train}")
-        if isinstance(domains, str):
-            raise ValueError(f"domains must be a sequence of names, got the string {domains!r}")
-        doms = tuple(domains)
-        unknown = [d for d in doms if d not in DOMAINS]
-        if not doms or unknown:
-            raise ValueError(f"unknown or no domains {unknown or doms}; valid: {', '.join(DOMAINS)}")
-        if len(set(doms)) != len(doms):
-            raise ValueError(f"domains must not repeat (use clients_per_domain), got {doms}")
+        doms = check_domains(domains)
         return cls(int(seed), names, int(image_size), int(clients_per_domain),
                    (int(train), int(val), int(test)), doms)
 
