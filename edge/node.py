@@ -149,9 +149,7 @@ class EdgeNode:
                 self._waiting = False
             if remaining is not None:
                 if len(batch) > remaining:
-                    labels = None if batch.labels is None else batch.labels[:remaining]
-                    batch = EdgeBatch(batch.images[:remaining], labels, batch.corruption, batch.severity,
-                                      batch.reset)
+                    batch = batch.head(remaining)
                 remaining -= len(batch)
             if len(batch):
                 yield batch
@@ -173,7 +171,7 @@ class EdgeNode:
         if batch.reset:
             self._reset()
         logits, version = self.runtime.predict_versioned(batch.images)  # version that produced them
-        sel = self.selector.select(logits)
+        sel = self.selector.select(logits, reference=batch.reference)
         correct = None
         if batch.labels is not None:
             correct = int((logits.argmax(axis=1) == batch.labels).sum())
@@ -197,8 +195,10 @@ class EdgeNode:
         c.sync_wait_s += time.monotonic() - t0
 
     def _reset(self) -> None:
-        """Start the next episode: at the cloud, then locally with the version it returned."""
+        """Start the next episode: at the cloud, then locally with the version it returned; the
+        selector's thresholds start afresh too (the authors rebuild both filters per corruption)."""
         new = self._episode + 1
+        self.selector.reset()
         if self.client is not None:
             if self._subscriber is not None:
                 self._subscriber.episode = new  # from now on, older-episode updates are stale

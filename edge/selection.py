@@ -20,10 +20,29 @@ first ``N_w`` entropies, whatever the batch size. The rules apply in the order (
 each sample is counted under the first rule that excludes it.
 
 Methods: ``cema`` as above (``dynamic=False`` = static ``E0``; ``use_emin=False`` = no floor);
-``eata`` = static ``H < E0`` + redundancy, no floor; ``all`` keeps everything (cloud-Tent,
-distill-all); ``none`` uploads nothing; ``random`` keeps each sample with probability
-``random_rate`` from a seeded generator (the matched-rate baseline). Running entropy statistics are
-kept for every method so that reports are comparable. State lives in each selector (no globals).
+``cema_released`` = the authors' released configuration: static ``E0`` (warm-up disabled), no
+floor, redundancy on with ``d`` scaled to C classes (:func:`scaled_redundancy` when
+``redundancy`` is unset) -- as released, that is the rule of ``eata``, kept under its own name so
+that a result says which setting was meant; ``eata`` = static ``H < E0`` + redundancy, no floor;
+``all`` keeps everything (cloud-Tent, distill-all); ``none`` uploads nothing; ``random`` keeps each
+sample with probability ``random_rate`` from a seeded generator (the matched-rate baseline);
+``oracle`` (benchmarks only) keeps a sample where the edge's prediction differs from a reference
+label -- the teacher's prediction, computed offline and stored in the stream -- which bounds what any
+rule that picks samples by their usefulness can gain.
+
+Budget (``budget`` = a target upload rate, for ``cema``, ``cema_released`` and ``eata``): each
+batch's ``E_max`` is set so that the episode's uploads so far are ``round(budget * seen)``: the
+quota is filled with the batch's lowest entropies -- for ``cema`` the lowest *above its floor*
+``E_min`` -- so each rule keeps its own ranking and both upload the same number of samples.
+Redundancy is off under a budget (it would move the rate off target). A quota rather than a
+quantile of past entropies: an adapting edge's entropies drift down, and a quantile of the past
+then overshoots its target (measured: 15% for a 5% budget on a drifting stream).
+
+Episodes: :meth:`EntropySelector.reset` forgets the thresholds' state (running and warm-up means,
+the redundancy average, the budget's history) -- the edge calls it at every episode of the reset
+protocol, as the authors rebuild both filters per corruption, and never in the continual one.
+Running entropy statistics are kept for every method so that reports are comparable. State lives
+in each selector (no globals).
 """
 
 from __future__ import annotations
@@ -35,7 +54,15 @@ import numpy as np
 
 from protos.config import option
 
-METHODS = ("cema", "eata", "all", "none", "random")
+METHODS = ("cema", "cema_released", "eata", "all", "none", "random", "oracle")
+BUDGETED = ("cema", "cema_released", "eata")  # methods whose thresholds a budget can set
+
+
+def scaled_redundancy(num_classes: int) -> float:
+    """EATA's redundancy threshold scaled to C classes: its d = 0.05 for 1000 classes sits ~1.6x
+    above cos(onehot, uniform) = 1/sqrt(C) ≈ 0.032; the same ratio gives 0.5 for C = 10 and 0.16
+    for C = 100. A scaling argument, not tuned."""
+    return 0.5 * math.sqrt(10 / num_classes)
 
 
 @dataclass(frozen=True)
@@ -43,7 +70,7 @@ class SelectionConfig:
     """Constants of the edge selection; defaults are METHODS.md's."""
 
     num_classes: int = option(0, "classes of the model (0: read from the model file)")
-    method: str = option("cema", "which samples to upload: cema, eata, all, none, random", choices=METHODS)
+    method: str = option("cema", "which samples to upload: " + ", ".join(METHODS), choices=METHODS)
     lam: float = option(1.0, "λ of the dynamic E_max")
     warmup: int = option(128, "N_w: samples judged with E_max = E0 before the threshold adapts")
     kappa: float = option(0.02, "E_min = κ·ln C (low-informative floor)")
@@ -53,6 +80,8 @@ class SelectionConfig:
     dynamic: bool = option(True, "dynamic E_max (false: E_max = E0 throughout, an ablation)")
     use_emin: bool = option(True, "the low-informative floor E_min (false: none, an ablation)", flag="emin")
     random_rate: float | None = option(None, "keep probability of method 'random'")
+    budget: float | None = option(None, "target upload rate: thresholds of cema / cema_released / eata are set "
+                                  "to hit it (none: the rules' own thresholds)")
     seed: int = option(0, "seed of method 'random'", flag="selection-seed")
 
     def __post_init__(self) -> None:
@@ -71,6 +100,11 @@ class SelectionConfig:
         if self.method == "random":
             if self.random_rate is None or not 0.0 <= self.random_rate <= 1.0:
                 raise ValueError(f"method 'random' needs random_rate in [0, 1], got {self.random_rate}")
+        if self.budget is not None:
+            if self.method not in BUDGETED:
+                raise ValueError(f"budget applies to {', '.join(BUDGETED)}, not {self.method!r}")
+            if not 0.0 < self.budget <= 1.0:
+                raise ValueError(f"budget must be in (0, 1], got {self.budget}")
 
     def for_classes(self, num_classes: int) -> "SelectionConfig":
         """This config for a model with ``num_classes`` outputs (``num_classes = 0``: take it)."""
@@ -87,6 +121,21 @@ class SelectionConfig:
     def e_min(self) -> float:
         """``E_min = kappa * ln C``: the low-informative floor."""
         return self.kappa * math.log(self.num_classes)
+
+    @property
+    def uses_floor(self) -> bool:
+        """Whether rule (b) applies (``cema`` with its floor on)."""
+        return self.method == "cema" and self.use_emin
+
+    @property
+    def redundancy_threshold(self) -> float | None:
+        """The redundancy ``d`` in force (``None``: off): ``cema_released`` scales it to C when unset;
+        a budget turns it off."""
+        if self.budget is not None:
+            return None
+        if self.method == "cema_released" and self.redundancy is None:
+            return scaled_redundancy(self.num_classes)
+        return self.redundancy
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -161,6 +210,8 @@ class EntropySelector:
     config: SelectionConfig
     _stats: _Running = field(default_factory=_Running, init=False, repr=False)
     _m: np.ndarray | None = field(default=None, init=False, repr=False)
+    _quota_seen: int = field(default=0, init=False, repr=False)  # the budget's episode counts
+    _quota_kept: int = field(default=0, init=False, repr=False)
     _rng: np.random.Generator = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -185,8 +236,18 @@ class EntropySelector:
         """The redundancy filter's moving average of kept softmax vectors (a copy)."""
         return None if self._m is None else self._m.copy()
 
-    def select(self, logits: np.ndarray) -> Selection:
-        """Decide which samples of this batch to upload; updates the running state."""
+    def reset(self) -> None:
+        """Start a new episode: forget the running and warm-up means, the redundancy average and the
+        budget's history (the seeded generator of ``random`` runs on)."""
+        self._stats = _Running()
+        self._m = None
+        self._quota_seen = self._quota_kept = 0
+
+    def select(self, logits: np.ndarray, reference: np.ndarray | None = None) -> Selection:
+        """Decide which samples of this batch to upload; updates the running state.
+
+        ``reference`` (method ``oracle`` only): a reference label per sample, e.g. the teacher's
+        prediction; a sample is kept where the edge's argmax differs from it."""
         cfg = self.config
         p, h = softmax_entropy(logits)
         if p.shape[1] != cfg.num_classes:
@@ -196,6 +257,11 @@ class EntropySelector:
         mean = self._stats.mean
         n = h.size
         ent = h.astype(np.float32)
+        if cfg.method == "oracle":
+            if reference is None or np.shape(reference) != (n,):
+                raise ValueError("method 'oracle' needs one reference label per sample (a stream with 'reference')")
+            mask = p.argmax(axis=1) != np.asarray(reference)
+            return Selection(mask, ent, None, None, skipped=int(n - mask.sum()), mean_entropy=mean)
         if cfg.method == "all":
             return Selection(np.ones(n, bool), ent, None, None, mean_entropy=mean)
         if cfg.method == "none":
@@ -206,10 +272,10 @@ class EntropySelector:
         return self._filter(p, h, ent, in_warmup, mean)
 
     def _filter(self, p: np.ndarray, h: np.ndarray, ent: np.ndarray, in_warmup: bool, mean: float) -> Selection:
-        """Rules (a), (b), (c) for ``cema`` / ``eata``."""
+        """Rules (a), (b), (c) for ``cema`` / ``cema_released`` / ``eata``."""
         cfg = self.config
-        e_max = self._e_max(in_warmup, mean)
-        e_min = cfg.e_min if cfg.method == "cema" and cfg.use_emin else None
+        e_min = cfg.e_min if cfg.uses_floor else None
+        e_max = self._budget_e_max(h, e_min) if cfg.budget is not None else self._e_max(in_warmup, mean)
         reliable = h < e_max
         informative = h > e_min if e_min is not None else np.ones_like(reliable)
         candidates = reliable & informative
@@ -221,9 +287,22 @@ class EntropySelector:
             redundant=redundant, mean_entropy=mean,
         )
 
+    def _budget_e_max(self, h: np.ndarray, e_min: float | None) -> float:
+        """``E_max`` for this batch that brings the episode's upload rate to ``budget``: the quota
+        ``round(budget * seen) - kept`` is filled with this batch's lowest entropies (above the
+        floor, if any); ``H < E_max`` then keeps exactly them (ties aside)."""
+        self._quota_seen += h.size
+        quota = int(round(self.config.budget * self._quota_seen)) - self._quota_kept
+        eligible = np.sort(h[h > e_min] if e_min is not None else h)
+        k = max(0, min(quota, eligible.size))
+        self._quota_kept += k
+        if k == 0:
+            return float(eligible[0]) if eligible.size else (e_min if e_min is not None else 0.0)
+        return float(np.nextafter(eligible[k - 1], np.inf))
+
     def _e_max(self, in_warmup: bool, mean: float) -> float:
         cfg = self.config
-        if cfg.method == "eata" or not cfg.dynamic or in_warmup:
+        if cfg.method in ("eata", "cema_released") or not cfg.dynamic or in_warmup:
             return cfg.e0
         warm = self._stats.warm_mean
         # a warm-up of exactly zero entropy leaves the ratio undefined: keep lam * E0 then
@@ -232,7 +311,7 @@ class EntropySelector:
 
     def _redundancy(self, p: np.ndarray, candidates: np.ndarray) -> tuple[np.ndarray, int]:
         """EATA's filter: drop candidates too similar to the moving average of kept softmaxes."""
-        d = self.config.redundancy
+        d = self.config.redundancy_threshold
         if d is None:
             return candidates, 0
         idx = np.flatnonzero(candidates)

@@ -38,9 +38,16 @@ class EdgeBatch:
     corruption: str
     severity: int
     reset: bool  # start a new episode before predicting this batch
+    reference: np.ndarray | None = None  # int64 (N,): reference labels for the oracle selection
 
     def __len__(self) -> int:
         return int(self.images.shape[0])
+
+    def head(self, n: int) -> "EdgeBatch":
+        """The first ``n`` samples of this batch."""
+        cut = (lambda a: None if a is None else a[:n])
+        return EdgeBatch(self.images[:n], cut(self.labels), self.corruption, self.severity, self.reset,
+                         cut(self.reference))
 
 
 class Source(Protocol):
@@ -85,7 +92,8 @@ class NpzSource:
                 hi = lo + self.batch_size
                 reset = first or (start_of_segment and self.protocol == "reset")
                 yield EdgeBatch(seg.images[lo:hi], None if seg.labels is None else seg.labels[lo:hi],
-                                seg.corruption, seg.severity, reset)
+                                seg.corruption, seg.severity, reset,
+                                None if seg.reference is None else seg.reference[lo:hi])
                 first = start_of_segment = False
 
 

@@ -22,6 +22,8 @@ key                dtype / shape       meaning
                                        ``"continual"`` (reset only at the start)
 ``images``         uint8 (N, H, W, C)  all samples, segments back to back, C in {1, 3}
 ``labels``         int64 (N,)          optional (absent = unlabelled stream)
+``reference``      int64 (N,)          optional: a reference model's predictions (the
+                                       ``oracle`` selection of benchmarks reads them)
 ``corruptions``    str (S,)            corruption name of each segment
 ``severities``     int64 (S,)          severity of each segment
 ``offsets``        int64 (S + 1,)      segment ``i`` is ``images[offsets[i]:offsets[i+1]]``
@@ -270,6 +272,7 @@ class StreamSegment:
     severity: int
     images: np.ndarray
     labels: np.ndarray | None
+    reference: np.ndarray | None = None  # a reference model's predictions (oracle benchmarks)
 
 
 @dataclass(frozen=True)
@@ -284,8 +287,20 @@ class StreamFile:
         return sum(len(s.images) for s in self.segments)
 
 
+def _int_labels(values: object, n: int, corruption: str, what: str) -> np.ndarray | None:
+    if values is None:
+        return None
+    values = np.asarray(values)
+    if values.shape != (n,) or not np.issubdtype(values.dtype, np.integer):
+        raise ValueError(f"segment {corruption!r}: {what} must be integers of shape ({n},), "
+                         f"got {values.dtype} {values.shape}")
+    return values.astype(np.int64)
+
+
 def _as_segment(item: object) -> StreamSegment:
-    """Accept ``(corruption, severity, images, labels)`` tuples or objects with those attributes."""
+    """Accept ``(corruption, severity, images, labels)`` tuples or objects with those attributes
+    (and an optional ``reference``)."""
+    reference = None
     if isinstance(item, (tuple, list)):
         if len(item) != 4:
             raise ValueError(f"a segment is (corruption, severity, images, labels), got {len(item)} items")
@@ -296,17 +311,14 @@ def _as_segment(item: object) -> StreamSegment:
             images, labels = item.images, item.labels  # type: ignore[attr-defined]
         except AttributeError as exc:
             raise ValueError(f"not a stream segment: {type(item).__name__}") from exc
+        reference = getattr(item, "reference", None)
     images = np.asarray(images)
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] not in (1, 3):
         raise ValueError(f"segment {corruption!r}: images must be uint8 (N, H, W, 1|3), "
                          f"got {images.dtype} {images.shape}")
-    if labels is not None:
-        labels = np.asarray(labels)
-        if labels.shape != (len(images),) or not np.issubdtype(labels.dtype, np.integer):
-            raise ValueError(f"segment {corruption!r}: labels must be integers of shape ({len(images)},), "
-                             f"got {labels.dtype} {labels.shape}")
-        labels = labels.astype(np.int64)
-    return StreamSegment(str(corruption), int(severity), images, labels)
+    labels = _int_labels(labels, len(images), str(corruption), "labels")
+    reference = _int_labels(reference, len(images), str(corruption), "reference labels")
+    return StreamSegment(str(corruption), int(severity), images, labels, reference)
 
 
 def save_stream_npz(path: str | os.PathLike, segments: Iterable[object] | object, protocol: str | None = None,
@@ -340,6 +352,11 @@ def save_stream_npz(path: str | os.PathLike, segments: Iterable[object] | object
     }
     if labelled == {True}:
         arrays["labels"] = np.concatenate([s.labels for s in segs])  # type: ignore[misc]
+    referenced = {s.reference is not None for s in segs}
+    if len(referenced) != 1:
+        raise ValueError("either every segment has reference labels or none has")
+    if referenced == {True}:
+        arrays["reference"] = np.concatenate([s.reference for s in segs])  # type: ignore[misc]
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "wb") as f:  # a file object: numpy would otherwise append ".npz"
@@ -365,22 +382,27 @@ def load_stream_npz(path: str | os.PathLike) -> StreamFile:
         protocol = str(data["protocol"])
         images = data["images"]
         labels = data["labels"] if "labels" in data.files else None
+        reference = data["reference"] if "reference" in data.files else None
         corruptions, severities, offsets = data["corruptions"], data["severities"], data["offsets"]
     if protocol not in PROTOCOLS:
         raise ValueError(f"{path}: protocol must be one of {PROTOCOLS}, got {protocol!r}")
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] not in (1, 3):
         raise ValueError(f"{path}: images must be uint8 (N, H, W, 1|3), got {images.dtype} {images.shape}")
     n = len(images)
-    if labels is not None and labels.shape != (n,):
-        raise ValueError(f"{path}: labels shape {labels.shape}, expected ({n},)")
+    for what, values in (("labels", labels), ("reference", reference)):
+        if values is not None and (values.shape != (n,) or not np.issubdtype(values.dtype, np.integer)):
+            raise ValueError(f"{path}: {what} {values.dtype} {values.shape}, expected integers ({n},)")
     s = len(corruptions)
     if severities.shape != (s,) or offsets.shape != (s + 1,) or offsets[0] != 0 or offsets[-1] != n \
             or np.any(np.diff(offsets) < 0):
         raise ValueError(f"{path}: inconsistent segment table ({s} corruptions, severities "
                          f"{severities.shape}, offsets {offsets.tolist()[:8]}... for {n} images)")
+    def part(values: np.ndarray | None, i: int) -> np.ndarray | None:
+        return None if values is None else values[offsets[i]:offsets[i + 1]].astype(np.int64)
+
     segs = tuple(
         StreamSegment(str(corruptions[i]), int(severities[i]), images[offsets[i]:offsets[i + 1]],
-                      None if labels is None else labels[offsets[i]:offsets[i + 1]].astype(np.int64))
+                      part(labels, i), part(reference, i))
         for i in range(s)
     )
     return StreamFile(protocol, segs)

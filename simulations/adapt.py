@@ -20,7 +20,6 @@ batch statistics, the accuracy of that alone without any cloud (``bn_stats_accur
 from __future__ import annotations
 
 import logging
-import math
 import os
 import time
 from dataclasses import dataclass, field, replace
@@ -32,6 +31,7 @@ import numpy as np
 from core.corruptions import CORRUPTIONS
 from core.data.builtin import BuiltinData
 from edge.config import EdgeConfig, NodeConfig
+from edge.selection import scaled_redundancy
 from edge.summary import EdgeSummary
 from protos.config import option, section, write_config
 from protos.records import Record
@@ -52,12 +52,6 @@ class MethodSpec:
     cema: tuple[tuple[str, Any], ...] = ()  # CemaConfig fields this method sets
     about: str = ""
 
-
-def eata_redundancy(num_classes: int) -> float:
-    """EATA's redundancy threshold scaled to C classes: its d = 0.05 for 1000 classes sits ~1.6x
-    above cos(onehot, uniform) = 1/sqrt(C) ≈ 0.032; the same ratio gives 0.5 for C = 10 and 0.16
-    for C = 100. A scaling argument, not tuned."""
-    return 0.5 * math.sqrt(10 / num_classes)
 
 METHODS: dict[str, MethodSpec] = {
     "no_adapt": MethodSpec("none", None, batch_stats=False, about="the exported model as is"),
@@ -246,7 +240,7 @@ def edge_config(cfg: AdaptConfig, i: int, prep: Prepared, server: str, out: Path
     seed = cfg.seed * 1000 + i
     redundancy = e.selection.redundancy
     if redundancy is None and cfg.method == "eata":
-        redundancy = eata_redundancy(cfg.data.classes)
+        redundancy = scaled_redundancy(cfg.data.classes)
     selection = replace(e.selection, method=spec.edge, seed=seed, redundancy=redundancy, **dict(spec.selection))
     node = replace(e.node, limit=cfg.limit, sync_timeout_s=e.node.sync_timeout_s if cfg.lockstep else 0.0)
     return replace(e, server=server, model=_abs(prep.edge_onnx), source=f"npz:{_abs(prep.streams[i])}",

@@ -16,10 +16,10 @@ from _edge_fake import FakeCloud, export_tiny_model, perturbed, serve
 from edge.client import CloudClient, RetryPolicy
 from edge.node import TIMELINE_KEYS, EdgeNode, NodeConfig
 from edge.runtime import EdgeRuntime
-from edge.selection import EntropySelector, SelectionConfig
+from edge.selection import EntropySelector, SelectionConfig, softmax_entropy
 from edge.sources import EdgeBatch, NpzSource, save_stream_npz
 from edge.summary import EdgeSummary
-from protos.contract import file_sha256
+from protos.contract import StreamSegment, file_sha256, load_stream_npz
 from simulations.cli import main as fedshift
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -273,3 +273,38 @@ def test_lockstep_predicts_each_batch_with_the_step_on_the_previous(cloud, model
     # batch 1: reset -> v1; each upload then yields the next version before the next batch
     assert list(summary.timeline.version) == [1, 2, 3]
     assert summary.sync_waits == 3 and summary.sync_timeouts == 0 and summary.sync_wait_s > 0
+
+
+@pytest.mark.parametrize("protocol", ["reset", "continual"])
+def test_selector_restarts_at_each_episode_of_the_reset_protocol_only(model_path, stream_path, tmp_path,
+                                                                      protocol) -> None:
+    """Warm-up 8, batches of 10: batch 3 opens the second corruption. Under ``reset`` its threshold
+    is E0 again (a fresh warm-up) and the final running mean covers that episode alone; under
+    ``continual`` the threshold keeps adapting and the mean covers the whole stream."""
+    segs = NpzSource(stream_path, 64).stream.segments
+    path = save_stream_npz(tmp_path / "s.npz", segs, protocol)
+    runtime = EdgeRuntime(model_path)
+    summary = _node(runtime, NpzSource(path, 10), None, method="cema").run()
+    e0 = summary.selection.e0
+    e_max = list(summary.timeline.e_max)
+    assert e_max[0] == pytest.approx(e0) and e_max[1] != pytest.approx(e0)
+    _, h = softmax_entropy(np.concatenate([runtime.predict(s.images) for s in segs]))
+    if protocol == "reset":
+        assert summary.resets == 2 and e_max[2] == pytest.approx(e0) and e_max[3] != pytest.approx(e0)
+        assert summary.mean_entropy == pytest.approx(h[20:].mean(), rel=1e-5)
+    else:
+        assert summary.resets == 1 and e_max[2] != pytest.approx(e0)
+        assert summary.mean_entropy == pytest.approx(h.mean(), rel=1e-5)
+
+
+def test_oracle_reads_reference_labels_from_the_stream(model_path, tmp_path) -> None:
+    rng = np.random.default_rng(1)
+    images = rng.integers(0, 256, (30, 8, 8, 3), dtype=np.uint8)
+    runtime = EdgeRuntime(model_path)
+    preds = runtime.predict(images).argmax(1)
+    reference = np.where(np.arange(30) % 3 == 0, (preds + 1) % runtime.num_classes, preds)  # 10 disagree
+    seg = StreamSegment("fog", 5, images, rng.integers(0, 4, 30), reference)
+    path = save_stream_npz(tmp_path / "o.npz", [seg], "reset")
+    assert np.array_equal(load_stream_npz(path).segments[0].reference, reference)
+    summary = _node(runtime, NpzSource(path, 7), None, method="oracle").run()
+    assert summary.kept == 10 and summary.excluded.skipped == 20

@@ -202,3 +202,90 @@ def test_wrong_logits_are_refused() -> None:
         selector().select(np.zeros((2, 3)))
     with pytest.raises(ValueError, match="logits must be"):
         selector().select(np.zeros(4))
+
+
+# ---------------------------------------------------------------- episodes, released config, budget, oracle
+
+
+def test_reset_restarts_warmup_means_and_redundancy_hand_computed() -> None:
+    """Episode 1 is confident, episode 2 uncertain: after ``reset`` the warm-up mean, the running
+    mean and the threshold come from episode 2 alone (hand values), not from a mix of both."""
+    s = selector(warmup=2, redundancy=0.5)
+    s.select(logits(P97, P97))  # warm-up of episode 1 (m initialised from P97)
+    s.select(logits(P90, P90))
+    assert s.warmup_mean == pytest.approx(H(P97))
+    s.reset()
+    assert s.seen == 0 and s.warmup_mean is None and s.moving_probs is None
+    first = s.select(logits(P90, PU))  # episode 2's warm-up: E_max = E0, m re-initialised from P90
+    assert first.e_max == pytest.approx(E0) and first.mask.tolist() == [True, False]
+    np.testing.assert_allclose(s.moving_probs, P90)
+    second = s.select(logits(P90, P97))
+    warm, mean = (H(P90) + LN_C) / 2, (2 * H(P90) + LN_C + H(P97)) / 4
+    assert s.warmup_mean == pytest.approx(warm) and second.mean_entropy == pytest.approx(mean)
+    assert second.e_max == pytest.approx(E0 * mean / warm)
+    # without the reset the warm-up mean would still be episode 1's
+    t = selector(warmup=2)
+    for rows in ([P97, P97], [P90, P90], [P90, PU]):
+        t.select(logits(*rows))
+    assert t.warmup_mean == pytest.approx(H(P97))
+
+
+def test_cema_released_is_static_e0_no_floor_redundancy_scaled_to_classes() -> None:
+    cfg = SelectionConfig(num_classes=C, method="cema_released")
+    assert cfg.redundancy_threshold == pytest.approx(0.5 * math.sqrt(10 / C)) and not cfg.uses_floor
+    assert SelectionConfig(num_classes=1000, method="cema_released").redundancy_threshold == pytest.approx(0.05, abs=2e-3)
+    s = EntropySelector(cfg)
+    sel = s.select(logits(P97, P997, P90, PU))  # first batch: E0 only, the floor does not apply
+    assert sel.e_max == pytest.approx(E0) and sel.e_min is None
+    assert sel.mask.tolist() == [True, True, True, False] and sel.unreliable == 1
+    # m = mean of the three kept rows; cos to class-0 rows is ~0.99 > d = 0.79: all redundant
+    sel = s.select(logits(P97, P90, [0.01, 0.97, 0.01, 0.01]))
+    m = np.mean([P97, P997, P90], axis=0)
+    q = np.array([0.01, 0.97, 0.01, 0.01])
+    assert q @ m / (np.linalg.norm(q) * np.linalg.norm(m)) < cfg.redundancy_threshold  # a new class passes
+    assert sel.e_max == pytest.approx(E0) and sel.mask.tolist() == [False, False, True] and sel.redundant == 2
+
+
+@pytest.mark.parametrize("method", ["eata", "cema_released", "cema"])
+@pytest.mark.parametrize("budget", [0.05, 0.1, 0.25, 0.5])
+def test_budget_hits_its_rate_within_two_points(method, budget) -> None:
+    rng = np.random.default_rng(3)
+    s = EntropySelector(SelectionConfig(num_classes=10, method=method, budget=budget))
+    kept = seen = 0
+    for t in range(120):  # entropies drift down over the stream, as an adapting edge's do
+        z = rng.normal(0, 1 + 4 * t / 120, (64, 10))
+        sel = s.select(z)
+        kept, seen = kept + sel.kept, seen + sel.size
+        assert sel.redundant == 0
+    assert abs(kept / seen - budget) <= 0.02
+
+
+def test_budget_ranks_like_its_rule() -> None:
+    """Same budget, same stream: eata keeps the lowest entropies, cema the lowest above its floor."""
+    rng = np.random.default_rng(0)
+    z = rng.normal(0, 3, (512, 10))
+    _, h = softmax_entropy(z)
+    eata = EntropySelector(SelectionConfig(num_classes=10, method="eata", budget=0.2)).select(z)
+    cema = EntropySelector(SelectionConfig(num_classes=10, method="cema", budget=0.2, kappa=0.05)).select(z)
+    assert h[eata.mask].max() <= h[~eata.mask].min()
+    floor = 0.05 * math.log(10)
+    assert (h[cema.mask] > floor).all() and cema.low_informative == int((h <= floor).sum())
+    assert abs(eata.kept - cema.kept) <= 2
+
+
+def test_oracle_keeps_where_edge_and_reference_disagree() -> None:
+    s = selector(method="oracle")
+    sel = s.select(logits(P97, P90, PU[::-1], [0.01, 0.97, 0.01, 0.01]), reference=np.array([0, 1, 0, 1]))
+    assert sel.mask.tolist() == [False, True, False, False] and sel.skipped == 3
+    with pytest.raises(ValueError, match="reference"):
+        s.select(logits(P97))
+
+
+@pytest.mark.parametrize("kw, match", [
+    ({"method": "random", "random_rate": 0.5, "budget": 0.2}, "budget applies"),
+    ({"method": "cema", "budget": 0.0}, "budget must be"),
+    ({"method": "eata", "budget": 1.5}, "budget must be"),
+])
+def test_bad_budget_is_refused(kw, match) -> None:
+    with pytest.raises(ValueError, match=match):
+        SelectionConfig(num_classes=C, **kw)
