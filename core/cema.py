@@ -29,11 +29,18 @@ import torch.nn.functional as F
 from torch import nn
 
 from core.norm import configure_norm_adaptation, get_norm_state
+from core.renorm import EDGE_NORMS, RUNNING_INITS, learning_mode, prepare_student, start_episode
 from protos.config import option
 
 log = logging.getLogger(__name__)
 
 METHODS: tuple[str, ...] = ("cema", "tent", "distill")
+PRESETS: tuple[str, ...] = ("small", "authors")
+# the authors' cloud constants (METHODS.md, conf/cema.conf) for 1000 classes and 50,000-sample streams
+AUTHORS_CONSTANTS: dict[str, object] = {
+    "batch_size": 32, "teacher_lr": 2.5e-4, "student_lr": 2.5e-3, "replay_capacity": 10_000,
+    "replay_start": 256, "replay_at_upload": True,
+}
 
 
 # --------------------------------------------------------------------------------------------
@@ -169,15 +176,29 @@ class CemaConfig:
     ``method``: ``"cema"`` — teacher step + distillation step; ``"distill"`` — the same cloud step
     (the name records that the edges upload everything, the "distill all" baseline); ``"tent"`` —
     cloud-Tent: plain mean entropy of the student, no teacher at all.
+
+    ``preset``: ``small`` keeps the small-scale constants below; ``authors`` puts the authors'
+    (:data:`AUTHORS_CONSTANTS`) in place of every one still at its small-scale default, so a field
+    set to another value wins (one set to exactly its small default cannot be told apart and takes
+    the authors' value). ``edge_norm``/``running_init``: :mod:`core.renorm`.
     """
 
     method: str = option("cema", "cema/distill: teacher step + distillation; tent: entropy on the student alone",
                          choices=METHODS)
+    preset: str = option("small", "constants: small (this machine's scale) or authors (B 32, lr 2.5e-4 / 2.5e-3, "
+                         "replay 10,000 from 256, uploads replayed at upload time)", choices=PRESETS)
+    edge_norm: str = option("batch", "how the edges normalize: batch (each batch's own statistics), running "
+                            "(statistics the cloud estimates and sends, the authors'), source (frozen)",
+                            choices=EDGE_NORMS)
+    running_init: str = option("upload", "running edges: statistics start from the first uploaded batch of an "
+                               "episode (upload, the authors') or from the source statistics", choices=RUNNING_INITS)
     batch_size: int = option(16, "uploaded samples per cloud step (paper: 32)")
     replay: bool = option(True, "mix replay samples into student batches (false: the uploads alone)")
     replay_capacity: int = option(2000, "replay buffer size (paper: 10,000)", flag="replay-size")
     replay_start: int = option(64, "replay samples needed before they are mixed in (paper: 256)")
     replay_ratio: int = option(3, "replay samples per upload in a student batch (3:1)")
+    replay_at_upload: bool = option(False, "uploads enter the replay when they arrive (the authors'), not after "
+                                    "their cloud step")
     teacher_adapt: bool = option(True, "adapt the teacher on the uploads (false: keep it fixed)")
     teacher_lr: float = option(1e-3, "teacher learning rate (paper: 2.5e-4)")
     student_lr: float = option(1e-2, "student learning rate (paper: 2.5e-3, 10x the teacher's)")
@@ -192,6 +213,16 @@ class CemaConfig:
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
+        if self.preset not in PRESETS:
+            raise ValueError(f"preset must be one of {', '.join(PRESETS)}, got {self.preset!r}")
+        if self.edge_norm not in EDGE_NORMS or self.running_init not in RUNNING_INITS:
+            raise ValueError(f"edge_norm must be one of {EDGE_NORMS} and running_init one of {RUNNING_INITS}, "
+                             f"got {self.edge_norm!r}, {self.running_init!r}")
+        if self.preset == "authors":  # resolved once, here: the object then holds the values in force
+            small = CemaConfig()
+            for key, value in AUTHORS_CONSTANTS.items():
+                if getattr(self, key) == getattr(small, key):
+                    object.__setattr__(self, key, value)
         for key in ("batch_size", "replay_capacity", "replay_start"):
             if getattr(self, key) < 1:
                 raise ValueError(f"{key} must be >= 1, got {getattr(self, key)}")
@@ -224,7 +255,7 @@ class CemaLearner:
 
     - while the queue holds ≥ B samples: pop B → teacher step → student step on the B uploads plus
       ``replay_ratio``·B replay samples once the replay holds ``replay_start`` (the uploads alone
-      before that); the B uploads then enter the replay;
+      before that); the B uploads then enter the replay (with ``replay_at_upload``: on arrival);
     - when samples were added but no batch formed since, and the replay is large enough: one
       student step on ``(1 + replay_ratio)``·B replay samples;
     - otherwise ``None``.
@@ -238,7 +269,7 @@ class CemaLearner:
         self.device = torch.device(device)
         self.num_classes = int(num_classes)
         self.e0 = config.e0(self.num_classes)
-        self.student = student.to(self.device)
+        self.student = prepare_student(student, config.edge_norm, config.running_init).to(self.device)
         self.teacher = teacher.to(self.device) if (teacher is not None and config.uses_teacher) else None
         self._initial_student = copy.deepcopy(self.student.state_dict())
         self._initial_teacher = copy.deepcopy(self.teacher.state_dict()) if self.teacher is not None else None
@@ -273,6 +304,8 @@ class CemaLearner:
         if labels is not None and len(labels) not in (0, len(images)):
             raise ValueError(f"{len(labels)} labels for {len(images)} images")
         images = images.detach().to(self.device, torch.float32)
+        if self.config.replay and self.config.replay_at_upload and len(images):
+            self.replay.add(images)
         label_list = [int(v) for v in labels] if labels is not None and len(labels) else [-1] * len(images)
         self._queue.extend(zip(images, label_list))
         if len(images):
@@ -297,7 +330,7 @@ class CemaLearner:
                 batch = torch.cat([uploads, self.replay.sample(cfg.replay_ratio * b)])
                 batch_labels = torch.cat([labels, torch.full((cfg.replay_ratio * b,), -1, device=self.device)])
             stats.update(self._student_step(batch, batch_labels))
-            if cfg.replay:
+            if cfg.replay and not cfg.replay_at_upload:
                 self.replay.add(uploads)
             return stats
         if self._added_since_batch:
@@ -328,7 +361,7 @@ class CemaLearner:
             self.teacher.eval()
             with torch.no_grad():
                 teacher_logits = self.teacher(x)
-        self.student.train()
+        learning_mode(self.student, cfg.edge_norm)
         logits = self.student(x)
         if teacher_logits is None:  # cloud-Tent: plain mean entropy
             loss = softmax_entropy(logits).mean()
@@ -362,4 +395,6 @@ class CemaLearner:
         if self.teacher is not None and self._initial_teacher is not None:
             self.teacher.load_state_dict(self._initial_teacher)
         self.replay.clear()
+        if self.config.edge_norm == "running":
+            start_episode(self.student, self.config.running_init)
         self._setup()

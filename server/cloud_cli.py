@@ -86,7 +86,7 @@ def _edge_model(cfg: CloudConfig, student) -> tuple[Path, object]:
 
         path = Path(cfg.out_dir or ".") / "cloud" / "edge.onnx"
         export_onnx(student, path, (cfg.in_chans, cfg.image_size, cfg.image_size), model_name=cfg.student,
-                    batch_stats=cfg.edge_batch_stats)
+                    batch_stats=cfg.cema.edge_norm == "batch")
         log.info("exported the student to %s: give the edges this file", path)
     meta = read_edge_model(path)
     if tuple(meta.input_shape) != (cfg.in_chans, cfg.image_size, cfg.image_size):
@@ -94,6 +94,10 @@ def _edge_model(cfg: CloudConfig, student) -> tuple[Path, object]:
                          f"{(cfg.in_chans, cfg.image_size, cfg.image_size)}")
     if len(meta.class_names) != cfg.num_classes:
         raise ValueError(f"edge model {path} has {len(meta.class_names)} classes, the cloud {cfg.num_classes}")
+    if meta.batch_stats != (cfg.cema.edge_norm == "batch"):
+        kind = "each batch's own statistics" if meta.batch_stats else "running statistics"
+        raise ValueError(f"edge model {path} normalizes with {kind}, but cema.edge_norm is "
+                         f"{cfg.cema.edge_norm!r}: the student must learn as its edges predict")
     return path, meta
 
 

@@ -38,8 +38,6 @@ class CloudConfig:
     cache: str = option("", "cache of the built-in models (default: $FEDSHIFT_CACHE or ~/.cache/fedshift)")
     edge_model: str = option("", "the ONNX file the edges run: uploads are preprocessed with its metadata "
                              "(default: the student exported to OUT/cloud/edge.onnx)")
-    edge_batch_stats: bool = option(False, "when the cloud exports the edge model: normalize with each "
-                                    "batch's BN statistics")
     threads: int = option(1, "torch CPU threads")
     # serving
     max_workers: int = option(32, "RPC threads (each subscribed edge holds one)")

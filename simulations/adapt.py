@@ -31,6 +31,7 @@ import numpy as np
 from core.corruptions import CORRUPTIONS
 from core.data.builtin import BuiltinData
 from edge.config import EdgeConfig, NodeConfig
+from core.renorm import EDGE_NORMS
 from edge.selection import scaled_redundancy
 from edge.summary import EdgeSummary
 from protos.config import option, section, write_config
@@ -47,19 +48,22 @@ class MethodSpec:
 
     edge: str  # edge selection method
     cloud: str | None  # cloud learner method; None: no cloud (forward-only baselines)
-    batch_stats: bool = True  # edge BN normalizes with each batch's statistics
+    norm: str | None = None  # the edge normalization it fixes (None: the run's ``edge_norm``)
     selection: tuple[tuple[str, Any], ...] = ()  # SelectionConfig fields this method sets
     cema: tuple[tuple[str, Any], ...] = ()  # CemaConfig fields this method sets
     about: str = ""
 
 
 METHODS: dict[str, MethodSpec] = {
-    "no_adapt": MethodSpec("none", None, batch_stats=False, about="the exported model as is"),
-    "bn_stats": MethodSpec("none", None, about="edge BN statistics only, no cloud"),
+    "no_adapt": MethodSpec("none", None, norm="source", about="the exported model as is: source statistics, no cloud"),
+    "bn_stats": MethodSpec("none", None, norm="batch", about="edge BN statistics: each batch's own, no cloud"),
     "tent": MethodSpec("all", "tent", cema=(("replay", False),), about="cloud-Tent: upload all, entropy on the student"),
     "distill_all": MethodSpec("all", "distill", about="CEMA's cloud step on every sample"),
     "eata": MethodSpec("eata", "cema", about="EATA selection (H < E0 + redundancy) + CEMA's cloud step"),
     "cema": MethodSpec("cema", "cema", about="CEMA: dynamic E_max, E_min, CEMA's cloud step"),
+    "cema_released": MethodSpec("cema_released", "cema", about="the authors' released selection (static E0, "
+                                "no E_min, redundancy) + CEMA's cloud step"),
+    "oracle": MethodSpec("oracle", "cema", about="benchmarks: upload where edge and teacher disagree + CEMA's cloud step"),
     "random": MethodSpec("random", "cema", about="random uploads at a given rate + CEMA's cloud step"),
     "cema_no_replay": MethodSpec("cema", "cema", cema=(("replay", False),), about="ablation: no replay"),
     "cema_static": MethodSpec("cema", "cema", selection=(("dynamic", False),), about="ablation: E_max = E0"),
@@ -78,7 +82,7 @@ LAUNCHER_OWNED: dict[str, str] = {
     "cloud.host": "nothing (loopback)", "cloud.port": "nothing (a free port)", "cloud.port_file": "nothing",
     "cloud.out_dir": "the run folder (--out)", "cloud.lockstep": "edge.node.sync_timeout_s",
     "cloud.edge_model": "edge_onnx", "cloud.token": "$FEDSHIFT_TOKEN", "cloud.cema.method": "method",
-    "cloud.cema.seed": "seed", "cloud.num_classes": "data.classes",
+    "cloud.cema.seed": "seed", "cloud.num_classes": "data.classes", "cloud.cema.edge_norm": "edge_norm",
 }
 
 
@@ -111,6 +115,9 @@ class AdaptConfig:
     samples: int | None = option(None, "distinct test images per corruption (default: the whole test pool)")
     limit: int | None = option(None, "samples per edge (default: the whole stream)")
     seed: int = option(0, "seed of streams, selection and learners")
+    edge_norm: str = option("batch", "how the edges' BN layers normalize: batch (each batch's statistics), running "
+                            "(statistics the cloud estimates and sends, the authors'), source (frozen); the "
+                            "no-cloud baselines fix theirs (no_adapt: source, bn_stats: batch)", choices=EDGE_NORMS)
     data_seed: int = option(0, "seed of the built-in dataset: the streams are its test images (never trained on)")
     data: BuiltinData = section(BuiltinData, "the built-in dataset the streams (and built-in models) come from")
     teacher_epochs: int | None = option(None, "the built-in teacher's training epochs (default: its dataset's, "
@@ -136,6 +143,8 @@ class AdaptConfig:
         rate = self.edge.selection.random_rate
         if self.method == "random" and not (rate and 0 < rate <= 1):
             raise ValueError("method 'random' needs edge.selection.random_rate in (0, 1]")
+        if self.edge_norm not in EDGE_NORMS:
+            raise ValueError(f"edge_norm must be one of {', '.join(EDGE_NORMS)}, got {self.edge_norm!r}")
         if self.protocol not in ("reset", "continual"):
             raise ValueError(f"protocol must be 'reset' or 'continual', got {self.protocol!r}")
         if not 1 <= self.severity <= 5:
@@ -162,6 +171,11 @@ class AdaptConfig:
         return self.cloud.image_size
 
     @property
+    def norm(self) -> str:
+        """The edge normalization in force: the method's own, else ``edge_norm``."""
+        return self.spec.norm or self.edge_norm
+
+    @property
     def lockstep(self) -> bool:
         return self.spec.cloud is not None and self.edge.node.sync_timeout_s > 0
 
@@ -175,7 +189,7 @@ class Prepared:
 
     edge_onnx: Path  # what the edges run
     plain_onnx: Path  # running-statistics export, for no_adapt_accuracy
-    bn_onnx: Path | None  # batch-statistics export, for bn_stats_accuracy (None: method uses none)
+    bn_onnx: Path  # batch-statistics export, for bn_stats_accuracy
     edge_weights: Path
     teacher_weights: Path | None
     streams: list[Path] = field(default_factory=list)
@@ -202,12 +216,10 @@ def prepare(cfg: AdaptConfig, out: Path) -> Prepared:
     shape = (c.in_chans, c.image_size, c.image_size)
     names = cfg.data.class_names()
     plain = _given_or_exported(cfg.edge_onnx, model, out / "models" / "edge.onnx", shape, c.student, False, names)
-    bn = None
-    if spec.batch_stats:
-        bn = _given_or_exported(cfg.edge_onnx_batch_stats, model, out / "models" / "edge_batch_stats.onnx", shape,
-                                c.student, True, names)
+    bn = _given_or_exported(cfg.edge_onnx_batch_stats, model, out / "models" / "edge_batch_stats.onnx", shape,
+                            c.student, True, names)
     test = eval_split(cfg.data.make(cfg.data_seed, c.image_size))
-    prepared = Prepared(bn or plain, plain, bn, edge_weights, teacher_weights)
+    prepared = Prepared(bn if cfg.norm == "batch" else plain, plain, bn, edge_weights, teacher_weights)
     for i in range(cfg.edges):
         mine = cfg.corruptions[i::cfg.edges]
         stream = build_stream(test.images, test.labels, corruptions=mine, severities=(cfg.severity,),
@@ -251,7 +263,7 @@ def edge_config(cfg: AdaptConfig, i: int, prep: Prepared, server: str, out: Path
 def cloud_config(cfg: AdaptConfig, prep: Prepared, out: Path, port_file: Path) -> CloudConfig:
     """The cloud's resolved config: the template, the method's cloud step, the prepared files."""
     spec, c = cfg.spec, cfg.cloud
-    cema = replace(c.cema, method=str(spec.cloud), seed=cfg.seed, **dict(spec.cema))
+    cema = replace(c.cema, method=str(spec.cloud), seed=cfg.seed, edge_norm=cfg.norm, **dict(spec.cema))
     return replace(c, host="127.0.0.1", port=0, port_file=_abs(port_file), student_weights=_abs(prep.edge_weights),
                    teacher_weights=_abs(prep.teacher_weights) if prep.teacher_weights else "", out_dir=_abs(out),
                    max_workers=max(c.max_workers, 2 * cfg.edges + 4), lockstep=cfg.lockstep,
@@ -306,7 +318,7 @@ def run_adapt(cfg: AdaptConfig, out: str | os.PathLike) -> "AdaptResult":
     limit = cfg.limit
     batch = cfg.edge.batch_size
     no_adapt = forward_only_accuracy(prep.plain_onnx, prep.streams, batch, limit)
-    bn = forward_only_accuracy(prep.bn_onnx, prep.streams, batch, limit) if prep.bn_onnx is not None else None
+    bn = forward_only_accuracy(prep.bn_onnx, prep.streams, batch, limit)
     timing = Timing(prepare=t_prepared - t0, adapt=time.monotonic() - t_prepared)
     stats_file = out / "cloud" / "stats.json"
     cloud = CloudStats.read(stats_file) if spec.cloud is not None and not cfg.cloud_address else None
@@ -377,6 +389,7 @@ class AdaptResult(Record):
     method: str
     about: str
     config: AdaptConfig
+    edge_norm: str  # how the edges normalized (config.norm): batch, running or source
     edges: int
     accuracy: Accuracy
     no_adapt_accuracy: Accuracy
@@ -456,7 +469,7 @@ def aggregate(cfg: AdaptConfig, summaries: Sequence[EdgeSummary], no_adapt: Accu
            if s.updates.update_latency_s.count and s.updates.update_latency_s.mean is not None]
     n_lat = sum(c for c, _ in lat)
     return AdaptResult(
-        method=cfg.method, about=cfg.spec.about, config=cfg, edges=len(summaries),
+        method=cfg.method, about=cfg.spec.about, config=cfg, edge_norm=cfg.norm, edges=len(summaries),
         accuracy=Accuracy(overall=sum(s.correct for s in summaries) / max(1, sum(s.labelled for s in summaries)),
                           per_corruption={n: correct[n] / max(1, labelled[n]) for n in correct}),
         no_adapt_accuracy=no_adapt, bn_stats_accuracy=bn_stats,

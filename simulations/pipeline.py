@@ -121,16 +121,16 @@ class Pipeline:
             log.info("fl %s: mean accuracy %s", strategy, mean)
 
     def export(self) -> None:
-        """Every model file the edges will run, written once: ``edge.onnx`` (running statistics)
-        and, when the method re-estimates BN on the edge, ``edge_batch_stats.onnx``; plus the
-        weights the cloud's student starts from."""
+        """Every model file the edges may run, written once: ``edge.onnx`` (running statistics: the
+        ``running`` and ``source`` edge normalizations, and no adaptation) and
+        ``edge_batch_stats.onnx`` (each batch's statistics: ``batch``, and the edge-BN-statistics
+        baseline); plus the weights the cloud's student starts from."""
         import torch
 
         from core.export import export_onnx
         from core.models import create_model
         from protos.contract import file_sha256
         from server.recorder import load_checkpoint
-        from simulations.adapt import METHODS
         from simulations.results import ExportedFile, ExportSummary
 
         deploy = self.deployed_strategy()
@@ -141,9 +141,7 @@ class Pipeline:
         out.mkdir(parents=True, exist_ok=True)
         torch.save(model.state_dict(), out / "edge_weights.pt")
         size = self.s.data.image_size
-        files = {"edge.onnx": False}
-        if METHODS[self.s.cloud.method].batch_stats:
-            files["edge_batch_stats.onnx"] = True
+        files = {"edge.onnx": False, "edge_batch_stats.onnx": True}
         for name, batch_stats in files.items():
             info = export_onnx(model.eval(), out / name, (3, size, size), model_name=self.s.fl.model, version=0,
                                batch_stats=batch_stats, class_names=self.s.data.builtin.class_names())
@@ -172,14 +170,12 @@ class Pipeline:
 
         from simulations.results import ExportSummary
 
-        from simulations.adapt import METHODS
-
         export = self.out / "export"
         exported = ExportSummary.read(export / "deployed.json")
         exported.verify(export)  # run what the export stage wrote, unchanged
-        if METHODS[self.s.cloud.method].batch_stats and "edge_batch_stats.onnx" not in exported.files:
-            raise ValueError(f"method {self.s.cloud.method!r} runs the batch-statistics export, which the export "
-                             "stage did not write: re-run from the export stage (--from export)")
+        if "edge_batch_stats.onnx" not in exported.files:
+            raise ValueError("the export stage did not write edge_batch_stats.onnx (an older run): "
+                             "re-run from the export stage (--from export)")
         run_adapt(adapt_config(self.s, export), self.out / "adapt")
 
     def report(self) -> None:
@@ -199,6 +195,7 @@ def adapt_config(s: Scenario, export: Path) -> "AdaptConfig":
     return AdaptConfig(
         method=s.cloud.method, edges=s.edge.count, corruptions=s.edge.corruptions, severity=s.edge.severity,
         protocol=s.edge.protocol, passes=s.edge.passes, samples=s.edge.samples, limit=s.edge.limit, seed=s.seed,
+        edge_norm=s.edge.norm,
         data_seed=s.seed, data=s.data.builtin,
         teacher_epochs=s.cloud.teacher_epochs, edge_onnx=str(export / "edge.onnx"),
         edge_onnx_batch_stats=str(batch_stats) if batch_stats.is_file() else "", cloud_address=s.cloud.address,

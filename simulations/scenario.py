@@ -70,6 +70,7 @@ class EdgeSpec:
     samples: int | None = same_as(AdaptConfig, "samples")
     limit: int | None = same_as(AdaptConfig, "limit")
     batch_size: int = same_as(EdgeConfig, "batch_size")
+    norm: str = same_as(AdaptConfig, "edge_norm")
     sync_s: float = same_as(NodeConfig, "sync_timeout_s", 2.0)
 
 
