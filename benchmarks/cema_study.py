@@ -1,0 +1,270 @@
+"""Where does CEMA's entropy selection beat random uploads? The issue-10 study, resumable.
+
+    python benchmarks/cema_study.py --stage preconditions           # does the cloud help? do uploads help?
+    python benchmarks/cema_study.py --stage selection               # random vs CEMA vs EATA vs oracle
+    python benchmarks/cema_study.py --summary                       # the tables from the finished cells
+
+Every cell is one real ``fedshift adapt`` run (:func:`simulations.adapt.run_adapt`: a cloud process
+and an edge process on loopback, lockstep, seeded) on glyph-shift with ``--samples`` distinct test
+images per corruption, the built-in edge model and robust teacher. One JSON per finished cell in
+``--out-dir``; cells already there are skipped, so a stopped study continues where it stopped, on
+this machine or another. Each cell's JSON also carries the two no-cloud baselines measured on the
+very same stream (no adaptation = source statistics; edge BN statistics = each batch's own).
+
+Stages (each a list of cells per group = classes × severity × protocol × edge normalization):
+
+- ``preconditions``: random uploads at 10 / 50 % and distill-all (100 %), to check (1) that the cloud
+  clearly beats edge BN statistics and (2) that more uploads help -- entropy selection can only beat
+  random where both hold (METHODS.md);
+- ``selection``: random at 5 / 25 %, CEMA (ours), cema_released (the authors' released rule) and the
+  oracle at their own rates, random at CEMA's own rate (read from the finished CEMA cell of the same
+  seed), and CEMA and EATA-style selection at matched budgets of 5 / 10 / 25 / 50 %.
+
+The corruption subset is one per ImageNet-C family (noise, blur, weather, digital) by default;
+``--corruptions all`` runs the 15.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shutil
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Iterable, Sequence
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+log = logging.getLogger("bench.cema_study")
+
+SUBSET = ("impulse_noise", "motion_blur", "frost", "contrast")  # one per family
+RATES = {"preconditions": (0.1, 0.5), "selection": (0.05, 0.25)}
+BUDGETS = (0.05, 0.1, 0.25, 0.5)
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One adapt run: its group, its method and the knob that sets its upload rate."""
+
+    classes: int
+    severity: int
+    protocol: str
+    norm: str  # edge normalization of the cloud methods
+    method: str  # an adapt method (simulations.adapt.METHODS)
+    seed: int
+    rate: float | None = None  # random's keep probability
+    budget: float | None = None  # cema / eata budget
+    rate_of: str = ""  # random at the upload rate of this method's cell (same group and seed)
+
+    @property
+    def label(self) -> str:
+        if self.rate_of:
+            return f"random@{self.rate_of}"
+        if self.rate is not None:
+            return f"random {100 * self.rate:g}%"
+        if self.budget is not None:
+            return f"{self.method} budget {100 * self.budget:g}%"
+        return self.method
+
+    @property
+    def group(self) -> str:
+        return f"glyph{self.classes}-sev{self.severity}-{self.protocol}-{self.norm}"
+
+    @property
+    def key(self) -> str:
+        knob = (f"-at-{self.rate_of}" if self.rate_of else f"-r{self.rate:g}" if self.rate is not None
+                else f"-b{self.budget:g}" if self.budget is not None else "")
+        return f"{self.group}-{self.method}{knob}-seed{self.seed}"
+
+
+def cells(stage: str, *, classes: Sequence[int], severities: Sequence[int], protocols: Sequence[str],
+          norms: Sequence[str], seeds: Sequence[int]) -> list[Cell]:
+    out: list[Cell] = []
+    for c in classes:
+        for sev in severities:
+            for proto in protocols:
+                for norm in norms:
+                    for seed in seeds:
+                        base = Cell(c, sev, proto, norm, "random", seed)
+                        if stage == "preconditions":
+                            out += [replace(base, rate=r) for r in RATES[stage]]
+                            out.append(replace(base, method="distill_all"))
+                        else:
+                            out += [replace(base, rate=r) for r in RATES[stage]]
+                            out += [replace(base, method=m) for m in ("cema", "cema_released", "oracle")]
+                            out.append(replace(base, rate_of="cema"))
+                            out += [replace(base, method=m, budget=b) for b in BUDGETS for m in ("cema", "eata")]
+    return out
+
+
+def adapt_config(cell: Cell, args: argparse.Namespace, rate: float | None):
+    from core.data.builtin import BuiltinData
+    from core.corruptions import CORRUPTIONS
+    from edge.selection import SelectionConfig
+    from simulations.adapt import AdaptConfig, _simulation_edge
+
+    edge = _simulation_edge()
+    edge = replace(edge, selection=SelectionConfig(random_rate=rate, budget=cell.budget))
+    corruptions = CORRUPTIONS if args.corruptions == ["all"] else tuple(args.corruptions)
+    return AdaptConfig(method="random" if rate is not None else cell.method, corruptions=corruptions,
+                       severity=cell.severity, protocol=cell.protocol, samples=args.samples, seed=cell.seed,
+                       data=BuiltinData("glyph-shift", cell.classes), edge_norm=cell.norm, edge=edge,
+                       timeout_s=args.cell_timeout)
+
+
+def run_cell(cell: Cell, args: argparse.Namespace, done: dict[str, dict]) -> dict:
+    from simulations.adapt import run_adapt
+
+    rate = cell.rate
+    if cell.rate_of:
+        ref = done.get(replace(cell, method=cell.rate_of, rate_of="").key)
+        if ref is None:
+            raise LookupError(f"{cell.key}: needs the {cell.rate_of} cell of the same seed first")
+        rate = ref["upload_rate"]
+    cfg = adapt_config(cell, args, rate)
+    out = Path(args.runs) / cell.key
+    shutil.rmtree(out, ignore_errors=True)
+    start = time.monotonic()
+    r = run_adapt(cfg, out)
+    wall = time.monotonic() - start
+    assert r.bn_stats_accuracy is not None
+    cloud = r.cloud
+    return {
+        **asdict(cell), "key": cell.key, "label": cell.label, "random_rate": rate,
+        "corruptions": list(cfg.corruptions), "samples_per_corruption": args.samples,
+        "accuracy": r.accuracy.overall, "per_corruption": r.accuracy.per_corruption,
+        "no_adapt": r.no_adapt_accuracy.overall, "bn_stats": r.bn_stats_accuracy.overall,
+        "bn_stats_per_corruption": r.bn_stats_accuracy.per_corruption,
+        "seen": r.seen, "uploaded": r.uploaded, "upload_rate": r.upload_rate, "bytes_up": r.bytes_up,
+        "bytes_down": r.bytes_down, "versions_applied": r.versions_applied,
+        "cloud_steps": sum(v.steps for v in cloud.learners.values()) if cloud is not None else 0,
+        "cloud_uptime_s": cloud.uptime_s if cloud is not None else 0.0,
+        "wall_s": round(wall, 1), "timing_s": asdict(r.timing_s),
+        "command": f"python benchmarks/cema_study.py  (cell {cell.key})",
+    }
+
+
+def load_done(out_dir: Path) -> dict[str, dict]:
+    return {json.loads(p.read_text())["key"]: json.loads(p.read_text()) for p in sorted(out_dir.glob("*.json"))}
+
+
+# ------------------------------------------------------------------------------------ summary
+
+
+def _pm(values: list[float], scale: float = 100.0) -> str:
+    if not values:
+        return "–"
+    mean = scale * statistics.fmean(values)
+    return f"{mean:+.1f}" if len(values) < 2 else f"{mean:+.1f} ± {scale * statistics.stdev(values):.1f}"
+
+
+def _mean(values: Iterable[float], scale: float = 100.0) -> str:
+    values = list(values)
+    return f"{scale * statistics.fmean(values):.1f}" if values else "–"
+
+
+def _matched_random(cell: dict, cells_: list[dict]) -> dict | None:
+    """The random cell at this cell's upload rate: same group and seed, the closest rate within
+    2 points (budgets hit theirs; random@cema is run at CEMA's)."""
+    best = None
+    for c in cells_:
+        if c["method"] != "random" or c["group"] != cell["group"] or c["seed"] != cell["seed"]:
+            continue
+        gap = abs(c["upload_rate"] - cell["upload_rate"])
+        if gap <= 0.02 and (best is None or gap < abs(best["upload_rate"] - cell["upload_rate"])):
+            best = c
+    return best
+
+
+def summary(done: dict[str, dict]) -> str:
+    cells_ = list(done.values())
+    for c in cells_:
+        c.setdefault("group", Cell(c["classes"], c["severity"], c["protocol"], c["norm"], c["method"], 0).group)
+    lines: list[str] = []
+    for group in sorted({c["group"] for c in cells_}):
+        mine = [c for c in cells_ if c["group"] == group]
+        seeds = sorted({c["seed"] for c in mine})
+        by_seed = {(c["label"], c["seed"]): c for c in mine}
+        first = mine[0]
+        lines += [f"### {group}: {len(first['corruptions'])} corruptions ({', '.join(first['corruptions'])}), "
+                  f"{first['samples_per_corruption']} samples each, seeds {seeds}", ""]
+        no = {s: next(c["no_adapt"] for c in mine if c["seed"] == s) for s in seeds}
+        bn = {s: next(c["bn_stats"] for c in mine if c["seed"] == s) for s in seeds}
+        lines += [f"no adaptation (source statistics, no cloud): {_mean(no.values())} · edge BN statistics "
+                  f"(no cloud): {_mean(bn.values())}", "",
+                  "| method | seeds | upload % | MB up | accuracy | − edge BN stats (paired) | "
+                  "− random at its rate (paired) |", "|---|---|---|---|---|---|---|"]
+        order = {"random": 0, "distill_all": 1, "cema": 2, "cema_released": 3, "eata": 4, "oracle": 5}
+        labels = sorted({c["label"] for c in mine},
+                        key=lambda lb: (order.get(lb.split()[0].split("@")[0], 9), lb.startswith("random@"),
+                                        float(lb.split()[-1].rstrip("%")) if lb.endswith("%") else -1, lb))
+        for label in labels:
+            cs = [by_seed[(label, s)] for s in seeds if (label, s) in by_seed]
+            vs_bn = [c["accuracy"] - c["bn_stats"] for c in cs]
+            vs_random = []
+            if not label.startswith("random"):
+                for c in cs:
+                    m = _matched_random(c, mine)
+                    if m is not None and m is not c:
+                        vs_random.append(c["accuracy"] - m["accuracy"])
+            lines.append(f"| {label} | {len(cs)} | {_mean(c['upload_rate'] for c in cs)} | "
+                         f"{statistics.fmean(c['bytes_up'] for c in cs) / 1e6:.1f} | "
+                         f"{_mean(c['accuracy'] for c in cs)} | {_pm(vs_bn)} | "
+                         f"{_pm(vs_random) if vs_random else '–'} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------ main
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--stage", choices=("preconditions", "selection"), default="preconditions")
+    p.add_argument("--classes", type=int, nargs="+", default=[100])
+    p.add_argument("--severities", type=int, nargs="+", default=[5])
+    p.add_argument("--protocols", nargs="+", default=["reset"], choices=("reset", "continual"))
+    p.add_argument("--norms", nargs="+", default=["running", "batch"], choices=("batch", "running", "source"))
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--corruptions", nargs="+", default=list(SUBSET), help="names, or 'all'")
+    p.add_argument("--samples", type=int, default=5000, help="distinct test images per corruption")
+    p.add_argument("--out-dir", default="benchmarks/results/cema_study")
+    p.add_argument("--runs", default="runs/cema_study", help="run folders of the cells (not committed)")
+    p.add_argument("--cell-timeout", type=float, default=3600.0)
+    p.add_argument("--max-cells", type=int, default=0, help="stop after this many new cells (0: all)")
+    p.add_argument("--summary", action="store_true", help="print the tables of the finished cells and exit")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    args = parse_args(argv)
+    out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    done = load_done(out_dir)
+    if not args.summary:
+        todo = [c for c in cells(args.stage, classes=args.classes, severities=args.severities,
+                                 protocols=args.protocols, norms=args.norms, seeds=args.seeds) if c.key not in done]
+        log.info("%d cells to run (%d already done)", len(todo), len(done))
+        for i, cell in enumerate(todo[:args.max_cells or None], 1):
+            t0 = time.monotonic()
+            result = run_cell(cell, args, done)
+            done[cell.key] = result
+            tmp = out_dir / f".{cell.key}.json.tmp"
+            tmp.write_text(json.dumps(result, indent=1, sort_keys=True))
+            tmp.replace(out_dir / f"{cell.key}.json")
+            log.info("[%d/%d] %s: accuracy %.2f%%, uploads %.1f%%, edge BN stats %.2f%% (%.0f s)", i, len(todo),
+                     cell.key, 100 * result["accuracy"], 100 * result["upload_rate"], 100 * result["bn_stats"],
+                     time.monotonic() - t0)
+    table = summary(done)
+    print(table)
+    (out_dir / "SUMMARY.md").write_text(table + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
