@@ -1,5 +1,6 @@
 """Where does CEMA's entropy selection beat random uploads? The issue-10 study, resumable.
 
+    python benchmarks/cema_study.py --stage tune                    # the cloud's lr, on validation streams
     python benchmarks/cema_study.py --stage preconditions           # does the cloud help? do uploads help?
     python benchmarks/cema_study.py --stage selection               # random vs CEMA vs EATA vs oracle
     python benchmarks/cema_study.py --summary                       # the tables from the finished cells
@@ -13,6 +14,10 @@ very same stream (no adaptation = source statistics; edge BN statistics = each b
 
 Stages (each a list of cells per group = classes × severity × protocol × edge normalization):
 
+- ``tune``: the cloud's student learning rate (teacher's = a tenth, CEMA's 10:1) from the grid
+  ``LRS``, with random 25 % uploads, on streams built from the *validation* split (``samples`` and
+  ``passes`` chosen so a stream is as long as a test one), seed 0 only: the grid is searched once
+  per group and the best lr is used by every later cell of that group (recorded in its JSON);
 - ``preconditions``: random uploads at 10 / 50 % and distill-all (100 %), to check (1) that the cloud
   clearly beats edge BN statistics and (2) that more uploads help -- entropy selection can only beat
   random where both hold (METHODS.md);
@@ -29,6 +34,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import shutil
 import statistics
 import sys
@@ -44,6 +50,8 @@ log = logging.getLogger("bench.cema_study")
 SUBSET = ("impulse_noise", "motion_blur", "frost", "contrast")  # one per family
 RATES = {"preconditions": (0.1, 0.5), "selection": (0.05, 0.25)}
 BUDGETS = (0.05, 0.1, 0.25, 0.5)
+LRS = (1e-2, 2.5e-3, 1e-3, 2.5e-4)  # student lr grid: the small-scale default, the authors', two below
+TUNE_RATE = 0.25
 
 
 @dataclass(frozen=True)
@@ -59,6 +67,7 @@ class Cell:
     rate: float | None = None  # random's keep probability
     budget: float | None = None  # cema / eata budget
     rate_of: str = ""  # random at the upload rate of this method's cell (same group and seed)
+    lr: float | None = None  # tune cells: the student lr tried (others: the tuned one, resolved at run time)
 
     @property
     def label(self) -> str:
@@ -78,7 +87,8 @@ class Cell:
     def key(self) -> str:
         knob = (f"-at-{self.rate_of}" if self.rate_of else f"-r{self.rate:g}" if self.rate is not None
                 else f"-b{self.budget:g}" if self.budget is not None else "")
-        return f"{self.group}-{self.method}{knob}-seed{self.seed}"
+        tune = f"-val-lr{self.lr:g}" if self.lr is not None else ""
+        return f"{self.group}{tune}-{self.method}{knob}-seed{self.seed}"
 
 
 def cells(stage: str, *, classes: Sequence[int], severities: Sequence[int], protocols: Sequence[str],
@@ -90,7 +100,10 @@ def cells(stage: str, *, classes: Sequence[int], severities: Sequence[int], prot
                 for norm in norms:
                     for seed in seeds:
                         base = Cell(c, sev, proto, norm, "random", seed)
-                        if stage == "preconditions":
+                        if stage == "tune":
+                            if seed == seeds[0]:
+                                out += [replace(base, rate=TUNE_RATE, lr=lr) for lr in LRS]
+                        elif stage == "preconditions":
                             out += [replace(base, rate=r) for r in RATES[stage]]
                             out.append(replace(base, method="distill_all"))
                         else:
@@ -101,19 +114,41 @@ def cells(stage: str, *, classes: Sequence[int], severities: Sequence[int], prot
     return out
 
 
-def adapt_config(cell: Cell, args: argparse.Namespace, rate: float | None):
-    from core.data.builtin import BuiltinData
+def adapt_config(cell: Cell, args: argparse.Namespace, rate: float | None, lr: float):
+    from core.cema import CemaConfig
     from core.corruptions import CORRUPTIONS
+    from core.data.builtin import DOMAINS, GLYPH_DEFAULT_SIZES, BuiltinData
     from edge.selection import SelectionConfig
+    from server.config import CloudConfig
     from simulations.adapt import AdaptConfig, _simulation_edge
 
     edge = _simulation_edge()
     edge = replace(edge, selection=SelectionConfig(random_rate=rate, budget=cell.budget))
+    cloud = CloudConfig(cema=CemaConfig(student_lr=lr, teacher_lr=lr / 10))
     corruptions = CORRUPTIONS if args.corruptions == ["all"] else tuple(args.corruptions)
+    data = BuiltinData("glyph-shift", cell.classes)
+    samples, passes, split = args.samples, 1, "test"
+    if cell.lr is not None:  # a tune cell: validation images, as many samples per corruption as a test stream
+        split = "val"
+        pool = (data.val_per_client or GLYPH_DEFAULT_SIZES["val_per_client"]) * len(DOMAINS)
+        passes = max(1, math.ceil(args.samples / pool))
+        samples = min(pool, math.ceil(args.samples / passes))
     return AdaptConfig(method="random" if rate is not None else cell.method, corruptions=corruptions,
-                       severity=cell.severity, protocol=cell.protocol, samples=args.samples, seed=cell.seed,
-                       data=BuiltinData("glyph-shift", cell.classes), edge_norm=cell.norm, edge=edge,
+                       severity=cell.severity, protocol=cell.protocol, samples=samples, passes=passes,
+                       seed=cell.seed, data=data, split=split, edge_norm=cell.norm, edge=edge, cloud=cloud,
                        timeout_s=args.cell_timeout)
+
+
+def tuned_lr(cell: Cell, done: dict[str, dict]) -> float:
+    """The student lr of the grid with the best validation accuracy for this cell's group."""
+    scores = {}
+    for lr in LRS:
+        tune = done.get(replace(cell, method="random", rate=TUNE_RATE, budget=None, rate_of="", lr=lr,
+                                seed=0).key)
+        if tune is None:
+            raise LookupError(f"{cell.key}: run --stage tune for group {cell.group} first (lr {lr:g} missing)")
+        scores[lr] = tune["accuracy"]
+    return max(LRS, key=lambda lr: (scores[lr], -LRS.index(lr)))
 
 
 def run_cell(cell: Cell, args: argparse.Namespace, done: dict[str, dict]) -> dict:
@@ -125,7 +160,8 @@ def run_cell(cell: Cell, args: argparse.Namespace, done: dict[str, dict]) -> dic
         if ref is None:
             raise LookupError(f"{cell.key}: needs the {cell.rate_of} cell of the same seed first")
         rate = ref["upload_rate"]
-    cfg = adapt_config(cell, args, rate)
+    lr = cell.lr if cell.lr is not None else tuned_lr(cell, done)
+    cfg = adapt_config(cell, args, rate, lr)
     out = Path(args.runs) / cell.key
     shutil.rmtree(out, ignore_errors=True)
     start = time.monotonic()
@@ -134,7 +170,8 @@ def run_cell(cell: Cell, args: argparse.Namespace, done: dict[str, dict]) -> dic
     assert r.bn_stats_accuracy is not None
     cloud = r.cloud
     return {
-        **asdict(cell), "key": cell.key, "label": cell.label, "random_rate": rate,
+        **asdict(cell), "key": cell.key, "label": cell.label, "random_rate": rate, "student_lr": lr,
+        "teacher_lr": lr / 10, "split": cfg.split, "passes": cfg.passes,
         "corruptions": list(cfg.corruptions), "samples_per_corruption": args.samples,
         "accuracy": r.accuracy.overall, "per_corruption": r.accuracy.per_corruption,
         "no_adapt": r.no_adapt_accuracy.overall, "bn_stats": r.bn_stats_accuracy.overall,
@@ -181,10 +218,21 @@ def _matched_random(cell: dict, cells_: list[dict]) -> dict | None:
 
 
 def summary(done: dict[str, dict]) -> str:
-    cells_ = list(done.values())
-    for c in cells_:
+    cells_ = [c for c in done.values() if c.get("split", "test") == "test"]
+    tune = [c for c in done.values() if c.get("split") == "val"]
+    for c in [*cells_, *tune]:
         c.setdefault("group", Cell(c["classes"], c["severity"], c["protocol"], c["norm"], c["method"], 0).group)
     lines: list[str] = []
+    if tune:
+        lines += ["### learning-rate grid on validation streams (random 25 % uploads, seed 0)", "",
+                  "| group | " + " | ".join(f"student lr {lr:g}" for lr in LRS) + " | edge BN stats |",
+                  "|---|" + "---|" * (len(LRS) + 1)]
+        for group in sorted({c["group"] for c in tune}):
+            row = {c["lr"]: c for c in tune if c["group"] == group}
+            any_ = next(iter(row.values()))
+            lines.append(f"| {group} | " + " | ".join(f"{100 * row[lr]['accuracy']:.1f}" if lr in row else "–"
+                                                     for lr in LRS) + f" | {100 * any_['bn_stats']:.1f} |")
+        lines.append("")
     for group in sorted({c["group"] for c in cells_}):
         mine = [c for c in cells_ if c["group"] == group]
         seeds = sorted({c["seed"] for c in mine})
@@ -224,7 +272,7 @@ def summary(done: dict[str, dict]) -> str:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--stage", choices=("preconditions", "selection"), default="preconditions")
+    p.add_argument("--stage", choices=("tune", "preconditions", "selection"), default="preconditions")
     p.add_argument("--classes", type=int, nargs="+", default=[100])
     p.add_argument("--severities", type=int, nargs="+", default=[5])
     p.add_argument("--protocols", nargs="+", default=["reset"], choices=("reset", "continual"))

@@ -131,10 +131,13 @@ def training_split(dataset: FederatedDataset) -> Split:
                  np.concatenate([c.train.labels for c in dataset.clients]))
 
 
-def eval_split(dataset: FederatedDataset) -> Split:
-    """The test splits of all clients, concatenated (the robustness report's data)."""
-    return Split(np.concatenate([c.test.images for c in dataset.clients]),
-                 np.concatenate([c.test.labels for c in dataset.clients]))
+def eval_split(dataset: FederatedDataset, split: str = "test") -> Split:
+    """One split of all clients, concatenated: ``test`` (the robustness report's and the adapt
+    streams' data) or ``val`` (for picking settings without touching the test images)."""
+    if split not in ("test", "val"):
+        raise ValueError(f"split must be 'test' or 'val', got {split!r}")
+    parts = [getattr(c, split) for c in dataset.clients]
+    return Split(np.concatenate([p.images for p in parts]), np.concatenate([p.labels for p in parts]))
 
 
 def augment_images(images: np.ndarray, corruptions: Sequence[str], fraction: float, chunk: int,
@@ -252,9 +255,27 @@ def batch_stats_accuracy(model: torch.nn.Module, split: Split, batch_size: int =
     order = np.random.default_rng(seed).permutation(len(split))
     correct = 0
     # near-equal batches, so none is a single sample (BatchNorm cannot normalize one)
-    for idx in np.array_split(order, max(1, math.ceil(len(order) / batch_size))):
-        correct += int((probe(to_tensor(split.images[idx])).argmax(1).numpy() == split.labels[idx]).sum())
+    with torch.no_grad():
+        for idx in np.array_split(order, max(1, math.ceil(len(order) / batch_size))):
+            correct += int((probe(to_tensor(split.images[idx])).argmax(1).numpy() == split.labels[idx]).sum())
     return correct / len(split)
+
+
+def batch_stats_predictions(model: torch.nn.Module, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
+    """Predicted classes of uint8 images in stream order, in consecutive batches of ``batch_size``
+    (as an edge forms them), BN normalizing with each batch's statistics; the model is not modified.
+    The ``oracle`` selection's reference: the teacher run offline on the stream."""
+    probe = copy.deepcopy(model).train()
+    out = []
+    with torch.no_grad():
+        for lo in range(0, len(images), batch_size):
+            chunk = images[lo:lo + batch_size]
+            if len(chunk) == 1:  # BatchNorm cannot normalize one sample: take it with its predecessors
+                chunk = images[max(0, lo - batch_size + 1):lo + 1]
+                out.append(probe(to_tensor(chunk)).argmax(1).numpy()[-1:])
+                continue
+            out.append(probe(to_tensor(chunk)).argmax(1).numpy())
+    return np.concatenate(out).astype(np.int64) if out else np.zeros(0, np.int64)
 
 
 def robustness_report(model: torch.nn.Module, split: Split, *, severity: int = 5,

@@ -10,11 +10,13 @@ Every process it starts is stopped on the way out, also on errors and Ctrl-C. An
 re-run by hand from its config file (the cloud's port then comes from ``cloud.toml``'s port file,
 the edges' server address is in theirs).
 
-Streams: the pooled digits-shift test splits, corrupted at one severity; the corruptions are dealt
-round-robin to the edges (edge i gets corruptions i, i+N, …), so every corruption is streamed once
-whatever N is. The no-adaptation accuracy of the same streams is measured in-process with the
-running-statistics export (``no_adapt_accuracy``), and, for methods whose edges normalize with
-batch statistics, the accuracy of that alone without any cloud (``bn_stats_accuracy``).
+Streams: the pooled test splits of the built-in dataset (``split = "val"``: its validation splits,
+for picking settings), corrupted at one severity; the corruptions are dealt round-robin to the
+edges (edge i gets corruptions i, i+N, …), so every corruption is streamed once whatever N is. Two
+no-cloud baselines are measured in-process on the same streams: the running-statistics export
+(``no_adapt_accuracy``: source statistics) and the batch-statistics export (``bn_stats_accuracy``:
+each batch normalized with its own statistics). How the cloud methods' edges normalize is
+``edge_norm`` (:mod:`core.renorm`).
 """
 
 from __future__ import annotations
@@ -120,6 +122,8 @@ class AdaptConfig:
                             "no-cloud baselines fix theirs (no_adapt: source, bn_stats: batch)", choices=EDGE_NORMS)
     data_seed: int = option(0, "seed of the built-in dataset: the streams are its test images (never trained on)")
     data: BuiltinData = section(BuiltinData, "the built-in dataset the streams (and built-in models) come from")
+    split: str = option("test", "the split the streams are built from: test (reported results) or val (for "
+                        "picking settings without touching the test images)", choices=("test", "val"))
     teacher_epochs: int | None = option(None, "the built-in teacher's training epochs (default: its dataset's, "
                                         "digits-shift 30, glyph-shift 20; each setting is cached apart)")
     edge_onnx: str = option("", "the ONNX file the edges run (running statistics); default: exported from "
@@ -143,6 +147,8 @@ class AdaptConfig:
         rate = self.edge.selection.random_rate
         if self.method == "random" and not (rate and 0 < rate <= 1):
             raise ValueError("method 'random' needs edge.selection.random_rate in (0, 1]")
+        if self.split not in ("test", "val"):
+            raise ValueError(f"split must be 'test' or 'val', got {self.split!r}")
         if self.edge_norm not in EDGE_NORMS:
             raise ValueError(f"edge_norm must be one of {', '.join(EDGE_NORMS)}, got {self.edge_norm!r}")
         if self.protocol not in ("reset", "continual"):
@@ -199,35 +205,41 @@ def prepare(cfg: AdaptConfig, out: Path) -> Prepared:
     """Resolve models (training the built-ins once if not cached), take or export the ONNX files,
     write the streams."""
     from core.streams import build_stream
-    from core.teacher import builtin_config, eval_split, model_or_builtin
-    from protos.contract import save_stream_npz
+    from core.teacher import batch_stats_predictions, builtin_config, eval_split, model_or_builtin
+    from protos.contract import StreamSegment, save_stream_npz
 
     spec, c = cfg.spec, cfg.cloud
     builtin = {"image_size": c.image_size, "data_seed": cfg.data_seed}
     model, edge_weights = model_or_builtin(c.student, c.student_weights or None,
                                            builtin_config("edge", cfg.data, **builtin),
                                            c.cache or None, num_classes=cfg.data.classes, image_size=c.image_size)
-    teacher_weights = None
-    if spec.cloud is not None and spec.cloud != "tent" and not cfg.cloud_address:
+    teacher = teacher_weights = None
+    if (spec.cloud is not None and spec.cloud != "tent" and not cfg.cloud_address) or spec.edge == "oracle":
         epochs = {} if cfg.teacher_epochs is None else {"epochs": cfg.teacher_epochs}
         teacher_builtin = builtin_config("teacher", cfg.data, **epochs, **builtin)
-        _, teacher_weights = model_or_builtin(c.teacher, c.teacher_weights or None, teacher_builtin, c.cache or None,
-                                              num_classes=cfg.data.classes, image_size=c.image_size)
+        teacher, teacher_weights = model_or_builtin(c.teacher, c.teacher_weights or None, teacher_builtin,
+                                                    c.cache or None, num_classes=cfg.data.classes,
+                                                    image_size=c.image_size)
     shape = (c.in_chans, c.image_size, c.image_size)
     names = cfg.data.class_names()
     plain = _given_or_exported(cfg.edge_onnx, model, out / "models" / "edge.onnx", shape, c.student, False, names)
     bn = _given_or_exported(cfg.edge_onnx_batch_stats, model, out / "models" / "edge_batch_stats.onnx", shape,
                             c.student, True, names)
-    test = eval_split(cfg.data.make(cfg.data_seed, c.image_size))
+    test = eval_split(cfg.data.make(cfg.data_seed, c.image_size), cfg.split)
     prepared = Prepared(bn if cfg.norm == "batch" else plain, plain, bn, edge_weights, teacher_weights)
     for i in range(cfg.edges):
         mine = cfg.corruptions[i::cfg.edges]
         stream = build_stream(test.images, test.labels, corruptions=mine, severities=(cfg.severity,),
                               protocol=cfg.protocol, passes=cfg.passes, samples=cfg.samples,
                               seed=cfg.seed * 1000 + i)
+        segments = stream.segments
+        if spec.edge == "oracle":  # the teacher's offline predictions, batch by batch as the edge sees them
+            segments = [StreamSegment(g.corruption, g.severity, g.images, g.labels,
+                                      batch_stats_predictions(teacher, g.images, cfg.edge.batch_size))
+                        for g in segments]
         path = out / "streams" / f"edge{i}.npz"
         path.parent.mkdir(parents=True, exist_ok=True)
-        save_stream_npz(path, stream)
+        save_stream_npz(path, segments, stream.protocol)
         prepared.streams.append(path)
         log.info("edge%d stream: %s (%d samples)", i, ", ".join(mine), len(stream))
     return prepared

@@ -100,3 +100,34 @@ def test_config_and_aggregate_validation() -> None:
         AdaptConfig(edges=3, corruptions=("fog", "snow"))
     assert set(METHODS) >= {"no_adapt", "bn_stats", "tent", "eata", "cema", "distill_all", "random"}
     assert AdaptConfig().with_random_rate(0.3).edge.selection.random_rate == 0.3
+
+
+def test_running_edges_oracle_and_validation_streams(tmp_path, weights) -> None:
+    """edge_norm = running: the edge runs the running-statistics export, the cloud learns in running
+    mode and sends statistics that move; the oracle's stream carries the teacher's predictions."""
+    from protos.contract import load_stream_npz
+
+    out = tmp_path / "run"
+    cfg = AdaptConfig(method="oracle", corruptions=("contrast",), limit=96, edge_norm="running", split="val",
+                      edge=EdgeConfig(batch_size=32, node=NodeConfig(sync_timeout_s=2.0)),
+                      cloud=CloudConfig(student_weights=str(weights / "edge.pt"),
+                                        teacher_weights=str(weights / "teacher.pt")))
+    results = run_adapt(cfg, out)
+    assert results.edge_norm == "running" and results.method == "oracle"
+    cloud = load_config(CloudConfig, out / "configs" / "cloud.toml")
+    assert cloud.cema.edge_norm == "running" and cloud.edge_model == str(out / "models" / "edge.onnx")
+    segment = load_stream_npz(out / "streams" / "edge0.npz").segments[0]
+    assert segment.reference is not None and segment.reference.shape == segment.labels.shape
+    summary = EdgeSummary.read(out / "edges" / "edge0.json")
+    assert summary.selection.method == "oracle" and summary.kept == results.uploaded
+    assert results.bn_stats_accuracy is not None  # the no-cloud baselines are measured in every mode
+
+
+def test_edge_norm_of_baselines_and_split_validation() -> None:
+    assert AdaptConfig(method="no_adapt", edge_norm="batch").norm == "source"
+    assert AdaptConfig(method="bn_stats", edge_norm="running").norm == "batch"
+    assert AdaptConfig(method="cema", edge_norm="running").norm == "running"
+    with pytest.raises(ValueError, match="split"):
+        AdaptConfig(split="train")
+    with pytest.raises(ValueError, match="edge_norm"):
+        AdaptConfig(cloud=CloudConfig(cema=CloudConfig().cema.__class__(edge_norm="running")))

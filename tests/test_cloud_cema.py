@@ -222,3 +222,20 @@ def test_config_validation() -> None:
         CemaConfig(batch_size=0)
     assert CemaConfig().e0(10) == pytest.approx(0.4 * math.log(10))
     assert CemaConfig().student_lr == pytest.approx(10 * CemaConfig().teacher_lr)
+
+
+def test_authors_preset_sets_their_constants_and_explicit_values_win() -> None:
+    cfg = CemaConfig(preset="authors")
+    assert (cfg.batch_size, cfg.teacher_lr, cfg.student_lr, cfg.replay_capacity, cfg.replay_start,
+            cfg.replay_at_upload) == (32, 2.5e-4, 2.5e-3, 10_000, 256, True)
+    assert CemaConfig(preset="authors", batch_size=8).batch_size == 8
+    assert CemaConfig(preset="authors", replay_start=256) == cfg  # idempotent: a written config reloads equal
+
+
+def test_replay_at_upload_fills_the_replay_before_any_step() -> None:
+    student, teacher = _models()
+    learner = CemaLearner(student, teacher, CemaConfig(batch_size=8, replay_at_upload=True), num_classes=10)
+    learner.add(_images(5))
+    assert len(learner.replay) == 5 and learner.step() is None  # no batch yet, the replay too small
+    learner.add(_images(5, seed=1))
+    assert learner.step() is not None and len(learner.replay) == 10  # not added twice

@@ -106,3 +106,19 @@ def test_cached_model_trains_once_and_reloads(tmp_path: Path) -> None:
     report = robustness_report(model, split, corruptions=("fog", "contrast"), batch_size=8)
     assert set(report["corrupted"]) == {"fog", "contrast"}
     assert 0 <= report["corrupted_mean_batch_stats"] <= 1 and 0 <= report["clean"]["eval"] <= 1
+
+
+def test_cloud_refuses_an_edge_model_normalizing_otherwise(tmp_path: Path) -> None:
+    from core.cema import CemaConfig
+    from core.export import export_onnx
+    from core.models import create_model
+    from server.cloud_cli import _edge_model
+    from server.config import CloudConfig
+
+    model = create_model("edge_cnn", 10, width=8)
+    path = tmp_path / "bs.onnx"
+    export_onnx(model, path, (3, 32, 32), batch_stats=True)
+    ok = CloudConfig(edge_model=str(path))
+    assert _edge_model(ok, model)[1].batch_stats
+    with pytest.raises(ValueError, match="edge_norm is 'running'"):
+        _edge_model(CloudConfig(edge_model=str(path), cema=CemaConfig(edge_norm="running")), model)
