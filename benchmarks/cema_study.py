@@ -50,7 +50,7 @@ log = logging.getLogger("bench.cema_study")
 SUBSET = ("impulse_noise", "motion_blur", "frost", "contrast")  # one per family
 RATES = {"preconditions": (0.1, 0.5), "selection": (0.05, 0.25)}
 BUDGETS = (0.05, 0.1, 0.25, 0.5)
-LRS = (1e-2, 2.5e-3, 1e-3, 2.5e-4)  # student lr grid: the small-scale default, the authors', two below
+LRS = (1e-2, 2.5e-3, 1e-3, 2.5e-4, 1e-4)  # student lr grid: the small-scale default, the authors', three below
 TUNE_RATE = 0.25
 
 

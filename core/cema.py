@@ -324,7 +324,7 @@ class CemaLearner:
             self._added_since_batch = False
             stats: dict[str, float] = {"uploads_in_batch": float(b)}
             if self.teacher is not None and cfg.teacher_adapt:
-                stats.update(self._teacher_step(uploads))
+                stats.update(self.teacher_step(uploads))
             batch, batch_labels = uploads, labels
             if cfg.replay and len(self.replay) >= cfg.replay_start and cfg.replay_ratio > 0:
                 batch = torch.cat([uploads, self.replay.sample(cfg.replay_ratio * b)])
@@ -335,15 +335,22 @@ class CemaLearner:
             return stats
         if self._added_since_batch:
             self._added_since_batch = False
-            if cfg.replay and len(self.replay) >= cfg.replay_start:
-                n = (1 + cfg.replay_ratio) * b
-                batch = self.replay.sample(n)
-                stats = {"uploads_in_batch": 0.0}
-                stats.update(self._student_step(batch, torch.full((n,), -1, device=self.device)))
-                return stats
+            return self.replay_step()
         return None
 
-    def _teacher_step(self, x: torch.Tensor) -> dict[str, float]:
+    def replay_step(self) -> dict[str, float] | None:
+        """One student step on ``(1 + replay_ratio)``·B replay samples (``None``: replay off or too
+        small); :meth:`step` runs one when samples arrived but no cloud batch formed."""
+        cfg = self.config
+        if not cfg.replay or len(self.replay) < cfg.replay_start:
+            return None
+        n = (1 + cfg.replay_ratio) * cfg.batch_size
+        stats = {"uploads_in_batch": 0.0}
+        stats.update(self._student_step(self.replay.sample(n), torch.full((n,), -1, device=self.device)))
+        return stats
+
+    def teacher_step(self, x: torch.Tensor) -> dict[str, float]:
+        """One SGD step of the teacher's norm-affine parameters on ``x`` (EATA-weighted entropy)."""
         assert self.teacher is not None and self.teacher_opt is not None
         self.teacher.train()
         loss = teacher_loss(self.teacher(x), self.e0)
