@@ -93,12 +93,12 @@ class Cell:
 
 def cells(stage: str, *, classes: Sequence[int], severities: Sequence[int], protocols: Sequence[str],
           norms: Sequence[str], seeds: Sequence[int]) -> list[Cell]:
-    out: list[Cell] = []
+    out: list[Cell] = []  # seed-major within a group: a study stopped early has every norm at equal seeds
     for c in classes:
         for sev in severities:
             for proto in protocols:
-                for norm in norms:
-                    for seed in seeds:
+                for seed in seeds:
+                    for norm in norms:
                         base = Cell(c, sev, proto, norm, "random", seed)
                         if stage == "tune":
                             if seed == seeds[0]:

@@ -36,12 +36,16 @@ def fl_table(fl: dict[str, FLResult]) -> str:
     return "\n".join(lines)
 
 
+_NORM_WORDS = {"batch": "each batch's own statistics", "running": "running statistics the cloud estimated and sent",
+               "source": "the frozen source statistics"}
+
+
 def adapt_table(r: AdaptResult) -> str:
     """Per corruption: no adaptation, edge BN statistics alone (no cloud), the method."""
     nan = float("nan")
-    refs = [("no adaptation", r.no_adapt_accuracy)]
+    refs = [("no adaptation (source statistics)", r.no_adapt_accuracy)]
     if r.bn_stats_accuracy is not None:
-        refs.append(("edge BN statistics", r.bn_stats_accuracy))
+        refs.append(("edge BN statistics (each batch's, no cloud)", r.bn_stats_accuracy))
     head = ["corruption", *[name for name, _ in refs], r.method, "gain vs no adaptation"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     rows = [(c, [ref.per_corruption.get(c, nan) for _, ref in refs], v) for c, v in r.accuracy.per_corruption.items()]
@@ -49,7 +53,8 @@ def adapt_table(r: AdaptResult) -> str:
     for name, base, value in rows:
         cells = [f"{100 * b:.1f}" for b in base] + [f"{100 * value:.1f}", f"{100 * (value - base[0]):+.1f}"]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    lines += ["", f"Uploaded {r.uploaded:,} of {r.seen:,} samples ({100 * r.upload_rate:.1f}%); "
+    lines += ["", f"The edges normalized with {_NORM_WORDS[r.edge_norm]} (edge_norm = {r.edge_norm}).",
+              f"Uploaded {r.uploaded:,} of {r.seen:,} samples ({100 * r.upload_rate:.1f}%); "
               f"{r.bytes_up / 1e6:.2f} MB up, {r.bytes_down / 1e6:.2f} MB down; "
               f"{r.versions_applied} parameter versions applied at the edges."]
     if r.uploaded_per_corruption:

@@ -122,3 +122,28 @@ def test_cloud_refuses_an_edge_model_normalizing_otherwise(tmp_path: Path) -> No
     assert _edge_model(ok, model)[1].batch_stats
     with pytest.raises(ValueError, match="edge_norm is 'running'"):
         _edge_model(CloudConfig(edge_model=str(path), cema=CemaConfig(edge_norm="running")), model)
+
+
+def test_batch_stats_predictions_follow_the_edge_batches_and_leave_the_model_alone() -> None:
+    import numpy as np
+    import torch
+
+    from core.models import create_model
+    from core.norm import get_norm_state
+    from core.teacher import batch_stats_predictions
+    from core.training import to_tensor
+
+    torch.manual_seed(0)
+    model = create_model("edge_cnn", 10, width=8).eval()
+    before = get_norm_state(model)
+    images = np.random.default_rng(0).integers(0, 256, (21, 32, 32, 3), dtype=np.uint8)
+    pred = batch_stats_predictions(model, images, batch_size=10)  # batches 10, 10 and a lone last sample
+    probe = create_model("edge_cnn", 10, width=8)
+    probe.load_state_dict(model.state_dict())
+    probe.train()
+    with torch.no_grad():
+        expected = np.concatenate([probe(to_tensor(images[:10])).argmax(1).numpy(),
+                                   probe(to_tensor(images[10:20])).argmax(1).numpy(),
+                                   probe(to_tensor(images[11:21])).argmax(1).numpy()[-1:]])
+    assert pred.dtype == np.int64 and np.array_equal(pred, expected)
+    assert all(np.array_equal(v, get_norm_state(model)[k]) for k, v in before.items())
