@@ -267,6 +267,50 @@ def summary(done: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
+def plot(done: dict[str, dict], path: Path) -> None:
+    """Accuracy vs upload rate per group (one panel each): random as a line, the rules as markers,
+    the no-cloud baselines as horizontal lines; means over seeds."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cells_ = [c for c in done.values() if c.get("split", "test") == "test"]
+    groups = sorted({c["group"] for c in cells_})
+    if not groups:
+        return
+    fig, axes = plt.subplots(1, len(groups), figsize=(6 * len(groups), 4.5), squeeze=False)
+    styles = {"cema": ("o", "C1"), "eata": ("s", "C2"), "cema_released": ("^", "C3"), "oracle": ("*", "C4")}
+    for ax, group in zip(axes[0], groups):
+        mine = [c for c in cells_ if c["group"] == group]
+        by_label: dict[str, list[dict]] = {}
+        for c in mine:
+            by_label.setdefault(c["label"], []).append(c)
+        mean = lambda cs, k: 100 * statistics.fmean(c[k] for c in cs)  # noqa: E731
+        rnd = sorted(((mean(cs, "upload_rate"), mean(cs, "accuracy")) for lb, cs in by_label.items()
+                      if cs[0]["method"] in ("random", "distill_all") and not cs[0].get("rate_of")))
+        if rnd:
+            ax.plot(*zip(*rnd), "-", color="C0", marker=".", label="random (and distill-all at 100%)")
+        for method, (marker, colour) in styles.items():
+            pts = sorted((mean(cs, "upload_rate"), mean(cs, "accuracy")) for lb, cs in by_label.items()
+                         if cs[0]["method"] == method)
+            if pts:
+                ax.plot(*zip(*pts), linestyle=":" if len(pts) > 1 else "", marker=marker, color=colour,
+                        label=method + (" (budgets + own rate)" if len(pts) > 1 else " (own rate)"))
+        ax.axhline(mean(mine, "bn_stats"), color="grey", linestyle="--", label="edge BN statistics, no cloud")
+        ax.axhline(mean(mine, "no_adapt"), color="black", linestyle=":", label="no adaptation")
+        ax.set_xscale("log")
+        ax.set_xlabel("uploaded, % of the stream (log)")
+        ax.set_ylabel("online accuracy, %")
+        ax.set_title(group)
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 # ------------------------------------------------------------------------------------ main
 
 
@@ -285,6 +329,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--cell-timeout", type=float, default=3600.0)
     p.add_argument("--max-cells", type=int, default=0, help="stop after this many new cells (0: all)")
     p.add_argument("--summary", action="store_true", help="print the tables of the finished cells and exit")
+    p.add_argument("--plot", type=Path, default=None, help="also draw accuracy vs uploads to this PNG")
     return p.parse_args(argv)
 
 
@@ -311,6 +356,8 @@ def main(argv: list[str] | None = None) -> int:
     table = summary(done)
     print(table)
     (out_dir / "SUMMARY.md").write_text(table + "\n")
+    if args.plot is not None:
+        plot(done, args.plot)
     return 0
 
 

@@ -187,6 +187,7 @@ class Pipeline:
 
 def adapt_config(s: Scenario, export: Path) -> "AdaptConfig":
     """The adapt stage's settings: the scenario's, with the export stage's files as inputs."""
+    from core.cema import CemaConfig
     from edge.config import EdgeConfig, NodeConfig
     from server.config import CloudConfig
     from simulations.adapt import AdaptConfig
@@ -204,7 +205,7 @@ def adapt_config(s: Scenario, export: Path) -> "AdaptConfig":
         cloud=CloudConfig(student=s.fl.model, student_weights=str(export / "edge_weights.pt"),
                           teacher=s.cloud.teacher, teacher_weights=s.cloud.teacher_weights,
                           image_size=s.data.image_size, cache=s.resources.cache, threads=s.resources.threads,
-                          device=s.cloud.device))
+                          device=s.cloud.device, cema=CemaConfig(student_lr=s.cloud.lr, teacher_lr=s.cloud.lr / 10)))
 
 
 def deployable_state(ckpt) -> dict:

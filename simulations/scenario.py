@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from core.cema import CemaConfig
 from core.corruptions import CORRUPTIONS
 from core.data.builtin import BuiltinData
 from core.fl_config import FLConfig
@@ -82,6 +83,8 @@ class CloudSpec:
     teacher_epochs: int | None = same_as(AdaptConfig, "teacher_epochs")
     device: str = same_as(CloudConfig, "device")
     address: str = same_as(AdaptConfig, "cloud_address")
+    lr: float = option(CemaConfig().student_lr, "the cloud student's learning rate; the teacher's is a tenth "
+                       "(CEMA's 10:1)")
 
 
 @dataclass(frozen=True)
