@@ -70,7 +70,10 @@ class EdgeRuntime:
         self.batch_stats: bool = record.batch_stats
         if record.norm_offsets is not None:  # "initializers" mode
             self._offsets = dict(zip(self.norm_names, record.norm_offsets))
-            self._state = {n: self._read(n) for n in self.norm_names}
+            try:
+                self._state = record.norm_state(self._bytes)
+            except ValueError as exc:
+                raise ValueError(f"{self.path}: {exc}") from exc
         else:
             self._offsets = {}
             self._state = self._initial_inputs_state(session)
@@ -173,14 +176,6 @@ class EdgeRuntime:
 
     def _build(self, model_bytes: bytes) -> ort.InferenceSession:
         return ort.InferenceSession(model_bytes, self._options, providers=["CPUExecutionProvider"])
-
-    def _read(self, name: str) -> np.ndarray:
-        shape = self.norm_shapes[name]
-        count = int(np.prod(shape))
-        off = self._offsets[name]
-        if off < 0 or off + 4 * count > len(self._bytes):
-            raise ValueError(f"{self.path}: offset of {name} lies outside the file")
-        return np.frombuffer(bytes(self._bytes[off:off + 4 * count]), dtype="<f4").reshape(shape).copy()
 
     def _initial_inputs_state(self, session: ort.InferenceSession) -> dict[str, np.ndarray]:
         """In ``inputs`` mode the exported values travel as a sidecar ``.norm.npz`` file."""

@@ -176,6 +176,22 @@ class ModelMetadata:
             raise ValueError(f"model metadata format {self.format} is not supported "
                              f"(this reader knows up to {FORMAT_VERSION})")
 
+    def norm_tensor(self, model_bytes: bytes | bytearray, name: str) -> np.ndarray:
+        """One normalization tensor's values, read at its byte offset in the model file
+        (``initializers`` mode); the edge runtime and the cloud read a file's state the same way."""
+        if self.norm_offsets is None:
+            raise ValueError("inputs mode: the norm values live in the .norm.npz sidecar, not the model file")
+        i = self.norm_names.index(name)
+        shape, off = self.norm_shapes[i], self.norm_offsets[i]
+        count = int(np.prod(shape))
+        if off < 0 or off + 4 * count > len(model_bytes):
+            raise ValueError(f"the offset of {name} lies outside the file")
+        return np.frombuffer(bytes(model_bytes[off:off + 4 * count]), dtype="<f4").reshape(shape).copy()
+
+    def norm_state(self, model_bytes: bytes | bytearray) -> dict[str, np.ndarray]:
+        """Every normalization tensor of the file (``initializers`` mode), by name."""
+        return {n: self.norm_tensor(model_bytes, n) for n in self.norm_names}
+
     def to_metadata(self) -> dict[str, str]:
         """The exact ``metadata_props`` key/value strings of the ONNX file."""
         meta = {

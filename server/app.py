@@ -11,6 +11,7 @@ import logging
 from pathlib import Path
 from typing import Any, Mapping
 
+import numpy as np
 from flwr.app import ArrayRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
@@ -85,12 +86,15 @@ def run_server(grid: Grid, cfg: FLConfig) -> FLResult:
     recorder = RunRecorder(out, cfg, start_round=start_round, previous_history=history)
     full_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
 
-    def on_round_end(rnd: int, arrays: ArrayRecord, gen: ArrayRecord | None, deploy_norm: ArrayRecord | None) -> None:
+    def on_round_end(rnd: int, arrays: ArrayRecord, gen: ArrayRecord | None, deploy_norm: ArrayRecord | None,
+                     client_norm: dict[int, dict[str, np.ndarray]]) -> None:
         state = {**full_state, **arrays.to_torch_state_dict()}
         save_checkpoint(out / CHECKPOINT_FILE, Checkpoint(
             model=state, generator=gen.to_torch_state_dict() if gen is not None else None, round=rnd,
             config=cfg.to_run_config(),
-            deploy_norm=deploy_norm.to_torch_state_dict() if deploy_norm is not None else None))
+            deploy_norm=deploy_norm.to_torch_state_dict() if deploy_norm is not None else None,
+            client_norm={pid: {k: torch.from_numpy(np.array(v)) for k, v in norm.items()}
+                         for pid, norm in client_norm.items()} or None))
         recorder.write_results()
 
     strategy = make_strategy(

@@ -42,7 +42,7 @@ from torch import nn
 
 from core.cema import CemaLearner
 from core.export import Preprocess
-from core.norm import norm_tensor_names
+from core.norm import norm_tensor_names, set_norm_state
 from core.training import to_tensor
 from protos.codec import GRPC_OPTIONS, MAX_MESSAGE_BYTES, decode_images, encode_state
 from protos.fedshift.v1 import edge_pb2 as pb
@@ -160,10 +160,14 @@ class CloudService(pb_grpc.EdgeServiceServicer):
 
     def __init__(self, student: nn.Module, teacher: nn.Module | None, config: CloudConfig,
                  *, preprocess: Preprocess, edge_model_sha256: str = "",
+                 edge_states: Mapping[str, Mapping[str, np.ndarray]] | None = None,
                  run_info: Mapping[str, Any] | None = None) -> None:
         self.config = config
         self.preprocess = preprocess
         self.edge_model_sha256 = edge_model_sha256  # the file ``preprocess`` was read from ("" unknown)
+        # the normalization state of more model files edges may run (e.g. one per domain), by sha256:
+        # an edge registering with one gets a student that starts from that state, its own model
+        self._edge_states = {sha: dict(state) for sha, state in (edge_states or {}).items()}
         self._student = copy.deepcopy(student).cpu()
         self._teacher = copy.deepcopy(teacher).cpu() if (teacher is not None and config.cema.uses_teacher) else None
         if config.cema.uses_teacher and self._teacher is None:
@@ -276,14 +280,16 @@ class CloudService(pb_grpc.EdgeServiceServicer):
             context.abort(grpc.StatusCode.FAILED_PRECONDITION,
                           f"edge model does not match the cloud's student (norm tensors missing at the edge: "
                           f"{missing}, unknown to the cloud: {extra})")
-        if self.edge_model_sha256 and request.model_sha256 and request.model_sha256 != self.edge_model_sha256:
+        known = request.model_sha256 in self._edge_states
+        if self.edge_model_sha256 and request.model_sha256 and request.model_sha256 != self.edge_model_sha256 \
+                and not known:
             log.warning("edge %s runs a model file (sha256 %s…) other than the cloud's edge model (%s…): its uploads "
                         "are preprocessed with the cloud's file's metadata", request.edge_id,
                         request.model_sha256[:12], self.edge_model_sha256[:12])
         with self._lock:
             edge = self._edges.get(request.edge_id)
         if edge is None:
-            slot = self._shared or self._new_slot(request.edge_id)
+            slot = self._shared or self._new_slot(request.edge_id, self._edge_states.get(request.model_sha256))
             with self._lock:
                 edge = self._edges.setdefault(request.edge_id, _Edge(request.edge_id, request.model_id,
                                                                       request.model_sha256, slot))
@@ -449,8 +455,13 @@ class CloudService(pb_grpc.EdgeServiceServicer):
             raise ValueError(f"labels must lie in 0..{self.num_classes - 1}")
         return images, labels
 
-    def _new_slot(self, name: str) -> _Slot:
-        learner = CemaLearner(copy.deepcopy(self._student),
+    def _new_slot(self, name: str, norm_state: Mapping[str, np.ndarray] | None = None) -> _Slot:
+        """A learner whose student starts from the template, or from ``norm_state`` (its edge's file)."""
+        student = copy.deepcopy(self._student)
+        if norm_state is not None:
+            set_norm_state(student, norm_state)
+            log.info("learner %s starts from its edge's own model file", name)
+        learner = CemaLearner(student,
                               copy.deepcopy(self._teacher) if self._teacher is not None else None,
                               self.config.cema, num_classes=self.num_classes, device=self.config.device)
         return _Slot(name, learner)
@@ -578,10 +589,12 @@ class CloudServer:
 
     def __init__(self, student: nn.Module, teacher: nn.Module | None, config: CloudConfig,
                  *, preprocess: Preprocess, edge_model_sha256: str = "",
+                 edge_states: Mapping[str, Mapping[str, np.ndarray]] | None = None,
                  run_info: Mapping[str, Any] | None = None) -> None:
         self.config = config
         self.service = CloudService(student, teacher, config, preprocess=preprocess,
-                                    edge_model_sha256=edge_model_sha256, run_info=run_info)
+                                    edge_model_sha256=edge_model_sha256, edge_states=edge_states,
+                                    run_info=run_info)
         self._executor = ThreadPoolExecutor(max_workers=config.max_workers, thread_name_prefix="cloud-rpc")
         self._server = grpc.server(self._executor, options=GRPC_OPTIONS)
         pb_grpc.add_EdgeServiceServicer_to_server(self.service, self._server)

@@ -101,6 +101,27 @@ def _edge_model(cfg: CloudConfig, student) -> tuple[Path, object]:
     return path, meta
 
 
+def _extra_edge_states(cfg: CloudConfig, primary) -> dict[str, dict]:
+    """The normalization state of each file in ``edge_models``, by sha256; each must be the same
+    model as ``edge_model`` up to its normalization tensors' values."""
+    from protos.contract import file_sha256
+
+    states = {}
+    for name in cfg.edge_models:
+        path = Path(name)
+        if not path.is_file():
+            raise FileNotFoundError(f"edge_models: {path} does not exist")
+        meta = read_edge_model(path)
+        for what in ("input_shape", "class_names", "preprocess", "batch_stats", "norm_names", "norm_shapes"):
+            if getattr(meta, what) != getattr(primary, what):
+                raise ValueError(f"edge_models: {path} differs from edge_model in {what}")
+        if meta.norm_offsets is None:
+            raise ValueError(f"edge_models: {path} keeps its norm tensors as graph inputs; export it with "
+                             "initializers (the default)")
+        states[file_sha256(path)] = meta.norm_state(path.read_bytes())
+    return states
+
+
 def serve(cfg: CloudConfig) -> int:
     """Run a cloud with resolved settings until SIGTERM / SIGINT."""
     import torch
@@ -118,6 +139,7 @@ def serve(cfg: CloudConfig) -> int:
         student, teacher, info = _load_models(cfg)
     edge_path, meta = _edge_model(cfg, student)
     info.update(edge_model=str(edge_path), edge_model_sha256=file_sha256(edge_path))
+    edge_states = _extra_edge_states(cfg, meta)
 
     stop = threading.Event()
     previous = {}
@@ -125,7 +147,7 @@ def serve(cfg: CloudConfig) -> int:
         for sig in (signal.SIGTERM, signal.SIGINT):
             previous[sig] = signal.signal(sig, lambda signum, frame: stop.set())
     server = CloudServer(student, teacher, cfg, preprocess=meta.preprocess,
-                         edge_model_sha256=info["edge_model_sha256"], run_info=info)
+                         edge_model_sha256=info["edge_model_sha256"], edge_states=edge_states, run_info=info)
     try:
         server.start()
         if cfg.port_file:

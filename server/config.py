@@ -38,6 +38,9 @@ class CloudConfig:
     cache: str = option("", "cache of the built-in models (default: $FEDSHIFT_CACHE or ~/.cache/fedshift)")
     edge_model: str = option("", "the ONNX file the edges run: uploads are preprocessed with its metadata "
                              "(default: the student exported to OUT/cloud/edge.onnx)")
+    edge_models: tuple[str, ...] = option((), "more ONNX files edges may run (e.g. one per domain, same "
+                                          "architecture and preprocessing): an edge registering with one of them "
+                                          "gets a student that starts from that file's normalization state")
     threads: int = option(1, "torch CPU threads")
     # serving
     max_workers: int = option(32, "RPC threads (each subscribed edge holds one)")

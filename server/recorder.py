@@ -38,6 +38,9 @@ class Checkpoint:
     # local normalization layers (FedBN / FRAug) averaged over clients by sample count: what an
     # exported model uses in place of ``model``'s never-aggregated ones
     deploy_norm: dict[str, torch.Tensor] | None = None
+    # each client's own local normalization layers (partition id -> tensors): the personalised
+    # model FedBN trains, which the edge serving that client's domain runs
+    client_norm: dict[int, dict[str, torch.Tensor]] | None = None
 
 
 def save_checkpoint(path: Path, ckpt: Checkpoint) -> None:
@@ -45,7 +48,7 @@ def save_checkpoint(path: Path, ckpt: Checkpoint) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
     torch.save({"model": ckpt.model, "generator": ckpt.generator, "round": ckpt.round,
-                "config": ckpt.config, "deploy_norm": ckpt.deploy_norm}, tmp)
+                "config": ckpt.config, "deploy_norm": ckpt.deploy_norm, "client_norm": ckpt.client_norm}, tmp)
     tmp.replace(path)
 
 
@@ -61,6 +64,7 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
         raise ValueError(f"{path} is not a fedshift FL checkpoint")
     return Checkpoint(model=raw["model"], generator=raw.get("generator"), round=int(raw["round"]),
                       deploy_norm=raw.get("deploy_norm"),
+                      client_norm={int(k): v for k, v in raw["client_norm"].items()} if raw.get("client_norm") else None,
                       config=dict(raw.get("config") or {}))
 
 

@@ -92,7 +92,8 @@ class FedShiftStrategy(FedAvg):
         local_keys: Collection[str] = (),
         recorder: RunRecorder | None = None,
         round_offset: int = 0,
-        on_round_end: Callable[[int, ArrayRecord, "ArrayRecord | None", "ArrayRecord | None"], None] | None = None,
+        on_round_end: Callable[[int, ArrayRecord, "ArrayRecord | None", "ArrayRecord | None",
+                                dict[int, dict[str, np.ndarray]]], None] | None = None,
         **kwargs: Any,
     ) -> None:
         kwargs.setdefault("train_metrics_aggr_fn", mean_metrics)
@@ -104,6 +105,8 @@ class FedShiftStrategy(FedAvg):
         self.on_round_end = on_round_end
         self.latest_arrays: ArrayRecord | None = None
         self.deploy_norm: ArrayRecord | None = None  # averaged local norm layers, for export only
+        # each client's own local norm layers (its newest reply), for per-client (non-IID) edges
+        self.client_norm: dict[int, dict[str, np.ndarray]] = {}
         self._down: dict[str, int] = {"train": 0, "evaluate": 0}
 
     # ---------------------------------------------------------------- hooks for subclasses
@@ -158,8 +161,11 @@ class FedShiftStrategy(FedAvg):
             if not msg.has_error() and DEPLOY_NORM_RECORD in msg.content.array_records:
                 record = msg.content[DEPLOY_NORM_RECORD]
                 del msg.content[DEPLOY_NORM_RECORD]
-                weight = float(next(iter(msg.content.metric_records.values()))[WEIGHT_KEY])
-                parts.append((weight, {k: v.numpy() for k, v in record.items()}))
+                metrics = next(iter(msg.content.metric_records.values()))
+                arrays = {k: v.numpy() for k, v in record.items()}
+                parts.append((float(metrics[WEIGHT_KEY]), arrays))
+                if PARTITION_KEY in metrics:
+                    self.client_norm[int(metrics[PARTITION_KEY])] = arrays
         if not parts:
             return
         total = sum(w for w, _ in parts)
@@ -182,7 +188,7 @@ class FedShiftStrategy(FedAvg):
         if self.recorder is not None:
             self.recorder.eval_round(rnd, _client_metrics(replies), self._down["evaluate"], 0)
         if self.on_round_end is not None and self.latest_arrays is not None:
-            self.on_round_end(rnd, self.latest_arrays, self.generator_arrays(), self.deploy_norm)
+            self.on_round_end(rnd, self.latest_arrays, self.generator_arrays(), self.deploy_norm, self.client_norm)
         return metrics
 
 

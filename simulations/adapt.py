@@ -32,6 +32,7 @@ import numpy as np
 
 from core.corruptions import CORRUPTIONS
 from core.data.builtin import BuiltinData
+from core.data.domains import DOMAINS
 from edge.config import EdgeConfig, NodeConfig
 from core.renorm import EDGE_NORMS
 from edge.selection import scaled_redundancy
@@ -42,6 +43,8 @@ from server.config import CloudConfig
 from server.stats import CloudStats
 
 log = logging.getLogger(__name__)
+
+STREAMS = ("pooled", "domain")
 
 
 @dataclass(frozen=True)
@@ -122,6 +125,11 @@ class AdaptConfig:
                             "no-cloud baselines fix theirs (no_adapt: source, bn_stats: batch)", choices=EDGE_NORMS)
     data_seed: int = option(0, "seed of the built-in dataset: the streams are its test images (never trained on)")
     data: BuiltinData = section(BuiltinData, "the built-in dataset the streams (and built-in models) come from")
+    streams: str = option("pooled", "pooled: every edge streams the test images of all domains; domain: edge i "
+                          "streams client i's own (one domain per edge, as deployed)", choices=STREAMS)
+    client_models: str = option("", "a folder of per-client models (<i>/edge.onnx, <i>/edge_batch_stats.onnx, as "
+                                "the export stage writes under export/clients): edge i runs client i's, and its "
+                                "cloud student starts from it (needs streams = domain)")
     split: str = option("test", "the split the streams are built from: test (reported results) or val (for "
                         "picking settings without touching the test images)", choices=("test", "val"))
     teacher_epochs: int | None = option(None, "the built-in teacher's training epochs (default: its dataset's, "
@@ -147,6 +155,13 @@ class AdaptConfig:
         rate = self.edge.selection.random_rate
         if self.method == "random" and not (rate and 0 < rate <= 1):
             raise ValueError("method 'random' needs edge.selection.random_rate in (0, 1]")
+        if self.streams not in STREAMS:
+            raise ValueError(f"streams must be one of {', '.join(STREAMS)}, got {self.streams!r}")
+        if self.streams == "domain" and self.edges > len(DOMAINS):
+            raise ValueError(f"streams = domain: edge i serves client i's domain, and there are {len(DOMAINS)} "
+                             f"domains for {self.edges} edges")
+        if self.client_models and self.streams != "domain":
+            raise ValueError("client_models: edge i runs client i's model on client i's domain; set streams = domain")
         if self.split not in ("test", "val"):
             raise ValueError(f"split must be 'test' or 'val', got {self.split!r}")
         if self.edge_norm not in EDGE_NORMS:
@@ -193,12 +208,19 @@ class AdaptConfig:
 class Prepared:
     """Files the processes read."""
 
-    edge_onnx: Path  # what the edges run
+    edge_onnx: Path  # the shared model file the edges run (the cloud preprocesses uploads with its metadata)
     plain_onnx: Path  # running-statistics export, for no_adapt_accuracy
     bn_onnx: Path  # batch-statistics export, for bn_stats_accuracy
     edge_weights: Path
     teacher_weights: Path | None
     streams: list[Path] = field(default_factory=list)
+    # per edge (client_models): its own (running, batch-statistics) files; empty: all run the shared ones
+    own: list[tuple[Path, Path]] = field(default_factory=list)
+
+    def model_of(self, i: int, norm: str) -> Path:
+        """The file edge ``i`` runs under the edge normalization ``norm``."""
+        plain, bn = self.own[i] if self.own else (self.plain_onnx, self.bn_onnx)
+        return bn if norm == "batch" else plain
 
 
 def prepare(cfg: AdaptConfig, out: Path) -> Prepared:
@@ -225,10 +247,14 @@ def prepare(cfg: AdaptConfig, out: Path) -> Prepared:
     plain = _given_or_exported(cfg.edge_onnx, model, out / "models" / "edge.onnx", shape, c.student, False, names)
     bn = _given_or_exported(cfg.edge_onnx_batch_stats, model, out / "models" / "edge_batch_stats.onnx", shape,
                             c.student, True, names)
-    test = eval_split(cfg.data.make(cfg.data_seed, c.image_size), cfg.split)
+    dataset = cfg.data.make(cfg.data_seed, c.image_size)
+    pooled = eval_split(dataset, cfg.split)
     prepared = Prepared(bn if cfg.norm == "batch" else plain, plain, bn, edge_weights, teacher_weights)
+    if cfg.client_models:
+        prepared.own = [_client_files(Path(cfg.client_models), i) for i in range(cfg.edges)]
     for i in range(cfg.edges):
         mine = cfg.corruptions[i::cfg.edges]
+        test = pooled if cfg.streams == "pooled" else getattr(dataset.clients[i], cfg.split)
         stream = build_stream(test.images, test.labels, corruptions=mine, severities=(cfg.severity,),
                               protocol=cfg.protocol, passes=cfg.passes, samples=cfg.samples,
                               seed=cfg.seed * 1000 + i)
@@ -241,8 +267,18 @@ def prepare(cfg: AdaptConfig, out: Path) -> Prepared:
         path.parent.mkdir(parents=True, exist_ok=True)
         save_stream_npz(path, segments, stream.protocol)
         prepared.streams.append(path)
-        log.info("edge%d stream: %s (%d samples)", i, ", ".join(mine), len(stream))
+        where = "all domains" if cfg.streams == "pooled" else f"domain {dataset.clients[i].domain}"
+        log.info("edge%d stream: %s, %s (%d samples)", i, where, ", ".join(mine), len(stream))
     return prepared
+
+
+def _client_files(folder: Path, i: int) -> tuple[Path, Path]:
+    """Client ``i``'s own (running-statistics, batch-statistics) model files under ``folder``."""
+    files = (folder / str(i) / "edge.onnx", folder / str(i) / "edge_batch_stats.onnx")
+    for f in files:
+        if not f.is_file():
+            raise FileNotFoundError(f"client_models: {f} does not exist (edge {i} runs client {i}'s model)")
+    return files
 
 
 def _given_or_exported(given: str, model, path: Path, shape, name: str, batch_stats: bool,
@@ -267,7 +303,7 @@ def edge_config(cfg: AdaptConfig, i: int, prep: Prepared, server: str, out: Path
         redundancy = scaled_redundancy(cfg.data.classes)
     selection = replace(e.selection, method=spec.edge, seed=seed, redundancy=redundancy, **dict(spec.selection))
     node = replace(e.node, limit=cfg.limit, sync_timeout_s=e.node.sync_timeout_s if cfg.lockstep else 0.0)
-    return replace(e, server=server, model=_abs(prep.edge_onnx), source=f"npz:{_abs(prep.streams[i])}",
+    return replace(e, server=server, model=_abs(prep.model_of(i, cfg.norm)), source=f"npz:{_abs(prep.streams[i])}",
                    edge_id=f"edge{i}", out=_abs(out / "edges" / f"edge{i}.json"), seed=seed, node=node,
                    selection=selection)
 
@@ -279,7 +315,8 @@ def cloud_config(cfg: AdaptConfig, prep: Prepared, out: Path, port_file: Path) -
     return replace(c, host="127.0.0.1", port=0, port_file=_abs(port_file), student_weights=_abs(prep.edge_weights),
                    teacher_weights=_abs(prep.teacher_weights) if prep.teacher_weights else "", out_dir=_abs(out),
                    max_workers=max(c.max_workers, 2 * cfg.edges + 4), lockstep=cfg.lockstep,
-                   edge_model=_abs(prep.edge_onnx), num_classes=cfg.data.classes, cema=cema)
+                   edge_model=_abs(prep.edge_onnx), num_classes=cfg.data.classes, cema=cema,
+                   edge_models=tuple(_abs(prep.model_of(i, cfg.norm)) for i in range(len(prep.own))))
 
 
 def _abs(path: str | os.PathLike) -> str:
@@ -329,8 +366,9 @@ def run_adapt(cfg: AdaptConfig, out: str | os.PathLike) -> "AdaptResult":
     summaries = [EdgeSummary.read(out / "edges" / f"{n}.json") for n in edge_names]
     limit = cfg.limit
     batch = cfg.edge.batch_size
-    no_adapt = forward_only_accuracy(prep.plain_onnx, prep.streams, batch, limit)
-    bn = forward_only_accuracy(prep.bn_onnx, prep.streams, batch, limit)
+    edges = range(cfg.edges)
+    no_adapt = forward_only_accuracy([prep.model_of(i, "source") for i in edges], prep.streams, batch, limit)
+    bn = forward_only_accuracy([prep.model_of(i, "batch") for i in edges], prep.streams, batch, limit)
     timing = Timing(prepare=t_prepared - t0, adapt=time.monotonic() - t_prepared)
     stats_file = out / "cloud" / "stats.json"
     cloud = CloudStats.read(stats_file) if spec.cloud is not None and not cfg.cloud_address else None
@@ -439,18 +477,24 @@ class AdaptResult(Record):
         return self.uploaded / self.seen if self.seen else 0.0
 
 
-def forward_only_accuracy(model: Path, streams: Sequence[Path], batch_size: int, limit: int | None = None) -> Accuracy:
-    """Accuracy of an exported model on the streams, in-process, without any cloud: the running-
+def forward_only_accuracy(models: Path | Sequence[Path], streams: Sequence[Path], batch_size: int,
+                          limit: int | None = None) -> Accuracy:
+    """Accuracy of exported models on the streams, in-process, without any cloud: the running-
     statistics export gives ``no_adapt_accuracy``, the batch-statistics one ``bn_stats_accuracy``
     (batches as the edges form them: ``batch_size`` samples, never across segments; ``limit``
-    samples per stream, like the edges' ``limit``)."""
+    samples per stream, like the edges' ``limit``). ``models``: one file for every stream, or one
+    per stream (each edge's own)."""
     from edge.runtime import EdgeRuntime
     from protos.contract import load_stream_npz
 
-    runtime = EdgeRuntime(model)
+    files = [Path(models)] * len(streams) if isinstance(models, (str, Path)) else [Path(m) for m in models]
+    if len(files) != len(streams):
+        raise ValueError(f"{len(files)} models for {len(streams)} streams")
+    runtimes = {f: EdgeRuntime(f) for f in dict.fromkeys(files)}
     correct: dict[str, int] = {}
     total: dict[str, int] = {}
-    for path in streams:
+    for path, file in zip(streams, files):
+        runtime = runtimes[file]
         left = limit if limit else None
         for seg in load_stream_npz(path).segments:
             n = len(seg.images) if left is None else min(left, len(seg.images))

@@ -16,7 +16,7 @@ import shlex
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Callable, Sequence
 
 from simulations.scenario import Scenario, to_toml
 
@@ -124,7 +124,10 @@ class Pipeline:
         """Every model file the edges may run, written once: ``edge.onnx`` (running statistics: the
         ``running`` and ``source`` edge normalizations, and no adaptation) and
         ``edge_batch_stats.onnx`` (each batch's statistics: ``batch``, and the edge-BN-statistics
-        baseline); plus the weights the cloud's student starts from."""
+        baseline); plus the weights the cloud's student starts from. That is the model with the
+        clients' local normalization layers averaged; when the strategy kept them local (FedBN,
+        FRAug), each client's own model is written too, under ``clients/<id>/``, for the edge that
+        serves that client's domain."""
         import torch
 
         from core.export import export_onnx
@@ -135,20 +138,27 @@ class Pipeline:
 
         deploy = self.deployed_strategy()
         ckpt = load_checkpoint(self.out / "fl" / deploy)
-        model = create_model(self.s.fl.model, self.s.data.classes, image_size=self.s.data.image_size)
-        model.load_state_dict(deployable_state(ckpt))
         out = self.out / "export"
         out.mkdir(parents=True, exist_ok=True)
-        torch.save(model.state_dict(), out / "edge_weights.pt")
+        models = {"": deployable_state(ckpt)}
+        # local-only keeps every layer local and reports only its norm layers: no per-client model
+        clients = sorted((ckpt.client_norm or {}).items()) if deploy in ("fedbn", "fraug") else []
+        for pid, norm in clients:
+            models[f"clients/{pid}/"] = {**ckpt.model, **norm}
+        files: dict[str, ExportedFile] = {}
         size = self.s.data.image_size
-        files = {"edge.onnx": False, "edge_batch_stats.onnx": True}
-        for name, batch_stats in files.items():
-            info = export_onnx(model.eval(), out / name, (3, size, size), model_name=self.s.fl.model, version=0,
-                               batch_stats=batch_stats, class_names=self.s.data.builtin.class_names())
-            log.info("exported the %s model (round %d) to %s", deploy, ckpt.round, info.path)
-        ExportSummary(strategy=deploy, round=ckpt.round, weights="edge_weights.pt",
-                      files={name: ExportedFile(file_sha256(out / name), bs) for name, bs in files.items()}
-                      ).write(out / "deployed.json")
+        for prefix, state in models.items():
+            model = create_model(self.s.fl.model, self.s.data.classes, image_size=size)
+            model.load_state_dict(state)
+            (out / prefix).mkdir(parents=True, exist_ok=True)
+            torch.save(model.state_dict(), out / prefix / "edge_weights.pt")
+            for name, batch_stats in (("edge.onnx", False), ("edge_batch_stats.onnx", True)):
+                export_onnx(model.eval(), out / prefix / name, (3, size, size), model_name=self.s.fl.model,
+                            version=0, batch_stats=batch_stats, class_names=self.s.data.builtin.class_names())
+                files[prefix + name] = ExportedFile(file_sha256(out / prefix / name), batch_stats)
+            log.info("exported the %s model (round %d) to %s", deploy, ckpt.round, out / prefix)
+        ExportSummary(strategy=deploy, round=ckpt.round, weights="edge_weights.pt", files=files,
+                      clients=tuple(pid for pid, _ in clients)).write(out / "deployed.json")
 
     def deployed_strategy(self) -> str:
         """``fl.deploy``, or with ``best_val`` the strategy with the best mean validation accuracy
@@ -176,7 +186,7 @@ class Pipeline:
         if "edge_batch_stats.onnx" not in exported.files:
             raise ValueError("the export stage did not write edge_batch_stats.onnx (an older run): "
                              "re-run from the export stage (--from export)")
-        run_adapt(adapt_config(self.s, export), self.out / "adapt")
+        run_adapt(adapt_config(self.s, export, exported.clients), self.out / "adapt")
 
     def report(self) -> None:
         from simulations.report import write_report
@@ -185,8 +195,9 @@ class Pipeline:
         log.info("report: %s", path)
 
 
-def adapt_config(s: Scenario, export: Path) -> "AdaptConfig":
-    """The adapt stage's settings: the scenario's, with the export stage's files as inputs."""
+def adapt_config(s: Scenario, export: Path, clients: Sequence[int] = ()) -> "AdaptConfig":
+    """The adapt stage's settings: the scenario's, with the export stage's files as inputs. With
+    per-domain streams and per-client models exported (FedBN, FRAug), edge i runs client i's."""
     from core.cema import CemaConfig
     from edge.config import EdgeConfig, NodeConfig
     from server.config import CloudConfig
@@ -196,7 +207,8 @@ def adapt_config(s: Scenario, export: Path) -> "AdaptConfig":
     return AdaptConfig(
         method=s.cloud.method, edges=s.edge.count, corruptions=s.edge.corruptions, severity=s.edge.severity,
         protocol=s.edge.protocol, passes=s.edge.passes, samples=s.edge.samples, limit=s.edge.limit, seed=s.seed,
-        edge_norm=s.edge.norm,
+        edge_norm=s.edge.norm, streams=s.edge.streams,
+        client_models=str(export / "clients") if s.edge.streams == "domain" and clients else "",
         data_seed=s.seed, data=s.data.builtin,
         teacher_epochs=s.cloud.teacher_epochs, edge_onnx=str(export / "edge.onnx"),
         edge_onnx_batch_stats=str(batch_stats) if batch_stats.is_file() else "", cloud_address=s.cloud.address,

@@ -53,7 +53,12 @@ def adapt_table(r: AdaptResult) -> str:
     for name, base, value in rows:
         cells = [f"{100 * b:.1f}" for b in base] + [f"{100 * value:.1f}", f"{100 * (value - base[0]):+.1f}"]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    lines += ["", f"The edges normalized with {_NORM_WORDS[r.edge_norm]} (edge_norm = {r.edge_norm}).",
+    if r.config.streams == "domain":
+        own = "its own model (that client's normalization layers)" if r.config.client_models else "the shared model"
+        serve = f"Edge i streamed client i's domain (non-IID edges) and ran {own}."
+    else:
+        serve = "Every edge streamed the pooled test images of all domains and ran the shared model."
+    lines += ["", serve, f"The edges normalized with {_NORM_WORDS[r.edge_norm]} (edge_norm = {r.edge_norm}).",
               f"Uploaded {r.uploaded:,} of {r.seen:,} samples ({100 * r.upload_rate:.1f}%); "
               f"{r.bytes_up / 1e6:.2f} MB up, {r.bytes_down / 1e6:.2f} MB down; "
               f"{r.versions_applied} parameter versions applied at the edges."]

@@ -30,10 +30,15 @@ class ExportSummary(Record):
     round: int  # the checkpoint's round
     weights: str  # the torch weights the cloud's student starts from (file name under export/)
     files: dict[str, ExportedFile] = field(default_factory=dict)  # ONNX file name under export/ → its facts
+    # clients whose own model (local normalization layers) is under export/clients/<id>/
+    clients: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         if "edge.onnx" not in self.files:
             raise ValueError("the export stage always writes edge.onnx")
+        for pid in self.clients:
+            if f"clients/{pid}/edge.onnx" not in self.files:
+                raise ValueError(f"client {pid} is listed but clients/{pid}/edge.onnx is not")
 
     def verify(self, folder: Path) -> None:
         """Raise if a listed file is missing or is not the file that was exported."""

@@ -72,6 +72,7 @@ class EdgeSpec:
     limit: int | None = same_as(AdaptConfig, "limit")
     batch_size: int = same_as(EdgeConfig, "batch_size")
     norm: str = same_as(AdaptConfig, "edge_norm")
+    streams: str = same_as(AdaptConfig, "streams", "domain")
     sync_s: float = same_as(NodeConfig, "sync_timeout_s", 2.0)
 
 

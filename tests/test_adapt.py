@@ -4,6 +4,7 @@ import json
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -131,3 +132,43 @@ def test_edge_norm_of_baselines_and_split_validation() -> None:
         AdaptConfig(split="train")
     with pytest.raises(ValueError, match="edge_norm"):
         AdaptConfig(cloud=CloudConfig(cema=CloudConfig().cema.__class__(edge_norm="running")))
+
+
+def test_domain_streams_run_each_clients_own_model(tmp_path, weights) -> None:
+    """streams = domain + client_models: edge i streams client i's test images and runs client i's
+    file; the cloud gets every such file, and the no-cloud baselines use each edge's own model."""
+    from core.export import export_onnx
+    from core.norm import get_norm_state, set_norm_state
+    from core.data.builtin import BuiltinData
+
+    clients = tmp_path / "clients"
+    for i in range(2):
+        model = create_model("edge_cnn", 10)
+        model.load_state_dict(torch.load(weights / "edge.pt"))
+        set_norm_state(model, {k: v * (1 + 0.5 * i) for k, v in get_norm_state(model).items()})
+        for name, bs in (("edge.onnx", False), ("edge_batch_stats.onnx", True)):
+            export_onnx(model.eval(), clients / str(i) / name, (3, 32, 32), batch_stats=bs)
+    out = tmp_path / "run"
+    cfg = AdaptConfig(method="cema", edges=2, corruptions=("contrast", "fog"), limit=64, streams="domain",
+                      client_models=str(clients), edge=EdgeConfig(batch_size=32, node=NodeConfig(sync_timeout_s=2.0)),
+                      cloud=CloudConfig(student_weights=str(weights / "edge.pt"),
+                                        teacher_weights=str(weights / "teacher.pt")))
+    results = run_adapt(cfg, out)
+    cloud = load_config(CloudConfig, out / "configs" / "cloud.toml")
+    assert cloud.edge_models == tuple(str((clients / str(i) / "edge_batch_stats.onnx").resolve()) for i in range(2))
+    data = BuiltinData().make(0, 32)
+    from protos.contract import load_stream_npz
+
+    for i in range(2):
+        summary = EdgeSummary.read(out / "edges" / f"edge{i}.json")
+        assert summary.model.path == cloud.edge_models[i]
+        seg = load_stream_npz(out / "streams" / f"edge{i}.npz").segments[0]
+        assert len(seg.images) == len(data.clients[i].test)  # the client's own held-out images, corrupted
+        assert np.array_equal(np.sort(seg.labels), np.sort(data.clients[i].test.labels))
+    log = "\n".join(p.read_text() for p in (out / "logs").glob("cloud*"))
+    assert log.count("starts from its edge's own model file") == 2  # each student starts from its edge's file
+    assert results.config.streams == "domain" and results.bn_stats_accuracy is not None
+    with pytest.raises(ValueError, match="set streams = domain"):
+        AdaptConfig(client_models=str(clients))
+    with pytest.raises(ValueError, match="domains for 6 edges"):
+        AdaptConfig(streams="domain", edges=6, corruptions=("fog",) * 6)

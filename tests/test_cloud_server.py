@@ -20,6 +20,7 @@ from core.norm import get_norm_state, set_norm_state
 from core.training import to_tensor
 from edge.runtime import EdgeRuntime
 from protos.codec import GRPC_OPTIONS, decode_state, encode_array
+from protos.contract import file_sha256
 from protos.fedshift.v1 import edge_pb2 as pb
 from protos.fedshift.v1 import edge_pb2_grpc as pb_grpc
 from server.cloud import CloudConfig, CloudServer
@@ -340,3 +341,42 @@ def test_lockstep_acks_after_learning_with_the_resulting_version(models) -> None
         assert _upload(stub, 1, _images(2)).latest_version == 1  # < batch, replay < start: no step
         assert _upload(stub, 2, _images(8, seed=3)).latest_version == 3  # two batches (queue 2+8 → 2 steps)
         assert run.server.service.learner("e1").queue_size == 2
+
+
+def test_an_edge_running_its_own_model_file_gets_a_student_starting_from_it(models, tmp_path: Path) -> None:
+    """Per-domain edges: each runs its client's normalization layers; the cloud, given those files,
+    starts that edge's student (and its resets) from the file the edge registered with."""
+    from server.cloud_cli import _extra_edge_states, read_edge_model
+
+    student = copy.deepcopy(models[0])
+    primary = export_onnx(student, tmp_path / "edge.onnx", (3, SIZE, SIZE)).path
+    own = get_norm_state(student)
+    own = {k: (v * 0.5 + 0.1 if not k.endswith("running_var") else v * 2.0).astype(np.float32) for k, v in own.items()}
+    personal = copy.deepcopy(student)
+    set_norm_state(personal, own)
+    path = export_onnx(personal, tmp_path / "client1.onnx", (3, SIZE, SIZE)).path
+    cfg = _config(edge_models=(str(path),))
+    states = _extra_edge_states(cfg, read_edge_model(primary))
+    sha = file_sha256(path)
+    assert set(states) == {sha}
+    server = CloudServer(models[0], models[1], cfg, preprocess=Preprocess(), edge_model_sha256=file_sha256(primary),
+                         edge_states=states)
+    with server:
+        channel = grpc.insecure_channel(f"127.0.0.1:{server.port}", options=GRPC_OPTIONS)
+        stub = pb_grpc.EdgeServiceStub(channel)
+        stub.Register(pb.RegisterRequest(edge_id="own", model_sha256=sha), timeout=10)
+        stub.Register(pb.RegisterRequest(edge_id="plain", model_sha256=file_sha256(primary)), timeout=10)
+        for k, v in server.service.learner("own").norm_state().items():
+            np.testing.assert_allclose(v, own[k], rtol=1e-6)
+        base = get_norm_state(models[0])
+        for k, v in server.service.learner("plain").norm_state().items():
+            np.testing.assert_array_equal(v, base[k])
+        _upload(stub, 0, _images(8), edge="own")
+        assert server.service.wait_idle(30)
+        stub.Reset(pb.ResetRequest(edge_id="own", episode=1), timeout=10)
+        for k, v in server.service.learner("own").norm_state().items():
+            np.testing.assert_allclose(v, own[k], rtol=1e-6)  # a reset returns to the edge's own model
+        channel.close()
+    other = export_onnx(create_model("edge_cnn", 5, image_size=SIZE, width=8), tmp_path / "c5.onnx", (3, SIZE, SIZE))
+    with pytest.raises(ValueError, match="differs from edge_model in class_names"):
+        _extra_edge_states(_config(edge_models=(str(other.path),)), read_edge_model(primary))

@@ -206,3 +206,8 @@ def test_deploy_norm_is_averaged_apart_and_never_mixed_into_the_model(model_stat
         expected = 0.25 * 1.0 + 0.75 * 4.0
         np.testing.assert_allclose(v.numpy(), np.asarray(expected, dtype=state[k].dtype), rtol=1e-6)
     assert all(DEPLOY_NORM_RECORD not in m.content.array_records for m in replies)
+    # and each client's own layers are kept apart, by partition id, for per-domain edges
+    assert set(strat.client_norm) == {0, 1}
+    for pid, value in ((0, 1.0), (1, 4.0)):
+        assert set(strat.client_norm[pid]) == local
+        assert all(np.allclose(v, value) for v in strat.client_norm[pid].values())

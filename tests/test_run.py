@@ -81,12 +81,16 @@ def test_tiny_scenario_end_to_end_is_reproducible(tmp_path) -> None:
     results = RunResults.read(a / "results.json")
     assert set(results.fl) == {"fedbn"} and results.adapt is not None and results.export.strategy == "fedbn"
     assert set(results.stages) == {"data", "fl", "export", "adapt", "report"}
-    exported = {file_sha256(p): p for p in (a / "export").glob("*.onnx")}
-    for path in sorted((a / "adapt" / "edges").glob("edge*.json")):
+    exported = {file_sha256(p): p for p in (a / "export").rglob("*.onnx")}
+    # non-IID edges: edge i streams client i's domain and runs client i's own FedBN model
+    assert results.adapt.config.streams == "domain" and results.export.clients == (0, 1)
+    for i, path in enumerate(sorted((a / "adapt" / "edges").glob("edge*.json"))):
         summary = EdgeSummary.read(path)
         assert summary.model.sha256 in exported, f"{path.name} ran a model that is not under export/"
         assert Path(summary.model.path).resolve() == exported[summary.model.sha256].resolve()
-    assert "export/edge_batch_stats.onnx" in report  # the report names the file the edges ran
+        assert Path(summary.model.path).resolve() == (a / "export" / "clients" / str(i) / "edge_batch_stats.onnx").resolve()
+    assert len({EdgeSummary.read(p).model.sha256 for p in (a / "adapt" / "edges").glob("edge*.json")}) == 2
+    assert "export/clients/0/edge_batch_stats.onnx" in report  # the report names the files the edges ran
     numbers = _numbers(a)
     assert numbers["uploaded"] == numbers["seen"] > 0 and numbers["versions_applied"] > 2  # the cloud really worked
     # same seed → same numbers
@@ -167,7 +171,7 @@ def test_large_scenario_cut_down_runs_on_glyph_shift(tmp_path) -> None:
     """The `large` scenario's path (glyph-shift, long distinct-sample streams) end to end, at toy sizes."""
     run = tmp_path / "large"
     sets = ["data.classes=47", "data.train_per_client=60", "data.val_per_client=20", "data.test_per_client=60",
-            "fl.rounds=1", "fl.clients=2", "edge.count=2", 'edge.corruptions=["fog","contrast"]', "edge.samples=100",
+            "fl.rounds=1", "fl.clients=2", "edge.count=2", 'edge.corruptions=["fog","contrast"]', "edge.samples=50", "edge.passes=2",
             "edge.batch_size=32", "cloud.method=distill_all", "cloud.teacher_epochs=1",
             "resources.cache=" + str(tmp_path / "cache")]
     out = subprocess.run([sys.executable, "-m", "simulations.cli", "run", "large", "--out", str(run),
