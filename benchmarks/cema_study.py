@@ -101,8 +101,8 @@ def cells(stage: str, *, classes: Sequence[int], severities: Sequence[int], prot
                     for norm in norms:
                         base = Cell(c, sev, proto, norm, "random", seed)
                         if stage == "tune":
-                            if seed == seeds[0]:
-                                out += [replace(base, rate=TUNE_RATE, lr=lr) for lr in LRS]
+                            if seed == seeds[0]:  # searched once, recorded as seed 0's
+                                out += [replace(base, rate=TUNE_RATE, lr=lr, seed=0) for lr in LRS]
                         elif stage == "preconditions":
                             out += [replace(base, rate=r) for r in RATES[stage]]
                             out.append(replace(base, method="distill_all"))
@@ -120,9 +120,9 @@ def adapt_config(cell: Cell, args: argparse.Namespace, rate: float | None, lr: f
     from core.data.builtin import DOMAINS, GLYPH_DEFAULT_SIZES, BuiltinData
     from edge.selection import SelectionConfig
     from server.config import CloudConfig
-    from simulations.adapt import AdaptConfig, _simulation_edge
+    from simulations.adapt import AdaptConfig, simulation_edge
 
-    edge = _simulation_edge()
+    edge = simulation_edge()
     edge = replace(edge, selection=SelectionConfig(random_rate=rate, budget=cell.budget))
     cloud = CloudConfig(cema=CemaConfig(student_lr=lr, teacher_lr=lr / 10))
     corruptions = CORRUPTIONS if args.corruptions == ["all"] else tuple(args.corruptions)

@@ -63,7 +63,7 @@ class RenormBatchNorm(nn.modules.batchnorm._BatchNorm):
         d = ((mean.detach() - self.running_mean) / running_std).view(shape)
         out = (x - mean.view(shape)) / std.view(shape) * r + d
         with torch.no_grad():
-            m = self.momentum if self.momentum is not None else 0.1
+            m = float(self.momentum)
             self.running_mean.add_(m * (mean.detach() - self.running_mean))
             self.running_var.add_(m * (unbiased - self.running_var))
             self.num_batches_tracked.add_(1)
@@ -77,8 +77,9 @@ def convert_renorm(model: nn.Module) -> nn.Module:
     the same tensors; returns ``model``."""
     for name, child in list(model.named_children()):
         if isinstance(child, nn.modules.batchnorm._BatchNorm) and not isinstance(child, RenormBatchNorm):
-            if not child.track_running_stats:
-                raise ValueError(f"{name}: running mode needs BatchNorm layers with running statistics")
+            if not child.track_running_stats or child.momentum is None:
+                raise ValueError(f"{name}: running mode needs BatchNorm layers with running statistics "
+                                 "and a momentum (not a cumulative average)")
             new = RenormBatchNorm(child.num_features, eps=child.eps, momentum=child.momentum, affine=child.affine)
             new.load_state_dict(child.state_dict())
             new.to(next(child.buffers()).device)

@@ -23,7 +23,8 @@ Methods: ``cema`` as above (``dynamic=False`` = static ``E0``; ``use_emin=False`
 ``cema_released`` = the authors' released configuration: static ``E0`` (warm-up disabled), no
 floor, redundancy on with ``d`` scaled to C classes (:func:`scaled_redundancy` when
 ``redundancy`` is unset) -- as released, that is the rule of ``eata``, kept under its own name so
-that a result says which setting was meant; ``eata`` = static ``H < E0`` + redundancy, no floor;
+that a result says which setting was meant; ``eata`` = static ``H < E0`` + redundancy (``d``
+scaled the same way when unset), no floor;
 ``all`` keeps everything (cloud-Tent, distill-all); ``none`` uploads nothing; ``random`` keeps each
 sample with probability ``random_rate`` from a seeded generator (the matched-rate baseline);
 ``oracle`` (benchmarks only) keeps a sample where the edge's prediction differs from a reference
@@ -41,8 +42,8 @@ then overshoots its target (measured: 15% for a 5% budget on a drifting stream).
 Episodes: :meth:`EntropySelector.reset` forgets the thresholds' state (running and warm-up means,
 the redundancy average, the budget's history) -- the edge calls it at every episode of the reset
 protocol, as the authors rebuild both filters per corruption, and never in the continual one.
-Running entropy statistics are kept for every method so that reports are comparable. State lives
-in each selector (no globals).
+Running entropy statistics are kept for every method so that reports are comparable; after a
+reset they cover the current episode. State lives in each selector (no globals).
 """
 
 from __future__ import annotations
@@ -110,7 +111,10 @@ class SelectionConfig:
         """This config for a model with ``num_classes`` outputs (``num_classes = 0``: take it)."""
         if self.num_classes not in (0, num_classes):
             raise ValueError(f"selection is set for {self.num_classes} classes, the model has {num_classes}")
-        return replace(self, num_classes=num_classes)
+        resolved = replace(self, num_classes=num_classes)
+        if self.redundancy is None and self.budget is None and self.method in ("eata", "cema_released"):
+            resolved = replace(resolved, redundancy=resolved.redundancy_threshold)  # the d in force, recorded
+        return resolved
 
     @property
     def e0(self) -> float:
@@ -129,11 +133,12 @@ class SelectionConfig:
 
     @property
     def redundancy_threshold(self) -> float | None:
-        """The redundancy ``d`` in force (``None``: off): ``cema_released`` scales it to C when unset;
-        a budget turns it off."""
+        """The redundancy ``d`` in force (``None``: off): ``eata`` and ``cema_released`` scale it to C
+        when unset (:func:`scaled_redundancy`); ``cema`` keeps it off unless set; a budget turns it
+        off."""
         if self.budget is not None:
             return None
-        if self.method == "cema_released" and self.redundancy is None:
+        if self.method in ("eata", "cema_released") and self.redundancy is None:
             return scaled_redundancy(self.num_classes)
         return self.redundancy
 

@@ -160,7 +160,7 @@ class EdgeSummary(Record):
     correct: int = 0
     per_corruption: dict[str, ShiftStats] = field(default_factory=dict)
     per_shift: dict[str, ShiftStats] = field(default_factory=dict)
-    mean_entropy: float | None = None
+    mean_entropy: float | None = None  # running mean entropy of the last episode (all of a continual stream)
     e_max_final: float | None = None
     metrics_reports: int = 0
     metrics_errors: int = 0

@@ -102,6 +102,9 @@ def run_server(grid: Grid, cfg: FLConfig) -> FLResult:
         proximal_mu=cfg.proximal_mu,
         generator=ArrayRecord(torch_state_dict=generator.state_dict()) if generator is not None else None,
         recorder=recorder, round_offset=start_round, on_round_end=on_round_end)
+    if cfg.resume and ckpt.client_norm:  # a client missing from the next round keeps its layers
+        strategy.client_norm.update({pid: {k: v.numpy() for k, v in norm.items()}
+                                     for pid, norm in ckpt.client_norm.items()})
     log.info("%s: %d rounds (from %d), %d clients, output %s", cfg.run_name, remaining, start_round,
              cfg.clients, out.resolve())
     try:

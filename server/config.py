@@ -66,6 +66,9 @@ class CloudConfig:
             raise ValueError("max_workers must be >= 2 (Subscribe streams each hold a thread)")
         if self.num_classes < 2:
             raise ValueError(f"num_classes must be >= 2, got {self.num_classes}")
+        if self.shared and self.edge_models:
+            raise ValueError("edge_models gives each edge a student from its own file; a shared student "
+                             "cannot start from several: drop shared or edge_models")
 
     @property
     def image_shape(self) -> tuple[int, int, int]:

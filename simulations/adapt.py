@@ -33,9 +33,8 @@ import numpy as np
 from core.corruptions import CORRUPTIONS
 from core.data.builtin import BuiltinData
 from core.data.domains import DOMAINS
-from edge.config import EdgeConfig, NodeConfig
 from core.renorm import EDGE_NORMS
-from edge.selection import scaled_redundancy
+from edge.config import EdgeConfig, NodeConfig
 from edge.summary import EdgeSummary
 from protos.config import option, section, write_config
 from protos.records import Record
@@ -97,7 +96,7 @@ def _field(obj: object, path: str) -> object:
     return obj
 
 
-def _simulation_edge() -> EdgeConfig:
+def simulation_edge() -> EdgeConfig:
     """The edges' template in a simulation: lockstep with the cloud (2 s bound)."""
     return EdgeConfig(node=NodeConfig(sync_timeout_s=2.0))
 
@@ -140,7 +139,7 @@ class AdaptConfig:
                                         "edge); default: exported into OUT/models")
     cloud_address: str = option("", "HOST:PORT of a running cloud: no local cloud process is started")
     timeout_s: float = option(1800.0, "longest wait for the edges, seconds")
-    edge: EdgeConfig = section(_simulation_edge, "the edges' settings", prefix="edge-")
+    edge: EdgeConfig = section(simulation_edge, "the edges' settings", prefix="edge-")
     cloud: CloudConfig = section(CloudConfig, "the cloud's settings (student = the edge model)", prefix="cloud-")
 
     def __post_init__(self) -> None:
@@ -298,10 +297,7 @@ def edge_config(cfg: AdaptConfig, i: int, prep: Prepared, server: str, out: Path
     """Edge ``i``'s resolved config: the template, the method's selection, this edge's files."""
     spec, e = cfg.spec, cfg.edge
     seed = cfg.seed * 1000 + i
-    redundancy = e.selection.redundancy
-    if redundancy is None and cfg.method == "eata":
-        redundancy = scaled_redundancy(cfg.data.classes)
-    selection = replace(e.selection, method=spec.edge, seed=seed, redundancy=redundancy, **dict(spec.selection))
+    selection = replace(e.selection, method=spec.edge, seed=seed, **dict(spec.selection))
     node = replace(e.node, limit=cfg.limit, sync_timeout_s=e.node.sync_timeout_s if cfg.lockstep else 0.0)
     return replace(e, server=server, model=_abs(prep.model_of(i, cfg.norm)), source=f"npz:{_abs(prep.streams[i])}",
                    edge_id=f"edge{i}", out=_abs(out / "edges" / f"edge{i}.json"), seed=seed, node=node,
@@ -434,12 +430,11 @@ class AdaptResult(Record):
     corruption over every edge that streamed it, and the forward-only references."""
 
     SCHEMA = "fedshift.adapt-result/1"
-    DERIVED = ("upload_rate",)
+    DERIVED = ("upload_rate", "edge_norm")
 
     method: str
     about: str
     config: AdaptConfig
-    edge_norm: str  # how the edges normalized (config.norm): batch, running or source
     edges: int
     accuracy: Accuracy
     no_adapt_accuracy: Accuracy
@@ -475,6 +470,11 @@ class AdaptResult(Record):
     @property
     def upload_rate(self) -> float:
         return self.uploaded / self.seen if self.seen else 0.0
+
+    @property
+    def edge_norm(self) -> str:
+        """How the edges normalized: batch, running or source (``config.norm``)."""
+        return self.config.norm
 
 
 def forward_only_accuracy(models: Path | Sequence[Path], streams: Sequence[Path], batch_size: int,
@@ -525,7 +525,7 @@ def aggregate(cfg: AdaptConfig, summaries: Sequence[EdgeSummary], no_adapt: Accu
            if s.updates.update_latency_s.count and s.updates.update_latency_s.mean is not None]
     n_lat = sum(c for c, _ in lat)
     return AdaptResult(
-        method=cfg.method, about=cfg.spec.about, config=cfg, edge_norm=cfg.norm, edges=len(summaries),
+        method=cfg.method, about=cfg.spec.about, config=cfg, edges=len(summaries),
         accuracy=Accuracy(overall=sum(s.correct for s in summaries) / max(1, sum(s.labelled for s in summaries)),
                           per_corruption={n: correct[n] / max(1, labelled[n]) for n in correct}),
         no_adapt_accuracy=no_adapt, bn_stats_accuracy=bn_stats,

@@ -113,6 +113,9 @@ class Scenario:
             raise ValueError(f"edge.corruptions: unknown {unknown}; valid: {', '.join(CORRUPTIONS)}")
         if self.edge.count < 1 or self.edge.count > len(self.edge.corruptions):
             raise ValueError(f"edge.count must be 1..{len(self.edge.corruptions)} (one corruption per edge at least)")
+        if self.edge.streams == "domain" and self.edge.count > self.fl.clients:
+            raise ValueError(f"edge.streams = domain: edge i serves client i's domain, and {self.edge.count} edges "
+                             f"need at least as many FL clients (fl.clients = {self.fl.clients})")
         if self.fl.deploy == "local" or (self.fl.deploy == "best_val" and "local" in self.fl.strategies):
             raise ValueError("local-only training has no global model to deploy: set fl.deploy to another strategy")
 

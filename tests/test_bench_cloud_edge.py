@@ -74,3 +74,20 @@ def test_cloud_edge_benchmark_quick(tmp_path: Path) -> None:
         assert u["update_bytes"] < u["model_param_bytes_fp32"]
     # what the edge received over the wire is the message the bytes section serialized
     assert abs(upd["bytes_per_update_received"] - results["bytes"]["update"]["edge_cnn"]["update_bytes"]) <= 4
+
+
+def test_cema_study_tune_cells_are_seed_zeros_whatever_the_seeds() -> None:
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "cema_study.py"
+    spec = importlib.util.spec_from_file_location("cema_study_under_test", path)
+    study = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = study
+    spec.loader.exec_module(study)
+    cells = study.cells("tune", classes=[100], severities=[5], protocols=["reset"], norms=["batch"], seeds=[1, 2])
+    assert {c.seed for c in cells} == {0} and len(cells) == len(study.LRS)
+    later = study.Cell(100, 5, "reset", "batch", "cema", seed=2)
+    done = {c.key: {"accuracy": 0.1 * i} for i, c in enumerate(cells)}
+    assert study.tuned_lr(later, done) == study.LRS[-1]  # the best validation accuracy wins

@@ -289,3 +289,10 @@ def test_oracle_keeps_where_edge_and_reference_disagree() -> None:
 def test_bad_budget_is_refused(kw, match) -> None:
     with pytest.raises(ValueError, match=match):
         SelectionConfig(num_classes=C, **kw)
+
+
+def test_eata_and_released_scale_d_when_unset_and_record_it() -> None:
+    cfg = SelectionConfig(method="eata").for_classes(100)
+    assert cfg.redundancy == pytest.approx(0.5 * math.sqrt(10 / 100))  # the d in force is what is recorded
+    assert SelectionConfig(method="cema").for_classes(100).redundancy is None  # ours keeps it off
+    assert SelectionConfig(method="eata", budget=0.1).for_classes(100).redundancy_threshold is None

@@ -192,3 +192,10 @@ def test_builtin_data_spec_is_validated_and_shared() -> None:
     parser = argparse.ArgumentParser()
     add_config_flags(parser, AdaptConfig)
     assert a.data.classes == 47 and "--classes" in parser.format_help()
+
+
+def test_shared_student_and_per_edge_model_files_are_refused_together() -> None:
+    from server.config import CloudConfig
+
+    with pytest.raises(ValueError, match="drop shared or edge_models"):
+        CloudConfig(shared=True, edge_models=("a.onnx",))

@@ -64,3 +64,11 @@ def test_unknown_scenario_names_and_files() -> None:
         load_scenario("nosuch")
     with pytest.raises(FileNotFoundError, match="scenario file not found"):
         load_scenario("/tmp/definitely-missing.toml")
+
+
+def test_domain_edges_need_as_many_fl_clients() -> None:
+    from simulations.scenario import load_scenario
+
+    with pytest.raises(ValueError, match="at least as many FL clients"):
+        load_scenario("default", ["fl.clients=3"])
+    assert load_scenario("default", ["fl.clients=3", "edge.streams=pooled"]).edge.streams == "pooled"
