@@ -204,17 +204,22 @@ def _mean(values: Iterable[float], scale: float = 100.0) -> str:
     return f"{scale * statistics.fmean(values):.1f}" if values else "–"
 
 
-def _matched_random(cell: dict, cells_: list[dict]) -> dict | None:
-    """The random cell at this cell's upload rate: same group and seed, the closest rate within
-    2 points (budgets hit theirs; random@cema is run at CEMA's)."""
-    best = None
-    for c in cells_:
-        if c["method"] != "random" or c["group"] != cell["group"] or c["seed"] != cell["seed"]:
-            continue
-        gap = abs(c["upload_rate"] - cell["upload_rate"])
-        if gap <= 0.02 and (best is None or gap < abs(best["upload_rate"] - cell["upload_rate"])):
-            best = c
-    return best
+def _matched_random(cell: dict, cells_: list[dict]) -> tuple[float, bool] | None:
+    """Random's accuracy at this cell's upload rate, same group and seed: the random cell within
+    2 points of it (budgets hit theirs; random@cema is run at CEMA's own), else interpolated
+    linearly in the upload rate between the two random cells around it (distill-all as 100 %).
+    Returns (accuracy, interpolated) or None when the rate lies outside the random cells run."""
+    rnd = sorted((c["upload_rate"], c["accuracy"]) for c in cells_
+                 if c["group"] == cell["group"] and c["seed"] == cell["seed"] and c is not cell
+                 and c["method"] in ("random", "distill_all"))
+    rate = cell["upload_rate"]
+    near = [(abs(r - rate), a) for r, a in rnd if abs(r - rate) <= 0.02]
+    if near:
+        return min(near)[1], False
+    for (r0, a0), (r1, a1) in zip(rnd, rnd[1:]):
+        if r0 <= rate <= r1 and r1 > r0:
+            return a0 + (a1 - a0) * (rate - r0) / (r1 - r0), True
+    return None
 
 
 def summary(done: dict[str, dict]) -> str:
@@ -245,7 +250,8 @@ def summary(done: dict[str, dict]) -> str:
         lines += [f"no adaptation (source statistics, no cloud): {_mean(no.values())} · edge BN statistics "
                   f"(no cloud): {_mean(bn.values())}", "",
                   "| method | seeds | upload % | MB up | accuracy | − edge BN stats (paired) | "
-                  "− random at its rate (paired) |", "|---|---|---|---|---|---|---|"]
+                  "− random at its rate (paired; interp. = between the random rates around it) |",
+                  "|---|---|---|---|---|---|---|"]
         order = {"random": 0, "distill_all": 1, "cema": 2, "cema_released": 3, "eata": 4, "oracle": 5}
         labels = sorted({c["label"] for c in mine},
                         key=lambda lb: (order.get(lb.split()[0].split("@")[0], 9), lb.startswith("random@"),
@@ -253,16 +259,17 @@ def summary(done: dict[str, dict]) -> str:
         for label in labels:
             cs = [by_seed[(label, s)] for s in seeds if (label, s) in by_seed]
             vs_bn = [c["accuracy"] - c["bn_stats"] for c in cs]
-            vs_random = []
+            vs_random, interpolated = [], False
             if not label.startswith("random"):
                 for c in cs:
                     m = _matched_random(c, mine)
-                    if m is not None and m is not c:
-                        vs_random.append(c["accuracy"] - m["accuracy"])
+                    if m is not None:
+                        vs_random.append(c["accuracy"] - m[0])
+                        interpolated |= m[1]
             lines.append(f"| {label} | {len(cs)} | {_mean(c['upload_rate'] for c in cs)} | "
                          f"{statistics.fmean(c['bytes_up'] for c in cs) / 1e6:.1f} | "
                          f"{_mean(c['accuracy'] for c in cs)} | {_pm(vs_bn)} | "
-                         f"{_pm(vs_random) if vs_random else '–'} |")
+                         f"{_pm(vs_random) + (' (interp.)' if interpolated else '') if vs_random else '–'} |")
         lines.append("")
     return "\n".join(lines)
 
