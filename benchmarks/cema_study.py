@@ -299,11 +299,13 @@ def plot(done: dict[str, dict], path: Path) -> None:
         if rnd:
             ax.plot(*zip(*rnd), "-", color="C0", marker=".", label="random (and distill-all at 100%)")
         for method, (marker, colour) in styles.items():
-            pts = sorted((mean(cs, "upload_rate"), mean(cs, "accuracy")) for lb, cs in by_label.items()
-                         if cs[0]["method"] == method)
-            if pts:
-                ax.plot(*zip(*pts), linestyle=":" if len(pts) > 1 else "", marker=marker, color=colour,
-                        label=method + (" (budgets + own rate)" if len(pts) > 1 else " (own rate)"))
+            for budgeted in (True, False):
+                pts = sorted((mean(cs, "upload_rate"), mean(cs, "accuracy")) for lb, cs in by_label.items()
+                             if cs[0]["method"] == method and (cs[0].get("budget") is not None) == budgeted)
+                if pts:
+                    ax.plot(*zip(*pts), linestyle=":" if budgeted else "", marker=marker, color=colour,
+                            markerfacecolor=colour if budgeted else "white", markersize=7,
+                            label=method + (" at budgets" if budgeted else " at its own rate"))
         ax.axhline(mean(mine, "bn_stats"), color="grey", linestyle="--", label="edge BN statistics, no cloud")
         ax.axhline(mean(mine, "no_adapt"), color="black", linestyle=":", label="no adaptation")
         ax.set_xscale("log")
@@ -311,7 +313,7 @@ def plot(done: dict[str, dict], path: Path) -> None:
         ax.set_ylabel("online accuracy, %")
         ax.set_title(group)
         ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=8, loc="lower right")
+        ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
