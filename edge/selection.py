@@ -40,7 +40,7 @@ quantile of past entropies: an adapting edge's entropies drift down, and a quant
 then overshoots its target (measured: 15% for a 5% budget on a drifting stream).
 
 Episodes: :meth:`EntropySelector.reset` forgets the thresholds' state (running and warm-up means,
-the redundancy average, the budget's history) -- the edge calls it at every episode of the reset
+the redundancy average, the budget's quota counts) -- the edge calls it at every episode of the reset
 protocol, as the authors rebuild both filters per corruption, and never in the continual one.
 Running entropy statistics are kept for every method so that reports are comparable; after a
 reset they cover the current episode. State lives in each selector (no globals).
@@ -57,6 +57,7 @@ from protos.config import option
 
 METHODS = ("cema", "cema_released", "eata", "all", "none", "random", "oracle")
 BUDGETED = ("cema", "cema_released", "eata")  # methods whose thresholds a budget can set
+STATIC = ("cema_released", "eata")  # static E_max = E0, redundancy scaled to C when unset
 
 
 def scaled_redundancy(num_classes: int) -> float:
@@ -112,7 +113,7 @@ class SelectionConfig:
         if self.num_classes not in (0, num_classes):
             raise ValueError(f"selection is set for {self.num_classes} classes, the model has {num_classes}")
         resolved = replace(self, num_classes=num_classes)
-        if self.redundancy is None and self.budget is None and self.method in ("eata", "cema_released"):
+        if self.redundancy is None and resolved.redundancy_threshold is not None:
             resolved = replace(resolved, redundancy=resolved.redundancy_threshold)  # the d in force, recorded
         return resolved
 
@@ -138,7 +139,7 @@ class SelectionConfig:
         off."""
         if self.budget is not None:
             return None
-        if self.method in ("eata", "cema_released") and self.redundancy is None:
+        if self.method in STATIC and self.redundancy is None:
             return scaled_redundancy(self.num_classes)
         return self.redundancy
 
@@ -243,7 +244,7 @@ class EntropySelector:
 
     def reset(self) -> None:
         """Start a new episode: forget the running and warm-up means, the redundancy average and the
-        budget's history (the seeded generator of ``random`` runs on)."""
+        budget's quota counts (the seeded generator of ``random`` runs on)."""
         self._stats = _Running()
         self._m = None
         self._quota_seen = self._quota_kept = 0
@@ -307,7 +308,7 @@ class EntropySelector:
 
     def _e_max(self, in_warmup: bool, mean: float) -> float:
         cfg = self.config
-        if cfg.method in ("eata", "cema_released") or not cfg.dynamic or in_warmup:
+        if cfg.method in STATIC or not cfg.dynamic or in_warmup:
             return cfg.e0
         warm = self._stats.warm_mean
         # a warm-up of exactly zero entropy leaves the ratio undefined: keep lam * E0 then

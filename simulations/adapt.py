@@ -207,7 +207,6 @@ class AdaptConfig:
 class Prepared:
     """Files the processes read."""
 
-    edge_onnx: Path  # the shared model file the edges run (the cloud preprocesses uploads with its metadata)
     plain_onnx: Path  # running-statistics export, for no_adapt_accuracy
     bn_onnx: Path  # batch-statistics export, for bn_stats_accuracy
     edge_weights: Path
@@ -216,9 +215,16 @@ class Prepared:
     # per edge (client_models): its own (running, batch-statistics) files; empty: all run the shared ones
     own: list[tuple[Path, Path]] = field(default_factory=list)
 
+    def shared_model(self, norm: str) -> Path:
+        """The shared file for the edge normalization ``norm`` (the cloud preprocesses uploads with its
+        metadata)."""
+        return self.bn_onnx if norm == "batch" else self.plain_onnx
+
     def model_of(self, i: int, norm: str) -> Path:
         """The file edge ``i`` runs under the edge normalization ``norm``."""
-        plain, bn = self.own[i] if self.own else (self.plain_onnx, self.bn_onnx)
+        if not self.own:
+            return self.shared_model(norm)
+        plain, bn = self.own[i]
         return bn if norm == "batch" else plain
 
 
@@ -248,7 +254,7 @@ def prepare(cfg: AdaptConfig, out: Path) -> Prepared:
                             c.student, True, names)
     dataset = cfg.data.make(cfg.data_seed, c.image_size)
     pooled = eval_split(dataset, cfg.split)
-    prepared = Prepared(bn if cfg.norm == "batch" else plain, plain, bn, edge_weights, teacher_weights)
+    prepared = Prepared(plain, bn, edge_weights, teacher_weights)
     if cfg.client_models:
         prepared.own = [_client_files(Path(cfg.client_models), i) for i in range(cfg.edges)]
     for i in range(cfg.edges):
@@ -311,7 +317,7 @@ def cloud_config(cfg: AdaptConfig, prep: Prepared, out: Path, port_file: Path) -
     return replace(c, host="127.0.0.1", port=0, port_file=_abs(port_file), student_weights=_abs(prep.edge_weights),
                    teacher_weights=_abs(prep.teacher_weights) if prep.teacher_weights else "", out_dir=_abs(out),
                    max_workers=max(c.max_workers, 2 * cfg.edges + 4), lockstep=cfg.lockstep,
-                   edge_model=_abs(prep.edge_onnx), num_classes=cfg.data.classes, cema=cema,
+                   edge_model=_abs(prep.shared_model(cfg.norm)), num_classes=cfg.data.classes, cema=cema,
                    edge_models=tuple(_abs(prep.model_of(i, cfg.norm)) for i in range(len(prep.own))))
 
 
