@@ -35,6 +35,7 @@ import argparse
 import json
 import logging
 import math
+import os
 import shutil
 import statistics
 import sys
@@ -68,6 +69,7 @@ class Cell:
     budget: float | None = None  # cema / eata budget
     rate_of: str = ""  # random at the upload rate of this method's cell (same group and seed)
     lr: float | None = None  # tune cells: the student lr tried (others: the tuned one, resolved at run time)
+    cset: str = "subset"  # the corruptions: SUBSET (one per family) or "all" 15 (the headline rows)
 
     @property
     def label(self) -> str:
@@ -81,7 +83,15 @@ class Cell:
 
     @property
     def group(self) -> str:
-        return f"glyph{self.classes}-sev{self.severity}-{self.protocol}-{self.norm}"
+        tag = "" if self.cset == "subset" else f"-{self.cset}15"
+        return f"glyph{self.classes}-sev{self.severity}-{self.protocol}-{self.norm}{tag}"
+
+    @property
+    def tune_group(self) -> "Cell":
+        """The cell whose group's lr grid this cell uses: the grid is searched once per classes x edge
+        normalization, on the subset at severity 5 in the reset protocol, and reused by the other
+        severities, protocols and the 15-corruption rows (a saving the README states)."""
+        return replace(self, severity=5, protocol="reset", cset="subset")
 
     @property
     def key(self) -> str:
@@ -92,17 +102,26 @@ class Cell:
 
 
 def cells(stage: str, *, classes: Sequence[int], severities: Sequence[int], protocols: Sequence[str],
-          norms: Sequence[str], seeds: Sequence[int]) -> list[Cell]:
+          norms: Sequence[str], seeds: Sequence[int], cset: str = "subset",
+          only: Sequence[str] = ()) -> list[Cell]:
+    """The stage's cells, seed-major within a group; ``only`` keeps the cells with these labels (a
+    pruned sweep: the README names what was left out)."""
+    out = list(dict.fromkeys(_cells(stage, classes, severities, protocols, norms, seeds, cset)))
+    return [c for c in out if not only or c.label in only]
+
+
+def _cells(stage: str, classes: Sequence[int], severities: Sequence[int], protocols: Sequence[str],
+           norms: Sequence[str], seeds: Sequence[int], cset: str) -> list[Cell]:
     out: list[Cell] = []  # seed-major within a group: a study stopped early has every norm at equal seeds
     for c in classes:
         for sev in severities:
             for proto in protocols:
                 for seed in seeds:
                     for norm in norms:
-                        base = Cell(c, sev, proto, norm, "random", seed)
+                        base = Cell(c, sev, proto, norm, "random", seed, cset=cset)
                         if stage == "tune":
-                            if seed == seeds[0]:  # searched once, recorded as seed 0's
-                                out += [replace(base, rate=TUNE_RATE, lr=lr, seed=0) for lr in LRS]
+                            if seed == seeds[0]:  # searched once, recorded as seed 0's, for its tune group
+                                out += [replace(base.tune_group, rate=TUNE_RATE, lr=lr, seed=0) for lr in LRS]
                         elif stage == "preconditions":
                             out += [replace(base, rate=r) for r in RATES[stage]]
                             out.append(replace(base, method="distill_all"))
@@ -124,8 +143,8 @@ def adapt_config(cell: Cell, args: argparse.Namespace, rate: float | None, lr: f
 
     edge = simulation_edge()
     edge = replace(edge, selection=SelectionConfig(random_rate=rate, budget=cell.budget))
-    cloud = CloudConfig(cema=CemaConfig(student_lr=lr, teacher_lr=lr / 10))
-    corruptions = CORRUPTIONS if args.corruptions == ["all"] else tuple(args.corruptions)
+    cloud = CloudConfig(cema=CemaConfig(student_lr=lr, teacher_lr=lr / 10), threads=args.cloud_threads)
+    corruptions = CORRUPTIONS if cell.cset == "all" else tuple(args.corruptions)
     data = BuiltinData("glyph-shift", cell.classes)
     samples, passes, split = args.samples, 1, "test"
     if cell.lr is not None:  # a tune cell: validation images, as many samples per corruption as a test stream
@@ -142,11 +161,12 @@ def adapt_config(cell: Cell, args: argparse.Namespace, rate: float | None, lr: f
 def tuned_lr(cell: Cell, done: dict[str, dict]) -> float:
     """The student lr of the grid with the best validation accuracy for this cell's group."""
     scores = {}
+    base = cell.tune_group
     for lr in LRS:
-        tune = done.get(replace(cell, method="random", rate=TUNE_RATE, budget=None, rate_of="", lr=lr,
+        tune = done.get(replace(base, method="random", rate=TUNE_RATE, budget=None, rate_of="", lr=lr,
                                 seed=0).key)
         if tune is None:
-            raise LookupError(f"{cell.key}: run --stage tune for group {cell.group} first (lr {lr:g} missing)")
+            raise LookupError(f"{cell.key}: run --stage tune for group {base.group} first (lr {lr:g} missing)")
         scores[lr] = tune["accuracy"]
     return max(LRS, key=lambda lr: (scores[lr], -LRS.index(lr)))
 
@@ -180,7 +200,7 @@ def run_cell(cell: Cell, args: argparse.Namespace, done: dict[str, dict]) -> dic
         "bytes_down": r.bytes_down, "versions_applied": r.versions_applied,
         "cloud_steps": sum(v.steps for v in cloud.learners.values()) if cloud is not None else 0,
         "cloud_uptime_s": cloud.uptime_s if cloud is not None else 0.0,
-        "wall_s": round(wall, 1), "timing_s": asdict(r.timing_s),
+        "wall_s": round(wall, 1), "timing_s": asdict(r.timing_s), "cloud_threads": args.cloud_threads,
         "command": f"python benchmarks/cema_study.py  (cell {cell.key})",
     }
 
@@ -226,7 +246,8 @@ def summary(done: dict[str, dict]) -> str:
     cells_ = [c for c in done.values() if c.get("split", "test") == "test"]
     tune = [c for c in done.values() if c.get("split") == "val"]
     for c in [*cells_, *tune]:
-        c.setdefault("group", Cell(c["classes"], c["severity"], c["protocol"], c["norm"], c["method"], 0).group)
+        c.setdefault("group", Cell(c["classes"], c["severity"], c["protocol"], c["norm"], c["method"], 0,
+                                   cset=c.get("cset", "subset")).group)
     lines: list[str] = []
     if tune:
         lines += ["### learning-rate grid on validation streams (random 25 % uploads, seed 0)", "",
@@ -331,7 +352,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--protocols", nargs="+", default=["reset"], choices=("reset", "continual"))
     p.add_argument("--norms", nargs="+", default=["running", "batch"], choices=("batch", "running", "source"))
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--corruptions", nargs="+", default=list(SUBSET), help="names, or 'all'")
+    p.add_argument("--corruptions", nargs="+", default=list(SUBSET), help="names, or 'all' (the 15: own groups)")
+    p.add_argument("--only", nargs="+", default=[], metavar="LABEL",
+                   help="run only the cells with these labels, e.g. 'random 25%%' cema random@cema (pruning)")
+    p.add_argument("--cloud-threads", type=int, default=min(2, os.cpu_count() or 1),
+                   help="the cloud's torch threads (lockstep: the edge waits while the cloud steps)")
     p.add_argument("--samples", type=int, default=5000, help="distinct test images per corruption")
     p.add_argument("--out-dir", default="benchmarks/results/cema_study")
     p.add_argument("--runs", default="runs/cema_study", help="run folders of the cells (not committed)")
@@ -350,7 +375,9 @@ def main(argv: list[str] | None = None) -> int:
     done = load_done(out_dir)
     if not args.summary:
         todo = [c for c in cells(args.stage, classes=args.classes, severities=args.severities,
-                                 protocols=args.protocols, norms=args.norms, seeds=args.seeds) if c.key not in done]
+                                 protocols=args.protocols, norms=args.norms, seeds=args.seeds,
+                                 cset="all" if args.corruptions == ["all"] else "subset", only=args.only)
+                if c.key not in done]
         log.info("%d cells to run (%d already done)", len(todo), len(done))
         for i, cell in enumerate(todo[:args.max_cells or None], 1):
             t0 = time.monotonic()

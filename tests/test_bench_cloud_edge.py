@@ -91,3 +91,29 @@ def test_cema_study_tune_cells_are_seed_zeros_whatever_the_seeds() -> None:
     later = study.Cell(100, 5, "reset", "batch", "cema", seed=2)
     done = {c.key: {"accuracy": 0.1 * i} for i, c in enumerate(cells)}
     assert study.tuned_lr(later, done) == study.LRS[-1]  # the best validation accuracy wins
+
+
+def test_cema_study_reuses_one_lr_grid_and_keeps_the_15_corruption_rows_apart() -> None:
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "cema_study.py"
+    spec = importlib.util.spec_from_file_location("cema_study_under_test2", path)
+    study = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = study
+    spec.loader.exec_module(study)
+    # the grid for severity 3 / continual is the severity-5 reset one: no new tune cells, same keys
+    tune = study.cells("tune", classes=[10], severities=[3, 5], protocols=["reset", "continual"],
+                       norms=["running"], seeds=[0])
+    assert len(tune) == len(study.LRS) and {c.group for c in tune} == {"glyph10-sev5-reset-running"}
+    done = {c.key: {"accuracy": 0.5 - abs(c.lr - 1e-3)} for c in tune}
+    headline = study.Cell(10, 3, "continual", "running", "cema", seed=1, cset="all")
+    assert study.tuned_lr(headline, done) == 1e-3
+    # the 15-corruption rows are their own group (their keys never overwrite the subset's)
+    assert headline.group == "glyph10-sev3-continual-running-all15"
+    assert study.Cell(10, 3, "continual", "running", "cema", seed=1).group == "glyph10-sev3-continual-running"
+    # pruning by label keeps exactly the named cells, per seed
+    kept = study.cells("selection", classes=[10], severities=[5], protocols=["reset"], norms=["running"],
+                       seeds=[0, 1], only=["cema", "random@cema", "eata budget 25%"])
+    assert sorted(c.label for c in kept) == sorted(["cema", "random@cema", "eata budget 25%"] * 2)
