@@ -201,8 +201,24 @@ def run_cell(cell: Cell, args: argparse.Namespace, done: dict[str, dict]) -> dic
         "cloud_steps": sum(v.steps for v in cloud.learners.values()) if cloud is not None else 0,
         "cloud_uptime_s": cloud.uptime_s if cloud is not None else 0.0,
         "wall_s": round(wall, 1), "timing_s": asdict(r.timing_s), "cloud_threads": args.cloud_threads,
-        "command": f"python benchmarks/cema_study.py  (cell {cell.key})",
+        "command": f"python benchmarks/cema_study.py  (cell {cell.key})", "code": _code_version(),
     }
+
+
+def _code_version() -> str:
+    """The commit the cell ran (``+dirty`` with uncommitted changes), so cells of one group that ran
+    on different code can be told apart."""
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
+                              check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return head + ("+dirty" if dirty else "")
 
 
 def load_done(out_dir: Path) -> dict[str, dict]:
