@@ -383,6 +383,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def _wait_while_paused(flag: Path) -> None:
+    """Between cells, wait while ``flag`` exists: a timing benchmark can have the cores without
+    stopping a cell midway (lockstep's timeouts would make that cell irreproducible)."""
+    if flag.exists():
+        log.info("paused: %s exists (remove it to go on)", flag)
+        while flag.exists():
+            time.sleep(5)
+        log.info("resumed")
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     args = parse_args(argv)
@@ -396,6 +406,7 @@ def main(argv: list[str] | None = None) -> int:
                 if c.key not in done]
         log.info("%d cells to run (%d already done)", len(todo), len(done))
         for i, cell in enumerate(todo[:args.max_cells or None], 1):
+            _wait_while_paused(out_dir / "PAUSE")
             t0 = time.monotonic()
             result = run_cell(cell, args, done)
             done[cell.key] = result
