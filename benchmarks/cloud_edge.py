@@ -359,10 +359,11 @@ class Models:
 class _Server:
     """One started server of ``kind`` for one trial; always stopped on exit."""
 
-    def __init__(self, kind: str, models: Models, args: argparse.Namespace) -> None:
-        self.kind, self._models, self._args = kind, models, args
+    def __init__(self, kind: str, models: Models, args: argparse.Namespace, **cema: Any) -> None:
+        self.kind, self._models, self._args, self._cema = kind, models, args, cema
 
     def __enter__(self) -> "_Server":
+        self.cloud: Any = None  # the CloudServer of a "cloud" trial
         if self.kind == "ack":
             self._server: Any = AckServer()
             self.address = self._server.address
@@ -371,12 +372,12 @@ class _Server:
             from server.cloud import CloudConfig, CloudServer
 
             config = CloudConfig(image_size=IMAGE_SHAPE[0], in_chans=IMAGE_SHAPE[2],
-                                 cema=CemaConfig(batch_size=self._args.cloud_batch),
+                                 cema=CemaConfig(batch_size=self._args.cloud_batch, **self._cema),
                                  shared=False, max_workers=32)
             from server.cloud_cli import read_edge_model
 
-            self._server = CloudServer(self._models.student, self._models.teacher, config,
-                                       preprocess=read_edge_model(self._models.onnx).preprocess)
+            self._server = self.cloud = CloudServer(self._models.student, self._models.teacher, config,
+                                                    preprocess=read_edge_model(self._models.onnx).preprocess)
             try:
                 self._server.start()
             except BaseException:
@@ -465,6 +466,73 @@ def bench_throughput(pool: EdgePool, models: Models, args: argparse.Namespace) -
     return out
 
 
+LEARN_VARIANTS = ("before", "channels_last", "after")  # threads 1 / contiguous; threads 1 / channels-last; both
+
+
+def _learn_variant(name: str, args: argparse.Namespace) -> tuple[int, bool]:
+    """(torch threads, channels_last) of a learning variant: ``before`` is the cloud as issue 10
+    found it (one thread, contiguous tensors); ``after`` adds ``--learn-threads`` (the cores the
+    edges leave idle while they wait in lockstep) to the channels-last format."""
+    return {"before": (1, False), "channels_last": (1, True), "after": (args.learn_threads, True)}[name]
+
+
+def bench_learning(models: Models, args: argparse.Namespace) -> dict:
+    """Cloud steps/s and uploads learnt/s of the real CloudServer (per-edge students): ``edges``
+    clients each upload ``--learn-samples`` images in 16-image requests as fast as acknowledged,
+    timed from the first upload until every learner is idle (all uploads learnt)."""
+    import torch
+
+    from edge.client import CloudClient
+
+    per: dict[str, dict[int, list[dict[str, float]]]] = {v: {e: [] for e in args.learn_edges} for v in LEARN_VARIANTS}
+    n, count = 16, max(1, args.learn_samples // 16)
+    images, ent = _images(n, seed=1), _entropies(n, seed=1)
+    threads_before = torch.get_num_threads()
+    try:
+        for rep in range(args.repeats):
+            for edges in args.learn_edges:
+                for variant in _rotated(LEARN_VARIANTS, rep):
+                    threads, channels_last = _learn_variant(variant, args)
+                    torch.set_num_threads(threads)
+                    with _Server("cloud", models, args, channels_last=channels_last) as server:
+                        clients = [CloudClient(server.address, f"edge-{i}", timeout=60.0, connect_timeout=30.0,
+                                               seed=i) for i in range(edges)]
+                        try:
+                            for c in clients:
+                                c.call("register", c.stub.Register, pb.RegisterRequest(edge_id=c.edge_id),
+                                       timeout=30.0, wait_for_ready=True)
+                            start = time.perf_counter()
+                            for seq in range(count):  # interleaved, as concurrent edges arrive
+                                for c in clients:
+                                    c.upload(images, ent, seq, seen=(seq + 1) * n)
+                            if not server.cloud.service.wait_idle(timeout=600.0):
+                                raise RuntimeError("the cloud did not finish learning the uploads in 600 s")
+                            wall = time.perf_counter() - start
+                            stats = server.cloud.service.stats()
+                        finally:
+                            for c in clients:
+                                c.close()
+                    steps = sum(v.steps for v in stats.learners.values())
+                    per[variant][edges].append({"wall_s": wall, "steps": steps, "steps_per_s": steps / wall,
+                                                "uploads_learnt_per_s": stats.samples / wall})
+                    log.info("learning: repeat %d, %d edge(s), %s: %.1f steps/s, %.0f uploads learnt/s",
+                             rep + 1, edges, variant, steps / wall, stats.samples / wall)
+    finally:
+        torch.set_num_threads(threads_before)
+    out: dict[str, dict[str, Any]] = {}
+    for variant, by_e in per.items():
+        threads, channels_last = _learn_variant(variant, args)
+        out[variant] = {str(e): {"edges": e, "threads": threads, "channels_last": channels_last,
+                                 "steps_per_s": statistics.median(r["steps_per_s"] for r in reps),
+                                 "uploads_learnt_per_s": statistics.median(r["uploads_learnt_per_s"] for r in reps),
+                                 "repeats": reps} for e, reps in by_e.items()}
+    for e in args.learn_edges:
+        base = out["before"][str(e)]["steps_per_s"]
+        for variant in LEARN_VARIANTS:
+            out[variant][str(e)]["speedup_vs_before"] = out[variant][str(e)]["steps_per_s"] / base
+    return out
+
+
 def bench_update_latency(pool: EdgePool, models: Models, args: argparse.Namespace) -> dict:
     """Cloud step done → applied at one real edge, against the real CloudServer."""
     with _Server("cloud", models, args) as server:
@@ -539,6 +607,23 @@ def bench_bytes(args: argparse.Namespace, measured_sizes: dict[int, dict[int, in
 # ------------------------------------------------------------------------------ report
 def table(results: dict[str, Any], args: argparse.Namespace) -> str:
     """The Markdown tables printed at the end (and suitable for the README)."""
+    lines = _rpc_table(results, args) if "upload_latency" in results else []
+    learn = results.get("learning")
+    if learn:
+        lines += ["", f"Cloud learning (CloudServer, per-edge students, {args.learn_samples} uploads per edge, "
+                  f"B {args.cloud_batch}, median of {args.repeats})", "",
+                  "| edges | " + " | ".join(f"{v} steps/s | {v} uploads learnt/s" for v in LEARN_VARIANTS)
+                  + " | after / before |", "|---|" + "---|---|" * len(LEARN_VARIANTS) + "---|"]
+        for e in args.learn_edges:
+            row = [str(e)] + [f"{learn[v][str(e)]['steps_per_s']:.1f} | {learn[v][str(e)]['uploads_learnt_per_s']:.0f}"
+                              for v in LEARN_VARIANTS]
+            lines.append("| " + " | ".join(row) + f" | {learn['after'][str(e)]['speedup_vs_before']:.2f}× |")
+        lines += ["", f"before: 1 torch thread, contiguous tensors; channels_last: 1 thread; after: "
+                  f"{args.learn_threads} threads + channels-last"]
+    return "\n".join(lines)
+
+
+def _rpc_table(results: dict[str, Any], args: argparse.Namespace) -> list[str]:
     lat, thr, upd, byt = (results[k] for k in ("upload_latency", "throughput", "update_latency", "bytes"))
     lines = ["Upload round trip (one `Upload` RPC via CloudClient, ms, median of repeats)", "",
              "| batch | " + " | ".join(f"{KIND_LABEL[k]} median | {KIND_LABEL[k]} p90" for k in args.kinds)
@@ -575,7 +660,7 @@ def table(results: dict[str, Any], args: argparse.Namespace) -> str:
     for name, r in byt["update"].items():
         lines.append(f"| {name} | {r['parameters']:,} | {r['norm_floats']:,} | {r['update_bytes']:,} | "
                      f"{r['model_param_bytes_fp32']:,} | {r['update_over_model_params']:.1%} |")
-    return "\n".join(lines)
+    return lines
 
 
 def _machine() -> dict[str, Any]:
@@ -604,19 +689,45 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--teacher-blocks", type=int, default=2)
     p.add_argument("--threads", type=int, default=1, help="torch threads of the cloud (the CLI's default)")
     p.add_argument("--kinds", nargs="+", default=list(KINDS), choices=KINDS)
+    p.add_argument("--learn-edges", type=int, nargs="+", default=[1, 4], help="edges in the cloud-learning runs")
+    p.add_argument("--learn-samples", type=int, default=320, help="uploads per edge in a cloud-learning run")
+    p.add_argument("--learn-threads", type=int, default=min(2, os.cpu_count() or 1),
+                   help="torch threads of the 'after' cloud-learning variant")
+    p.add_argument("--only-learning", action="store_true", help="measure the cloud learning alone")
     p.add_argument("--out", type=Path, default=Path("runs/bench/cloud_edge.json"))
     args = p.parse_args(argv)
     if args.quick:
         args.repeats, args.latency_uploads, args.edges = 1, 5, [1, 2]
         args.duration_s, args.warmup_s, args.updates = 0.5, 0.2, 3
         args.teacher_width, args.teacher_blocks = 8, 1
+        args.learn_edges, args.learn_samples = [1, 2], 64
     if min(args.latency_batches + args.edges + [args.repeats, args.latency_uploads, args.updates]) < 1:
         p.error("counts must be >= 1")
     if args.duration_s <= 0 or args.warmup_s < 0:
         p.error("--duration-s must be > 0 and --warmup-s >= 0")
     args.latency_batches = sorted(set(args.latency_batches))
     args.edges = sorted(set(args.edges))
+    args.learn_edges = sorted(set(args.learn_edges))
+    if min(args.learn_edges + [args.learn_samples, args.learn_threads]) < 1:
+        p.error("--learn-* values must be >= 1")
     return args
+
+
+def rpc_costs(models: Models, args: argparse.Namespace) -> dict[str, Any]:
+    """Upload latency, sustained uploads, update latency and bytes: the protocol's costs."""
+    pool: EdgePool | None = None
+    try:
+        log.info("starting %d edge processes", max(args.edges))
+        pool = EdgePool(max(args.edges))
+        latency, sizes = bench_upload_latency(pool, models, args)
+        throughput = bench_throughput(pool, models, args)
+        updates = bench_update_latency(pool, models, args) if "cloud" in args.kinds else None
+        log.info("update latency measured")
+    finally:
+        if pool is not None:
+            pool.close()
+    return {"upload_latency": latency, "throughput": throughput, "update_latency": updates,
+            "bytes": bench_bytes(args, sizes)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -629,21 +740,10 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(max(1, args.threads))
     started = time.monotonic()
     load_before = os.getloadavg()
-    pool: EdgePool | None = None
     with tempfile.TemporaryDirectory() as tmp:
         models = Models(args, Path(tmp))
-        try:
-            log.info("starting %d edge processes", max(args.edges))
-            pool = EdgePool(max(args.edges))
-            latency, sizes = bench_upload_latency(pool, models, args)
-            throughput = bench_throughput(pool, models, args)
-            updates = bench_update_latency(pool, models, args) if "cloud" in args.kinds else None
-            log.info("update latency measured")
-        finally:
-            if pool is not None:
-                pool.close()
-    results = {"upload_latency": latency, "throughput": throughput, "update_latency": updates,
-               "bytes": bench_bytes(args, sizes)}
+        results = {} if args.only_learning else rpc_costs(models, args)
+        results["learning"] = bench_learning(models, args) if "cloud" in args.kinds else None
     wall = time.monotonic() - started
     report = {
         "benchmark": "cloud_edge",

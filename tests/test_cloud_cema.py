@@ -239,3 +239,27 @@ def test_replay_at_upload_fills_the_replay_before_any_step() -> None:
     assert len(learner.replay) == 5 and learner.step() is None  # no batch yet, the replay too small
     learner.add(_images(5, seed=1))
     assert learner.step() is not None and len(learner.replay) == 10  # not added twice
+
+
+@pytest.mark.parametrize("edge_norm", ["batch", "running"])
+def test_channels_last_is_the_same_learner(edge_norm: str) -> None:
+    """The memory format is a speed knob only: six steps (teacher + student, replay mixed in) give
+    the same published state and teacher parameters either way."""
+    states, teachers = [], []
+    for channels_last in (False, True):
+        torch.manual_seed(0)
+        student, teacher = _models()
+        cfg = CemaConfig(batch_size=8, replay_start=8, edge_norm=edge_norm, channels_last=channels_last)
+        learner = CemaLearner(student, teacher, cfg, num_classes=10)
+        for i in range(6):
+            learner.add(_images(8, seed=i))
+            assert learner.step() is not None
+        states.append(learner.norm_state())
+        teachers.append([p.detach().clone() for p in norm_affine_parameters(learner.teacher)])
+    assert states[0].keys() == states[1].keys()
+    for key in states[0]:
+        np.testing.assert_allclose(states[1][key], states[0][key], rtol=1e-4, atol=1e-5, err_msg=key)
+    for a, b in zip(*teachers):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
+    conv = next(m for m in learner.student.modules() if isinstance(m, torch.nn.Conv2d))
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last)  # the knob did act
