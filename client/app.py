@@ -112,12 +112,15 @@ def _global_round(msg: Message) -> int:
 
 
 def fraug_settings(cfg: FLConfig) -> Any:
+    """FRAug's settings; the generator's and RTNet's optimizers take only their own (``fraug-lr-aux``,
+    ``fraug-momentum-aux``), never the model's: inherited, a model momentum of 0.9 made their step
+    5x the authors' (issue 11)."""
     from core.fraug import FRAugSettings
 
     return FRAugSettings(noise=cfg.fraug_noise, latent_dim=cfg.fraug_latent_dim, lambda_max=cfg.fraug_lambda_max,
                          gamma=cfg.fraug_gamma, warmup_rounds=cfg.fraug_warmup_rounds, lambda_g=cfg.fraug_lambda_g,
                          g_distance=cfg.fraug_g_distance, lambda_t=cfg.fraug_lambda_t, lr_aux=cfg.fraug_lr_aux,
-                         momentum=cfg.momentum, rtnet_final_bn=cfg.fraug_rtnet_final_bn,
+                         momentum=cfg.fraug_momentum_aux, rtnet_final_bn=cfg.fraug_rtnet_final_bn,
                          interpolate=cfg.fraug_interpolate, proto_momentum=cfg.fraug_proto_momentum)
 
 

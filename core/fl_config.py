@@ -85,7 +85,9 @@ class FLConfig:
     fraug_g_distance: str = option("mse", "FRAug generator distance: mse (to the class prototypes) or mmd "
                                    "(Gaussian MMD)", choices=_G_DISTANCES)
     fraug_lambda_t: float = option(1.0, "FRAug: weight of the RTNet loss")
-    fraug_lr_aux: float = option(0.05, "FRAug: learning rate of the generator and the RTNet")
+    fraug_lr_aux: float = option(0.05, "FRAug: learning rate of the generator and the RTNet (never the model's)")
+    fraug_momentum_aux: float = option(0.5, "FRAug: SGD momentum of the generator and the RTNet (never the "
+                                       "model's; the authors use 0.5 for all three optimizers)")
     fraug_rtnet_final_bn: bool = option(True, "FRAug: end the RTNet with a batch-norm layer")
     fraug_interpolate: bool = option(False, "FRAug: blend synthetic embeddings towards their anchor "
                                      "(weight exp(gamma (t - T)))")
@@ -117,6 +119,9 @@ class FLConfig:
             raise bad("lr", "learning rates must be > 0")
         if not 0.0 <= self.fraug_proto_momentum <= 1.0:
             raise bad("fraug_proto_momentum", "must lie in [0, 1]")
+        for key in ("momentum", "fraug_momentum_aux"):
+            if not 0.0 <= getattr(self, key) < 1.0:
+                raise bad(key, f"must lie in [0, 1), got {getattr(self, key)}")
         clients_per_domain(self.clients)  # raises on an impossible client count
         self.data  # noqa: B018 - validates the dataset settings
 
