@@ -36,6 +36,12 @@ WEIGHT_KEY = "num-examples"  # Flower's default weighting key
 # Clients whose normalization layers stay local also report them under this record; the server
 # averages them by sample count for the *deployed* model only (never sent back to clients).
 DEPLOY_NORM_RECORD = "deploy-norm"
+# A client's whole Context.state (local layers, momentum, FRAug's RTNet / prototypes / optimizers)
+# travels under this record: up on checkpoint rounds (the server checkpoints it), down once in
+# the first round after a resume (the client restores it), so a resumed run equals an
+# uninterrupted one.
+CLIENT_STATE_RECORD = "client-state"
+SEND_STATE_KEY = "send-state"  # round config: reply with the client state this round
 
 STRATEGIES: tuple[str, ...] = ("local", "fedavg", "fedprox", "fedbn", "fraug")
 _NOISES = ("uniform", "normal")
@@ -95,6 +101,10 @@ class FLConfig:
     # outputs
     out_dir: str = option("", "output folder (empty: runs/fl-<strategy>-seed<seed>)")
     resume: str = option("", "checkpoint file or run folder to resume from (empty: start fresh)")
+    checkpoint_every: int = option(1, "write the checkpoint (global model and every client's state) every this "
+                                   "many rounds and at the run's last round")
+    stop_at: int = option(0, "end this run after this round, as if stopped there (0: run all rounds); resume "
+                          "it later from its checkpoint: a long run in parts, equal to one run")
     tensorboard: bool = option(True, "write TensorBoard event files")
 
     def __post_init__(self) -> None:
@@ -106,11 +116,11 @@ class FLConfig:
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
                 raise bad(key, f"{getattr(self, key)!r} is not one of {', '.join(allowed)}")
-        for key in ("rounds", "clients", "batch_size", "threads", "image_size"):
+        for key in ("rounds", "clients", "batch_size", "threads", "image_size", "checkpoint_every"):
             if getattr(self, key) < 1:
                 raise bad(key, f"must be >= 1, got {getattr(self, key)}")
         for key in ("seed", "train_per_client", "local_epochs", "local_steps", "fraug_latent_dim",
-                    "fraug_warmup_rounds"):
+                    "fraug_warmup_rounds", "stop_at"):
             if getattr(self, key) < 0:
                 raise bad(key, f"must be >= 0, got {getattr(self, key)}")
         if self.local_epochs == 0 and self.local_steps == 0:
