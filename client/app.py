@@ -199,7 +199,7 @@ def handle_train(msg: Message, context: Context, cfg: FLConfig) -> Message:
     config = msg.content.config_records.get("config") or {}
     mu = float(config.get("proximal-mu", 0.0))
     spec = LocalSpec(epochs=cfg.local_epochs, steps=cfg.local_steps, batch_size=cfg.batch_size, lr=cfg.lr,
-                     momentum=cfg.momentum, weight_decay=cfg.weight_decay, proximal_mu=mu)
+                     momentum=cfg.momentum, weight_decay=cfg.weight_decay, proximal_mu=mu, augment=cfg.augment)
     global_params = ({n: p.detach().clone() for n, p in model.named_parameters() if n in received}
                      if mu > 0 else None)
     hook = _fraug_hook(cfg, context, model, gen_arrays, rnd, pid) if cfg.strategy == "fraug" else None
