@@ -4,7 +4,9 @@ A client message runs in a reused simulation actor (shared across clients) or in
 deployment process, so nothing about a client may live in module globals. Everything that must
 survive between rounds — the layers the strategy keeps local (FedBN's norm layers, the whole
 model for local-only), SGD momentum, FRAug's RTNet, prototypes and auxiliary optimizers — is
-stored in the client's ``Context.state`` records and restored at the start of each message.
+stored in the client's ``Context.state`` records and restored at the start of each message. On
+checkpoint rounds the whole state also goes to the server (:func:`pack_state`), which sends it
+back once after a resume (:func:`restore_state`): a resumed run equals an uninterrupted one.
 
 The only cache here is :func:`client_data`, an ``lru_cache`` over a *pure* function (the same
 arguments always build byte-identical data), so it cannot leak state between clients or runs.
@@ -23,9 +25,11 @@ from flwr.clientapp import ClientApp
 from core.data.builtin import BuiltinData
 from core.norm import is_norm_key
 from core.fl_config import (
+    CLIENT_STATE_RECORD,
     DEPLOY_NORM_RECORD,
     GENERATOR_PREFIX,
     PARTITION_KEY,
+    SEND_STATE_KEY,
     WEIGHT_KEY,
     FLConfig,
     build_model,
@@ -104,6 +108,35 @@ def _split_received(msg: Message) -> tuple[dict[str, np.ndarray], dict[str, np.n
     return model, gen
 
 
+def pack_state(state: RecordDict) -> ArrayRecord:
+    """The client's whole ``Context.state`` as one ArrayRecord (``<record>/<key>`` names; the
+    meta counters as one-element int64 arrays), so the server can checkpoint it without knowing its parts."""
+    arrays = {f"{name}/{key}": array for name, record in state.array_records.items()
+              for key, array in record.items()}
+    for name, record in state.config_records.items():
+        arrays.update({f"{name}/{key}": Array(np.asarray([int(value)], np.int64)) for key, value in record.items()})
+    return ArrayRecord(array_dict=arrays)
+
+
+def restore_state(context: Context, packed: ArrayRecord) -> None:
+    """Put a checkpointed state (from :func:`pack_state`) back into a fresh ``Context.state``.
+
+    A context that has trained already is refused: two states for one client would be a bug."""
+    if STATE_META in context.state.config_records:
+        raise ValueError("the server sent a checkpointed state to a client that already holds one")
+    groups: dict[str, dict[str, Array]] = {}
+    for name, array in packed.items():
+        record, sep, key = name.partition("/")
+        if not sep:
+            raise ValueError(f"client state entry {name!r} is not <record>/<key>")
+        groups.setdefault(record, {})[key] = array
+    for record, arrays in groups.items():
+        if record == STATE_META:
+            context.state[record] = ConfigRecord({k: int(v.numpy().reshape(-1)[0]) for k, v in arrays.items()})
+        else:
+            context.state[record] = ArrayRecord(array_dict=arrays)
+
+
 def _global_round(msg: Message) -> int:
     config = msg.content.config_records.get("config")
     if config is None:
@@ -112,12 +145,15 @@ def _global_round(msg: Message) -> int:
 
 
 def fraug_settings(cfg: FLConfig) -> Any:
+    """FRAug's settings; the generator's and RTNet's optimizers take only their own (``fraug-lr-aux``,
+    ``fraug-momentum-aux``), never the model's: inherited, a model momentum of 0.9 made their step
+    5x the authors' (issue 11)."""
     from core.fraug import FRAugSettings
 
     return FRAugSettings(noise=cfg.fraug_noise, latent_dim=cfg.fraug_latent_dim, lambda_max=cfg.fraug_lambda_max,
                          gamma=cfg.fraug_gamma, warmup_rounds=cfg.fraug_warmup_rounds, lambda_g=cfg.fraug_lambda_g,
                          g_distance=cfg.fraug_g_distance, lambda_t=cfg.fraug_lambda_t, lr_aux=cfg.fraug_lr_aux,
-                         momentum=cfg.momentum, rtnet_final_bn=cfg.fraug_rtnet_final_bn,
+                         momentum=cfg.fraug_momentum_aux, rtnet_final_bn=cfg.fraug_rtnet_final_bn,
                          interpolate=cfg.fraug_interpolate, proto_momentum=cfg.fraug_proto_momentum)
 
 
@@ -155,13 +191,15 @@ def handle_train(msg: Message, context: Context, cfg: FLConfig) -> Message:
     torch.set_num_threads(cfg.threads)
     pid = _partition_id(context, cfg)
     split = _dataset(cfg).clients[pid].train
+    if CLIENT_STATE_RECORD in msg.content.array_records:  # the first round after a resume
+        restore_state(context, msg.content.array_records[CLIENT_STATE_RECORD])
     received, gen_arrays = _split_received(msg)
     rnd = _global_round(msg)
     model, local_keys = _assemble_model(cfg, context, received)
     config = msg.content.config_records.get("config") or {}
     mu = float(config.get("proximal-mu", 0.0))
     spec = LocalSpec(epochs=cfg.local_epochs, steps=cfg.local_steps, batch_size=cfg.batch_size, lr=cfg.lr,
-                     momentum=cfg.momentum, weight_decay=cfg.weight_decay, proximal_mu=mu)
+                     momentum=cfg.momentum, weight_decay=cfg.weight_decay, proximal_mu=mu, augment=cfg.augment)
     global_params = ({n: p.detach().clone() for n, p in model.named_parameters() if n in received}
                      if mu > 0 else None)
     hook = _fraug_hook(cfg, context, model, gen_arrays, rnd, pid) if cfg.strategy == "fraug" else None
@@ -195,7 +233,16 @@ def handle_train(msg: Message, context: Context, cfg: FLConfig) -> Message:
     local_norm = {k: state[k] for k in local_keys if is_norm_key(model, k)}
     if local_norm:  # for the deployed model's normalization (FedBN / FRAug keep these local)
         content[DEPLOY_NORM_RECORD] = ArrayRecord(torch_state_dict=local_norm)
+    if bool(config.get(SEND_STATE_KEY, False)):  # a checkpoint round
+        content[CLIENT_STATE_RECORD] = pack_state(context.state)
     return Message(content=content, reply_to=msg)
+
+
+def handle_query(msg: Message, context: Context, cfg: FLConfig) -> Message:
+    """Which partition this node serves: a resumed server maps its checkpointed client states
+    onto the new run's node ids with it."""
+    return Message(content=RecordDict({"metrics": MetricRecord({PARTITION_KEY: _partition_id(context, cfg)})}),
+                   reply_to=msg)
 
 
 def handle_evaluate(msg: Message, context: Context, cfg: FLConfig) -> Message:
@@ -235,6 +282,10 @@ def make_client_app(overrides: Mapping[str, Any] | None = None) -> ClientApp:
     @client_app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:
         return handle_evaluate(msg, context, config_of(context))
+
+    @client_app.query()
+    def query(msg: Message, context: Context) -> Message:
+        return handle_query(msg, context, config_of(context))
 
     return client_app
 

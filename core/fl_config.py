@@ -36,8 +36,16 @@ WEIGHT_KEY = "num-examples"  # Flower's default weighting key
 # Clients whose normalization layers stay local also report them under this record; the server
 # averages them by sample count for the *deployed* model only (never sent back to clients).
 DEPLOY_NORM_RECORD = "deploy-norm"
+# A client's whole Context.state (local layers, momentum, FRAug's RTNet / prototypes / optimizers)
+# travels under this record: up on checkpoint rounds (the server checkpoints it), down once in
+# the first round after a resume (the client restores it), so a resumed run equals an
+# uninterrupted one.
+CLIENT_STATE_RECORD = "client-state"
+SEND_STATE_KEY = "send-state"  # round config: reply with the client state this round
 
 STRATEGIES: tuple[str, ...] = ("local", "fedavg", "fedprox", "fedbn", "fraug")
+REPORTS: tuple[str, ...] = ("final", "best_val")  # which round's accuracy a table reports (FLResult.report)
+AUGMENTS: tuple[str, ...] = ("none", "crop-colour")  # local image augmentation (core/augment.py)
 _NOISES = ("uniform", "normal")
 _G_DISTANCES = ("mse", "mmd")
 _FRAUG_BN = ("local", "stats")
@@ -69,6 +77,8 @@ class FLConfig:
     lr: float = option(0.01, "local SGD learning rate")
     momentum: float = option(0.5, "local SGD momentum")
     weight_decay: float = option(0.0, "local SGD weight decay")
+    augment: str = option("none", "image augmentation of local batches: none, or crop-colour (random resized "
+                          "crop, colour jitter, greyscale: the authors' family)", choices=AUGMENTS)
     keep_momentum: bool = option(True, "keep each client's optimizer momentum from round to round")
     proximal_mu: float = option(0.01, "FedProx proximal term weight")
     threads: int = option(1, "torch threads per simulated client and for the server")
@@ -85,7 +95,9 @@ class FLConfig:
     fraug_g_distance: str = option("mse", "FRAug generator distance: mse (to the class prototypes) or mmd "
                                    "(Gaussian MMD)", choices=_G_DISTANCES)
     fraug_lambda_t: float = option(1.0, "FRAug: weight of the RTNet loss")
-    fraug_lr_aux: float = option(0.05, "FRAug: learning rate of the generator and the RTNet")
+    fraug_lr_aux: float = option(0.05, "FRAug: learning rate of the generator and the RTNet (never the model's)")
+    fraug_momentum_aux: float = option(0.5, "FRAug: SGD momentum of the generator and the RTNet (never the "
+                                       "model's; the authors use 0.5 for all three optimizers)")
     fraug_rtnet_final_bn: bool = option(True, "FRAug: end the RTNet with a batch-norm layer")
     fraug_interpolate: bool = option(False, "FRAug: blend synthetic embeddings towards their anchor "
                                      "(weight exp(gamma (t - T)))")
@@ -93,6 +105,10 @@ class FLConfig:
     # outputs
     out_dir: str = option("", "output folder (empty: runs/fl-<strategy>-seed<seed>)")
     resume: str = option("", "checkpoint file or run folder to resume from (empty: start fresh)")
+    checkpoint_every: int = option(1, "write the checkpoint (global model and every client's state) every this "
+                                   "many rounds and at the run's last round")
+    stop_at: int = option(0, "end this run after this round, as if stopped there (0: run all rounds); resume "
+                          "it later from its checkpoint: a long run in parts, equal to one run")
     tensorboard: bool = option(True, "write TensorBoard event files")
 
     def __post_init__(self) -> None:
@@ -100,15 +116,15 @@ class FLConfig:
             return ValueError(f"{key}: {why}")
 
         choices = {"strategy": STRATEGIES, "fraug_noise": _NOISES, "fraug_g_distance": _G_DISTANCES,
-                   "fraug_bn": _FRAUG_BN}
+                   "fraug_bn": _FRAUG_BN, "augment": AUGMENTS}
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
                 raise bad(key, f"{getattr(self, key)!r} is not one of {', '.join(allowed)}")
-        for key in ("rounds", "clients", "batch_size", "threads", "image_size"):
+        for key in ("rounds", "clients", "batch_size", "threads", "image_size", "checkpoint_every"):
             if getattr(self, key) < 1:
                 raise bad(key, f"must be >= 1, got {getattr(self, key)}")
         for key in ("seed", "train_per_client", "local_epochs", "local_steps", "fraug_latent_dim",
-                    "fraug_warmup_rounds"):
+                    "fraug_warmup_rounds", "stop_at"):
             if getattr(self, key) < 0:
                 raise bad(key, f"must be >= 0, got {getattr(self, key)}")
         if self.local_epochs == 0 and self.local_steps == 0:
@@ -117,6 +133,9 @@ class FLConfig:
             raise bad("lr", "learning rates must be > 0")
         if not 0.0 <= self.fraug_proto_momentum <= 1.0:
             raise bad("fraug_proto_momentum", "must lie in [0, 1]")
+        for key in ("momentum", "fraug_momentum_aux"):
+            if not 0.0 <= getattr(self, key) < 1.0:
+                raise bad(key, f"must lie in [0, 1), got {getattr(self, key)}")
         clients_per_domain(self.clients)  # raises on an impossible client count
         self.data  # noqa: B018 - validates the dataset settings
 
@@ -248,6 +267,23 @@ def _check_mean(where: str, mean: float | None, parts: Mapping[str, float | None
         raise ValueError(f"{where}: mean {mean!r} is not the mean of the per-client values ({expected!r})")
 
 
+def _mean_or_none(values: Any) -> float | None:
+    values = list(values)
+    return math.fsum(values) / len(values) if values and all(v is not None for v in values) else None
+
+
+@dataclass(frozen=True)
+class Report:
+    """Per-client and mean accuracies of one run in one report mode (:meth:`FLResult.report`)."""
+
+    mode: str
+    per_client_accuracy: dict[str, float | None]
+    mean_accuracy: float | None
+    per_client_val_accuracy: dict[str, float | None]
+    mean_val_accuracy: float | None
+    rounds: dict[str, int]  # the round each client's numbers come from
+
+
 @dataclass(frozen=True)
 class ClientRound:
     """One client's numbers in one round (``None``: not reported, or not finite)."""
@@ -344,6 +380,30 @@ class FLResult(Record):
                     raise ValueError(f"{key} {getattr(self, key)!r} differs from the last round's ({expected!r})")
         elif self.mean_accuracy is not None or self.per_client_accuracy:
             raise ValueError("accuracies reported but no round in history")
+
+    def report(self, mode: str = "final") -> "Report":
+        """The accuracies a table reports: ``final`` -- the last round's; ``best_val`` -- each
+        client's test accuracy at the round of its best validation accuracy (the earliest on a tie),
+        as the FedBN and FRAug papers report a client's best-validation checkpoint."""
+        if mode not in REPORTS:
+            raise ValueError(f"report mode must be one of {', '.join(REPORTS)}, got {mode!r}")
+        if mode == "final":
+            last = self.history[-1].round if self.history else 0
+            return Report(mode, dict(self.per_client_accuracy), self.mean_accuracy,
+                          dict(self.per_client_val_accuracy), self.mean_val_accuracy,
+                          {name: last for name in self.per_client_accuracy})
+        test: dict[str, float | None] = {}
+        val: dict[str, float | None] = {}
+        rounds: dict[str, int] = {}
+        for name in self.per_client_accuracy:
+            seen = [(h.clients[name].val_accuracy, -h.round, h.clients[name].test_accuracy) for h in self.history
+                    if name in h.clients and h.clients[name].val_accuracy is not None]
+            if not seen:
+                test[name] = val[name] = None
+                continue
+            best_val, neg_round, at_test = max(seen, key=lambda t: (t[0], t[1]))
+            test[name], val[name], rounds[name] = at_test, best_val, -neg_round
+        return Report(mode, test, _mean_or_none(test.values()), val, _mean_or_none(val.values()), rounds)
 
     @property
     def fl_config(self) -> FLConfig:

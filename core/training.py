@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from core.augment import augment_batch
 from core.data.types import Split
 from core.models import SplitModel
 from protos.contract import Preprocess
@@ -28,14 +29,23 @@ log = logging.getLogger(__name__)
 _PREPROCESS = Preprocess()
 
 
-def to_tensor(images: np.ndarray, preprocess: Preprocess = _PREPROCESS) -> torch.Tensor:
-    """uint8 NHWC images → float32 NCHW ``(x/scale - mean)/std``: ``preprocess(images)`` in torch,
-    so training batches stay on torch's fast path."""
+def to_unit(images: np.ndarray, preprocess: Preprocess = _PREPROCESS) -> torch.Tensor:
+    """uint8 NHWC images → float32 NCHW ``x/scale`` (what an augmentation works on)."""
     x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).to(torch.float32)
-    x = x.div_(preprocess.scale)
+    return x.div_(preprocess.scale)
+
+
+def normalize(x: torch.Tensor, preprocess: Preprocess = _PREPROCESS) -> torch.Tensor:
+    """``(x - mean)/std`` of :func:`to_unit`'s output."""
     mean = torch.tensor(preprocess.mean, dtype=torch.float32).view(1, -1, 1, 1)
     std = torch.tensor(preprocess.std, dtype=torch.float32).view(1, -1, 1, 1)
     return (x - mean) / std
+
+
+def to_tensor(images: np.ndarray, preprocess: Preprocess = _PREPROCESS) -> torch.Tensor:
+    """uint8 NHWC images → float32 NCHW ``(x/scale - mean)/std``: ``preprocess(images)`` in torch,
+    so training batches stay on torch's fast path."""
+    return normalize(to_unit(images, preprocess), preprocess)
 
 
 @dataclass(frozen=True)
@@ -49,6 +59,11 @@ class LocalSpec:
     momentum: float = 0.5
     weight_decay: float = 0.0
     proximal_mu: float = 0.0
+    augment: str = "none"  # "crop-colour": core/augment.py on every batch (the authors' family)
+
+    def __post_init__(self) -> None:
+        if self.augment not in ("none", "crop-colour"):
+            raise ValueError(f"augment must be none or crop-colour, got {self.augment!r}")
 
 
 class LocalHook(Protocol):
@@ -164,14 +179,17 @@ def train_local(
     """
     if spec.proximal_mu > 0 and global_params is None:
         raise ValueError("proximal_mu > 0 needs the global parameters")
-    x_all = to_tensor(split.images)
+    unit_all = to_unit(split.images)
+    x_all = normalize(unit_all)
     y_all = torch.from_numpy(split.labels)
+    aug_rng = np.random.default_rng(rng.integers(2**63)) if spec.augment != "none" else None
     named = dict(model.named_parameters())
     opt = make_sgd(named, spec.lr, spec.momentum, spec.weight_decay, optimizer_state_in)
     model.train()
     total_loss = total_correct = total_seen = steps = 0
     for idx in minibatches(len(split), spec.batch_size, rng, epochs=spec.epochs, steps=spec.steps):
-        x, y = x_all[idx], y_all[idx]
+        x = x_all[idx] if aug_rng is None else normalize(augment_batch(unit_all[idx], aug_rng))
+        y = y_all[idx]
         u = model.features(x)
         logits = model.classifier(u)
         ce = F.cross_entropy(logits, y)

@@ -12,12 +12,12 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
-from flwr.app import ArrayRecord, Context
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
-from core.fl_config import FLConfig, FLResult, RoundRecord, build_model, local_key_filter
+from core.fl_config import PARTITION_KEY, FLConfig, FLResult, RoundRecord, build_model, local_key_filter
 from server.recorder import CHECKPOINT_FILE, RESULTS_FILE, Checkpoint, RunRecorder, load_checkpoint, save_checkpoint
-from server.strategies import make_strategy
+from server.strategies import RoundEnd, make_strategy
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +55,34 @@ def wait_for_nodes(grid: Grid, clients: int, timeout: float = 120.0) -> None:
         time.sleep(0.5)
 
 
+def node_partitions(grid: Grid, timeout: float = 120.0) -> dict[int, int]:
+    """Node id → the partition it serves, asked of every node (a query message): a resumed run's
+    node ids are new, its partitions are not."""
+    nodes = list(grid.get_node_ids())
+    asks = [Message(content=RecordDict({"config": ConfigRecord({"ask": PARTITION_KEY})}),
+                    message_type=MessageType.QUERY, dst_node_id=n) for n in nodes]
+    out: dict[int, int] = {}
+    for reply in grid.send_and_receive(asks, timeout=timeout):
+        if reply.has_error():
+            raise RuntimeError(f"node {reply.metadata.src_node_id} did not say its partition: {reply.error}")
+        out[reply.metadata.src_node_id] = int(reply.content["metrics"][PARTITION_KEY])
+    if sorted(out) != sorted(nodes):
+        raise RuntimeError(f"only {len(out)} of {len(nodes)} nodes said their partition within {timeout:g} s")
+    return out
+
+
+def _restore_by_node(grid: Grid, states: Mapping[int, Mapping[str, Any]]) -> dict[int, ArrayRecord]:
+    """The checkpoint's client states (by partition) addressed to this run's nodes."""
+    by_node = {}
+    for node, pid in node_partitions(grid).items():
+        if pid in states:
+            by_node[node] = ArrayRecord(array_dict={k: Array(np.ascontiguousarray(v.numpy()))
+                                                    for k, v in states[pid].items()})
+        else:
+            log.warning("the checkpoint holds no state for partition %d: that client starts afresh", pid)
+    return by_node
+
+
 def run_server(grid: Grid, cfg: FLConfig) -> FLResult:
     """Run ``cfg.rounds`` rounds (minus those a resumed checkpoint already did); return results."""
     import torch
@@ -78,30 +106,39 @@ def run_server(grid: Grid, cfg: FLConfig) -> FLResult:
         start_round = ckpt.round
         history = _previous_history(Path(cfg.resume), start_round)
         log.info("resuming from %s at round %d", cfg.resume, start_round)
-    remaining = cfg.rounds - start_round
+        if not ckpt.client_state:
+            log.warning("%s holds no client states (an older checkpoint): the clients' local state restarts "
+                        "fresh, so this run will not equal an uninterrupted one", cfg.resume)
+    end = min(cfg.rounds, cfg.stop_at) if cfg.stop_at else cfg.rounds
+    remaining = end - start_round
     if remaining < 1:
-        raise ValueError(f"checkpoint is at round {start_round}; rounds={cfg.rounds} leaves nothing to run")
+        raise ValueError(f"checkpoint is at round {start_round}; rounds={cfg.rounds}, stop-at={cfg.stop_at} "
+                         "leave nothing to run")
 
     wait_for_nodes(grid, cfg.clients)
     recorder = RunRecorder(out, cfg, start_round=start_round, previous_history=history)
     full_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
 
-    def on_round_end(rnd: int, arrays: ArrayRecord, gen: ArrayRecord | None, deploy_norm: ArrayRecord | None,
-                     client_norm: dict[int, dict[str, np.ndarray]]) -> None:
-        state = {**full_state, **arrays.to_torch_state_dict()}
-        save_checkpoint(out / CHECKPOINT_FILE, Checkpoint(
-            model=state, generator=gen.to_torch_state_dict() if gen is not None else None, round=rnd,
-            config=cfg.to_run_config(),
-            deploy_norm=deploy_norm.to_torch_state_dict() if deploy_norm is not None else None,
-            client_norm={pid: {k: torch.from_numpy(np.array(v)) for k, v in norm.items()}
-                         for pid, norm in client_norm.items()} or None))
+    def on_round_end(end: RoundEnd) -> None:
+        if end.checkpoint:
+            state = {**full_state, **end.arrays.to_torch_state_dict()}
+            save_checkpoint(out / CHECKPOINT_FILE, Checkpoint(
+                model=state, generator=end.generator.to_torch_state_dict() if end.generator is not None else None,
+                round=end.round, config=cfg.to_run_config(),
+                deploy_norm=end.deploy_norm.to_torch_state_dict() if end.deploy_norm is not None else None,
+                client_norm={pid: {k: torch.from_numpy(np.array(v)) for k, v in norm.items()}
+                             for pid, norm in end.client_norm.items()} or None,
+                client_state={pid: {k: torch.from_numpy(np.array(v.numpy())) for k, v in rec.items()}
+                              for pid, rec in end.client_state.items()} or None))
         recorder.write_results()
 
     strategy = make_strategy(
         cfg.strategy, num_clients=cfg.clients, local_keys=local_key_filter(model, cfg),
         proximal_mu=cfg.proximal_mu,
         generator=ArrayRecord(torch_state_dict=generator.state_dict()) if generator is not None else None,
-        recorder=recorder, round_offset=start_round, on_round_end=on_round_end)
+        recorder=recorder, round_offset=start_round, on_round_end=on_round_end,
+        checkpoint_every=cfg.checkpoint_every, last_round=remaining,
+        restore=_restore_by_node(grid, ckpt.client_state) if cfg.resume and ckpt.client_state else None)
     if cfg.resume and ckpt.client_norm:  # a client missing from the next round keeps its layers
         strategy.client_norm.update({pid: {k: v.numpy() for k, v in norm.items()}
                                      for pid, norm in ckpt.client_norm.items()})

@@ -41,6 +41,9 @@ class Checkpoint:
     # each client's own local normalization layers (partition id -> tensors): the personalised
     # model FedBN trains, which the edge serving that client's domain runs
     client_norm: dict[int, dict[str, torch.Tensor]] | None = None
+    # each client's whole Context.state (partition id -> packed arrays, client.app.pack_state):
+    # restored into the clients on resume, so a resumed run equals an uninterrupted one
+    client_state: dict[int, dict[str, torch.Tensor]] | None = None
 
 
 def save_checkpoint(path: Path, ckpt: Checkpoint) -> None:
@@ -48,7 +51,8 @@ def save_checkpoint(path: Path, ckpt: Checkpoint) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
     torch.save({"model": ckpt.model, "generator": ckpt.generator, "round": ckpt.round,
-                "config": ckpt.config, "deploy_norm": ckpt.deploy_norm, "client_norm": ckpt.client_norm}, tmp)
+                "config": ckpt.config, "deploy_norm": ckpt.deploy_norm, "client_norm": ckpt.client_norm,
+                "client_state": ckpt.client_state}, tmp)
     tmp.replace(path)
 
 
@@ -65,6 +69,8 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     return Checkpoint(model=raw["model"], generator=raw.get("generator"), round=int(raw["round"]),
                       deploy_norm=raw.get("deploy_norm"),
                       client_norm={int(k): v for k, v in raw["client_norm"].items()} if raw.get("client_norm") else None,
+                      client_state=({int(k): v for k, v in raw["client_state"].items()}
+                                    if raw.get("client_state") else None),
                       config=dict(raw.get("config") or {}))
 
 

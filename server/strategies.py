@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Collection, Iterable
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import numpy as np
@@ -25,7 +26,14 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, Re
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
-from core.fl_config import DEPLOY_NORM_RECORD, GENERATOR_PREFIX, PARTITION_KEY, WEIGHT_KEY
+from core.fl_config import (
+    CLIENT_STATE_RECORD,
+    DEPLOY_NORM_RECORD,
+    GENERATOR_PREFIX,
+    PARTITION_KEY,
+    SEND_STATE_KEY,
+    WEIGHT_KEY,
+)
 from server.recorder import RunRecorder
 
 log = logging.getLogger(__name__)
@@ -79,11 +87,29 @@ def without_keys(record: ArrayRecord, drop: Collection[str]) -> ArrayRecord:
     return ArrayRecord(array_dict={k: v for k, v in record.items() if k not in drop})
 
 
+@dataclass(frozen=True)
+class RoundEnd:
+    """What the server app receives after every round (evaluation included)."""
+
+    round: int  # global round (resumes included)
+    arrays: ArrayRecord  # the global model's shared arrays
+    generator: ArrayRecord | None  # FRAug's G
+    deploy_norm: ArrayRecord | None  # the clients' local norm layers, averaged, for the deployed model
+    client_norm: dict[int, dict[str, np.ndarray]]  # each client's own local norm layers
+    client_state: dict[int, ArrayRecord]  # each client's whole Context.state, as of its last checkpoint round
+    checkpoint: bool  # a checkpoint round: client_state is this round's
+
+
 class FedShiftStrategy(FedAvg):
     """FedAvg + what every fedshift strategy shares: local keys, byte counting, recording.
 
     ``local_keys`` are state-dict keys that stay on the clients: filtered out of what is sent and
     out of every reply before averaging. ``round_offset`` shifts round numbers after a resume.
+
+    Checkpoint rounds (every ``checkpoint_every`` global rounds, and ``last_round`` of this run)
+    ask the clients for their whole state (``send-state``); ``restore`` (node id → a state from a
+    checkpoint) goes out once, with the first training messages after a resume. Neither counts in
+    the byte figures, which measure the algorithm's traffic.
     """
 
     def __init__(
@@ -92,8 +118,10 @@ class FedShiftStrategy(FedAvg):
         local_keys: Collection[str] = (),
         recorder: RunRecorder | None = None,
         round_offset: int = 0,
-        on_round_end: Callable[[int, ArrayRecord, "ArrayRecord | None", "ArrayRecord | None",
-                                dict[int, dict[str, np.ndarray]]], None] | None = None,
+        on_round_end: Callable[[RoundEnd], None] | None = None,
+        checkpoint_every: int = 1,
+        last_round: int = 0,
+        restore: dict[int, ArrayRecord] | None = None,
         **kwargs: Any,
     ) -> None:
         kwargs.setdefault("train_metrics_aggr_fn", mean_metrics)
@@ -108,6 +136,15 @@ class FedShiftStrategy(FedAvg):
         # each client's own local norm layers (its newest reply), for per-client (non-IID) edges
         self.client_norm: dict[int, dict[str, np.ndarray]] = {}
         self._down: dict[str, int] = {"train": 0, "evaluate": 0}
+        if checkpoint_every < 1:
+            raise ValueError(f"checkpoint_every must be >= 1, got {checkpoint_every}")
+        self.checkpoint_every, self.last_round = checkpoint_every, last_round
+        self.client_state: dict[int, ArrayRecord] = {}  # partition id -> state of its last checkpoint round
+        self._restore = dict(restore or {})  # node id -> state, sent once
+
+    def is_checkpoint_round(self, server_round: int) -> bool:
+        """Every ``checkpoint_every`` global rounds, and always the last round of this run."""
+        return (server_round + self.round_offset) % self.checkpoint_every == 0 or server_round == self.last_round
 
     # ---------------------------------------------------------------- hooks for subclasses
     def outgoing(self, arrays: ArrayRecord) -> ArrayRecord:
@@ -123,6 +160,7 @@ class FedShiftStrategy(FedAvg):
 
     def round_config(self, config: ConfigRecord, server_round: int) -> ConfigRecord:
         config["global-round"] = server_round + self.round_offset
+        config[SEND_STATE_KEY] = self.is_checkpoint_round(server_round)
         return config
 
     # ---------------------------------------------------------------- Flower API
@@ -132,11 +170,27 @@ class FedShiftStrategy(FedAvg):
         messages = list(super().configure_train(server_round, self.outgoing(arrays),
                                                 self.round_config(config, server_round), grid))
         self._down["train"] = sum(message_bytes(m.content) for m in messages)
+        if self._restore:
+            messages = [self._with_state(m) for m in messages]
+            self._restore.clear()
         return messages
+
+    def _with_state(self, msg: Message) -> Message:
+        """The message with its node's checkpointed state added (contents are shared between the
+        messages FedAvg builds, so each gets its own RecordDict)."""
+        state = self._restore.get(msg.metadata.dst_node_id)
+        if state is None:
+            log.warning("node %d has no checkpointed state: it starts this run with a fresh one",
+                        msg.metadata.dst_node_id)
+            return msg
+        content = RecordDict(dict(msg.content.items()))
+        content[CLIENT_STATE_RECORD] = state
+        return Message(content=content, message_type=msg.metadata.message_type, dst_node_id=msg.metadata.dst_node_id)
 
     def aggregate_train(self, server_round: int,
                         replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         replies = in_client_order(replies)
+        self._take_client_state(replies)
         up = sum(message_bytes(m.content) for m in replies if not m.has_error())
         self._take_deploy_norm(replies)
         for msg in replies:  # local layers are never averaged, whatever a client sends
@@ -152,6 +206,19 @@ class FedShiftStrategy(FedAvg):
             self.recorder.train_round(server_round + self.round_offset, _client_metrics(replies),
                                       self._down["train"], up)
         return arrays, metrics
+
+    def _take_client_state(self, replies: list[Message]) -> None:
+        """Pop each client's checkpointed state (Flower averages exactly one ArrayRecord per reply)."""
+        for msg in replies:
+            if not msg.has_error() and CLIENT_STATE_RECORD in msg.content.array_records:
+                state = msg.content[CLIENT_STATE_RECORD]
+                del msg.content[CLIENT_STATE_RECORD]
+                metrics = next(iter(msg.content.metric_records.values()), {})
+                if PARTITION_KEY not in metrics:
+                    log.warning("node %d sent its state without a partition id: not checkpointed",
+                                msg.metadata.src_node_id)
+                    continue
+                self.client_state[int(metrics[PARTITION_KEY])] = state
 
     def _take_deploy_norm(self, replies: list[Message]) -> None:
         """Pop the clients' local norm records (Flower averages exactly one ArrayRecord per reply)
@@ -188,7 +255,10 @@ class FedShiftStrategy(FedAvg):
         if self.recorder is not None:
             self.recorder.eval_round(rnd, _client_metrics(replies), self._down["evaluate"], 0)
         if self.on_round_end is not None and self.latest_arrays is not None:
-            self.on_round_end(rnd, self.latest_arrays, self.generator_arrays(), self.deploy_norm, self.client_norm)
+            self.on_round_end(RoundEnd(round=rnd, arrays=self.latest_arrays, generator=self.generator_arrays(),
+                                       deploy_norm=self.deploy_norm, client_norm=self.client_norm,
+                                       client_state=self.client_state,
+                                       checkpoint=self.is_checkpoint_round(server_round)))
         return metrics
 
 

@@ -25,7 +25,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from core.fl_config import FLResult
+from core.fl_config import FLResult, Report
 from simulations.fl_role import ROLE_FILE, FLRun
 
 log = logging.getLogger(__name__)
@@ -71,7 +71,7 @@ def child_command(config_path: Path) -> list[str]:
 
 
 def run_comparison(base: FLRun, strategies: Sequence[str], seeds: Sequence[int], out: Path,
-                   force: bool = False) -> Path:
+                   force: bool = False, report: str = "final") -> Path:
     """Run (or reuse) every strategy × seed with ``base``'s other settings, each run in its own
     ``fedshift fl`` process under ``out/<strategy>-seed<seed>``; write the table and plot; return
     the table's path."""
@@ -97,9 +97,10 @@ def run_comparison(base: FLRun, strategies: Sequence[str], seeds: Sequence[int],
         log.info("[%d/%d] %s seed %d: mean accuracy %s (val %s)", i, len(plan), strategy, seed,
                  _pct(res.mean_accuracy), _pct(res.mean_val_accuracy))
         results.append(res)
-    summary = summarize(results)
+    summary = summarize(results, report)
     summary["command"] = shlex.join(["fedshift", "fl", "compare", "--config", str(out / ROLE_FILE),
-                                     "--strategies", *strategies, "--seeds", *map(str, seeds), "--out", str(out)])
+                                     "--strategies", *strategies, "--seeds", *map(str, seeds), "--out", str(out),
+                                     "--report", report])
     summary["wall_seconds"] = time.perf_counter() - t0
     (out / "comparison.json").write_text(json.dumps(summary, indent=1) + "\n")
     table = out / "comparison.md"
@@ -124,11 +125,12 @@ def _diff(a: float | None, b: float | None) -> float:
     return a - b if a is not None and b is not None else float("nan")
 
 
-def summarize(results: Sequence[FLResult]) -> dict[str, Any]:
-    """Per strategy: per-domain and mean accuracy over seeds; paired per-seed differences."""
-    by: dict[str, dict[int, FLResult]] = {}
+def summarize(results: Sequence[FLResult], report: str = "final") -> dict[str, Any]:
+    """Per strategy: per-domain and mean accuracy over seeds; paired per-seed differences; the
+    accuracies of ``report`` mode (:meth:`FLResult.report`: final round, or best validation)."""
+    by: dict[str, dict[int, Report]] = {}
     for r in results:
-        by.setdefault(r.strategy, {})[r.seed] = r
+        by.setdefault(r.strategy, {})[r.seed] = r.report(report)
     strategies = [s for s in NAMES if s in by] + sorted(set(by) - set(NAMES))
     domains = list(results[0].per_client_accuracy) if results else []
     table: dict[str, Any] = {}
@@ -147,7 +149,8 @@ def summarize(results: Sequence[FLResult]) -> dict[str, Any]:
             pairs[f"{a}-{b}"] = {"seeds": seeds, "test": diffs, "test_mean_std": _mean_std(diffs),
                                  "val": val_diffs, "val_mean_std": _mean_std(val_diffs)}
     first = dict(results[0].config) if results else {}
-    return {"strategies": strategies, "domains": domains, "table": table, "paired": pairs, "config": first}
+    return {"strategies": strategies, "domains": domains, "table": table, "paired": pairs, "config": first,
+            "report": report}
 
 
 def markdown_table(summary: dict[str, Any]) -> str:
@@ -158,8 +161,9 @@ def markdown_table(summary: dict[str, Any]) -> str:
         return f"{100 * ms[0]:.1f} ± {100 * ms[1]:.1f}"
 
     seeds = sorted({k for row in summary["table"].values() for k in row["seeds"]})
+    when = ("each client's best-validation round" if summary.get("report") == "best_val" else "final round")
     lines = [f"Test accuracy (%) per client domain, mean ± std over seeds {', '.join(map(str, seeds))}; "
-             "final round; each client's model (with its local layers) on its own test split.", "",
+             f"{when}; each client's model (with its local layers) on its own test split.", "",
              "| method | " + " | ".join(doms) + " | **mean** | val mean |",
              "|---|" + "---|" * (len(doms) + 2)]
     for s in summary["strategies"]:
@@ -177,7 +181,8 @@ def markdown_table(summary: dict[str, Any]) -> str:
                          f"{100 * p['val_mean_std'][0]:+.1f} ± {100 * p['val_mean_std'][1]:.1f} |")
     cfg = summary.get("config") or {}
     keep = ("rounds", "clients", "image-size", "train-per-client", "model", "model-width", "local-epochs",
-            "local-steps", "batch-size", "lr", "momentum", "proximal-mu")
+            "local-steps", "batch-size", "lr", "momentum", "augment", "proximal-mu", "fraug-lr-aux",
+            "fraug-momentum-aux", "fraug-lambda-t")
     lines += ["", "Settings: " + ", ".join(f"{k}={cfg[k]}" for k in keep if k in cfg) + "."]
     if summary.get("command"):
         lines += ["", f"Command: `{summary['command']}`"]

@@ -114,3 +114,49 @@ def test_client_refuses_local_layers_from_the_server() -> None:
     full = dict(build_model(cfg).state_dict())
     with pytest.raises(ValueError, match="keeps local"):
         handle_train(_message(cfg, full, 1), _context(0), cfg)
+
+
+def test_fraug_auxiliary_optimizers_never_inherit_the_models_settings() -> None:
+    """Issue 11: G's and the RTNet's SGD take fraug-lr-aux / fraug-momentum-aux, whatever the
+    model's lr and momentum (the default scenario's 0.05 / 0.9 once leaked into them)."""
+    from client.app import _fraug_hook
+
+    cfg = FLConfig(strategy="fraug", lr=0.05, momentum=0.9, fraug_lr_aux=0.025, fraug_momentum_aux=0.5, **SMALL)
+    model = build_model(cfg)
+    gen = make_generator(cfg.seed, model.embedding_dim, 10)
+    hook = _fraug_hook(cfg, _context(0), model, gen.state_dict(), rnd=1, pid=0)
+    for opt in (hook.opt_g, hook.opt_t):
+        assert [(g["lr"], g["momentum"]) for g in opt.param_groups] == [(0.025, 0.5)] * len(opt.param_groups)
+    other = _fraug_hook(FLConfig(strategy="fraug", lr=0.001, momentum=0.0, fraug_lr_aux=0.025,
+                                 fraug_momentum_aux=0.5, **SMALL), _context(0), model, gen.state_dict(), 1, 0)
+    assert [g["momentum"] for g in other.opt_g.param_groups] == [0.5] * len(other.opt_g.param_groups)
+    with pytest.raises(ValueError, match="fraug_momentum_aux"):
+        FLConfig(strategy="fraug", fraug_momentum_aux=1.0, **SMALL)
+
+
+def test_client_state_packs_and_restores_exactly() -> None:
+    """pack_state → restore_state gives back every record of Context.state, and a restored
+    client trains its next round exactly as the one that never left."""
+    from client.app import CLIENT_STATE_RECORD, pack_state, restore_state
+
+    cfg = FLConfig(strategy="fraug", **SMALL)
+    arrays = _global_arrays(cfg)
+    ctx = _context(0)
+    handle_train(_message(cfg, arrays, 1), ctx, cfg)
+    packed = pack_state(ctx.state)
+    fresh = _context(0)
+    restore_state(fresh, packed)
+    assert set(fresh.state.array_records) == set(ctx.state.array_records)
+    assert dict(fresh.state[STATE_META]) == dict(ctx.state[STATE_META])
+    for name, record in ctx.state.array_records.items():
+        for key, value in record.items():
+            np.testing.assert_array_equal(fresh.state[name][key].numpy(), value.numpy())
+    with pytest.raises(ValueError, match="already holds one"):
+        restore_state(ctx, packed)
+    a = handle_train(_message(cfg, arrays, 2), ctx, cfg)
+    msg = _message(cfg, arrays, 2)
+    msg.content[CLIENT_STATE_RECORD] = packed  # as the server sends it after a resume
+    b = handle_train(msg, _context(0), cfg)
+    for key, value in a.content["arrays"].items():
+        np.testing.assert_array_equal(b.content["arrays"][key].numpy(), value.numpy())
+    assert CLIENT_STATE_RECORD not in a.content  # only checkpoint rounds carry it

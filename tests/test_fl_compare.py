@@ -42,3 +42,41 @@ def test_summary_table_and_paired_differences(tmp_path: Path) -> None:
     assert "`fedshift fl compare --seeds 0 1`" in md
     plot_accuracy(results, tmp_path / "acc.png")
     assert (tmp_path / "acc.png").stat().st_size > 1000
+
+
+def _hand_made(vals: dict[str, list[tuple[float | None, float]]]) -> FLResult:
+    """A run whose client ``name`` had (val, test) accuracies ``vals[name][r-1]`` in round r."""
+    rounds = len(next(iter(vals.values())))
+    history = []
+    for r in range(1, rounds + 1):
+        clients = {n: ClientRound(i, val_accuracy=v[r - 1][0], test_accuracy=v[r - 1][1])
+                   for i, (n, v) in enumerate(vals.items())}
+        tests = [c.test_accuracy for c in clients.values()]
+        vs = [c.val_accuracy for c in clients.values()]
+        history.append(RoundRecord(r, clients, mean_accuracy=sum(tests) / len(tests),
+                                   mean_val_accuracy=None if None in vs else sum(vs) / len(vs)))
+    last = history[-1]
+    return FLResult(strategy="fedbn", seed=0, rounds=rounds, clients=len(vals),
+                    per_client_accuracy={n: c.test_accuracy for n, c in last.clients.items()},
+                    mean_accuracy=last.mean_accuracy,
+                    per_client_val_accuracy={n: c.val_accuracy for n, c in last.clients.items()},
+                    mean_val_accuracy=last.mean_val_accuracy, history=tuple(history),
+                    config={"strategy": "fedbn", "seed": 0, "rounds": rounds, "clients": len(vals)})
+
+
+def test_best_val_picks_each_clients_best_validation_round() -> None:
+    """Client a peaks on validation in round 2 (its test there: 0.60, not its best test 0.9);
+    client b ties its best validation in rounds 1 and 3 -> the earliest, round 1."""
+    run = _hand_made({"mnist": [(0.5, 0.55), (0.8, 0.60), (0.7, 0.90)],
+                      "inverse": [(0.6, 0.40), (0.5, 0.70), (0.6, 0.80)]})
+    best = run.report("best_val")
+    assert best.rounds == {"mnist": 2, "inverse": 1}
+    assert best.per_client_accuracy == {"mnist": 0.60, "inverse": 0.40}
+    assert best.mean_accuracy == pytest.approx(0.50) and best.mean_val_accuracy == pytest.approx(0.70)
+    final = run.report("final")
+    assert final.per_client_accuracy == {"mnist": 0.90, "inverse": 0.80} and final.rounds == {"mnist": 3, "inverse": 3}
+    md = markdown_table(summarize([run], "best_val"))
+    assert "best-validation round" in md and "| FedBN | 60.0 ± 0.0 | 40.0 ± 0.0 | **50.0 ± 0.0** |" in md
+    assert "final round" in markdown_table(summarize([run]))
+    with pytest.raises(ValueError, match="report mode"):
+        run.report("best_test")

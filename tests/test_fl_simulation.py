@@ -70,3 +70,31 @@ def test_checkpoint_and_resume(fraug_run: Path) -> None:
     assert [h.round for h in resumed.history] == [1, 2, 3]
     assert resumed.resumed_from_round == 2
     assert load_checkpoint(fraug_run).round == 3
+
+
+def test_stopped_and_resumed_equals_uninterrupted(tmp_path: Path) -> None:
+    """Issue 11: a run stopped after round 1 and resumed equals one that never stopped -- every
+    client's numbers in every round and the final model, exactly (FRAug: local BN, RTNet,
+    prototypes and three optimizers' momentum all live in the clients' Context.state)."""
+    import torch
+
+    from simulations.fl_sim import run_fl_simulation
+
+    common = dict(rounds=3, strategy="fraug", seed=3)
+    whole = run_fl_simulation(_run(**common, **{"out-dir": str(tmp_path / "whole")}))
+    part = run_fl_simulation(_run(**common, **{"out-dir": str(tmp_path / "parts"), "stop-at": 1}))
+    assert [h.round for h in part.history] == [1] and not part.complete
+    stopped = load_checkpoint(tmp_path / "parts")
+    assert stopped.round == 1 and set(stopped.client_state) == {0, 1}
+    assert any(k.startswith("fraug-rtnet/") for k in stopped.client_state[0])
+    resumed = run_fl_simulation(_run(**common, **{"out-dir": str(tmp_path / "parts"),
+                                                  "resume": str(tmp_path / "parts")}))
+    assert resumed.complete and resumed.resumed_from_round == 1
+    for a, b in zip(whole.history, resumed.history, strict=True):
+        assert a.clients == b.clients, f"round {a.round} differs"
+    final_a, final_b = load_checkpoint(tmp_path / "whole"), load_checkpoint(tmp_path / "parts")
+    for key, value in final_a.model.items():
+        assert torch.equal(value, final_b.model[key]), key
+    for pid, state in final_a.client_state.items():
+        for key, value in state.items():
+            assert torch.equal(value, final_b.client_state[pid][key]), (pid, key)

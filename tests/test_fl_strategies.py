@@ -211,3 +211,36 @@ def test_deploy_norm_is_averaged_apart_and_never_mixed_into_the_model(model_stat
     for pid, value in ((0, 1.0), (1, 4.0)):
         assert set(strat.client_norm[pid]) == local
         assert all(np.allclose(v, value) for v in strat.client_norm[pid].values())
+
+
+def test_checkpoint_rounds_collect_client_states_and_a_resume_sends_each_its_own(model_state) -> None:
+    """send-state on every k-th global round and the run's last; the states are popped before
+    averaging and kept by partition; a restore goes once, each node its own."""
+    from core.fl_config import CLIENT_STATE_RECORD, SEND_STATE_KEY
+
+    _, state = model_state
+    strat = make_strategy("fedavg", num_clients=2, local_keys=set(), checkpoint_every=3, last_round=5,
+                          round_offset=1)
+    assert [r for r in range(1, 6) if strat.is_checkpoint_round(r)] == [2, 5]  # global rounds 3 and 6
+    grid = FakeGrid(2)
+    plain = list(strat.configure_train(1, _record(state), ConfigRecord(), grid))
+    assert all(m.content["config"][SEND_STATE_KEY] is False for m in plain)
+    assert list(strat.configure_train(2, _record(state), ConfigRecord(), grid))[0].content["config"][SEND_STATE_KEY]
+
+    replies = [_reply(state, 10, pid) for pid in (0, 1)]
+    for pid, msg in enumerate(replies):
+        msg.content[CLIENT_STATE_RECORD] = _record({"local-model/w": np.full(3, pid, np.float32)})
+    arrays, _ = strat.aggregate_train(2, replies)  # would fail in FedAvg with two ArrayRecords per reply
+    assert set(arrays.keys()) == set(state)
+    assert {pid: rec["local-model/w"].numpy().tolist() for pid, rec in strat.client_state.items()} == {
+        0: [0.0] * 3, 1: [1.0] * 3}
+
+    restore = {1: _record({"local-model/w": np.zeros(3, np.float32)}),
+               2: _record({"local-model/w": np.ones(3, np.float32)})}
+    resumed = make_strategy("fedavg", num_clients=2, local_keys=set(), restore=restore)
+    first = list(resumed.configure_train(1, _record(state), ConfigRecord(), grid))
+    for m in first:
+        sent = m.content[CLIENT_STATE_RECORD]["local-model/w"].numpy()
+        np.testing.assert_array_equal(sent, restore[m.metadata.dst_node_id]["local-model/w"].numpy())
+    second = list(resumed.configure_train(2, _record(state), ConfigRecord(), grid))
+    assert all(CLIENT_STATE_RECORD not in m.content.array_records for m in second)  # sent once

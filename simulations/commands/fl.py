@@ -11,7 +11,7 @@ import logging
 from pathlib import Path
 from typing import get_type_hints
 
-from core.fl_config import STRATEGIES, FLConfig
+from core.fl_config import REPORTS, STRATEGIES, FLConfig
 from protos.config import add_config_flags, coerce, resolve
 from simulations.fl_role import FLRun
 
@@ -30,7 +30,7 @@ Federated training on digits-shift (one image domain per client) with Flower's s
       settings from a file; any flag given overrides the file
 """
 
-_COMPARE_ONLY = ("seeds", "strategies", "force")
+_COMPARE_ONLY = ("seeds", "strategies", "force", "report")
 _SINGLE_RUN_ONLY = ("strategy", "seed", "out_dir", "resume")  # compare sets these per run
 
 
@@ -51,6 +51,9 @@ def configure(p: argparse.ArgumentParser) -> None:
                      help=f"strategies to run (default: all of {', '.join(STRATEGIES)})")
     cmp.add_argument("--force", action="store_true", default=None,
                      help="rerun runs whose results are already there")
+    cmp.add_argument("--report", choices=REPORTS, default=None,
+                     help="which accuracy the table reports: final (the last round, the default) or best_val "
+                          "(each client's test accuracy at its best-validation round, as the FedBN/FRAug papers)")
 
 
 def _given(args: argparse.Namespace, field: str) -> bool:
@@ -106,7 +109,8 @@ def run(args: argparse.Namespace) -> int:
         if settings.fl.resume:
             raise ValueError("compare cannot resume from one checkpoint; start it again to reuse finished runs")
         table = run_comparison(settings, strategies=args.strategies or list(STRATEGIES),
-                               seeds=args.seeds or [0, 1, 2], out=args.out, force=bool(args.force))
+                               seeds=args.seeds or [0, 1, 2], out=args.out, force=bool(args.force),
+                               report=args.report or "final")
         log.info("comparison table: %s", table)
         return 0
 
