@@ -6,8 +6,11 @@ survive between rounds — the layers the strategy keeps local (FedBN's norm lay
 model for local-only), SGD momentum, FRAug's RTNet, prototypes and auxiliary optimizers — is
 stored in the client's ``Context.state`` records and restored at the start of each message.
 
-The only cache here is :func:`client_data`, an ``lru_cache`` over a *pure* function (the same
-arguments always build byte-identical data), so it cannot leak state between clients or runs.
+Caches, all per process and bounded, none holding client state: :func:`client_data` and
+:func:`_parse_config` are ``lru_cache`` wrappers of *pure* functions (the same arguments always give
+equal, immutable results), and the model skeleton a message starts from comes from
+:mod:`client.cache`, which hands it back exactly as freshly built before anything of the client's
+is loaded into it — so none of them can leak state between clients or runs.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from client.cache import fresh_model
 from core.data.builtin import BuiltinData
 from core.norm import is_norm_key
 from core.fl_config import (
@@ -84,8 +88,12 @@ def _load_state_dict(model: Any, arrays: Mapping[str, np.ndarray]) -> None:
 
 
 def _assemble_model(cfg: FLConfig, context: Context, received: Mapping[str, np.ndarray]) -> tuple[Any, set[str]]:
-    """Fresh init → the client's local layers from Context.state → this round's global arrays."""
-    model = build_model(cfg)
+    """Fresh init → the client's local layers from Context.state → this round's global arrays.
+
+    The fresh init is this worker's cached skeleton reset to exactly ``build_model(cfg)``'s state
+    (:func:`client.cache.fresh_model`), not a rebuild per message.
+    """
+    model = fresh_model(cfg, lambda: build_model(cfg))
     local_keys = local_key_filter(model, cfg)
     stored = _arrays_to_numpy(context.state.array_records.get(STATE_LOCAL))
     _load_state_dict(model, stored)
@@ -216,6 +224,12 @@ def handle_evaluate(msg: Message, context: Context, cfg: FLConfig) -> Message:
     return Message(content=RecordDict({"metrics": metrics}), reply_to=msg)
 
 
+@functools.lru_cache(maxsize=8)
+def _parse_config(items: tuple[tuple[str, Any], ...]) -> FLConfig:
+    """The run config parsed once per process, not per message (pure; FLConfig is frozen)."""
+    return FLConfig.from_run_config(dict(items))
+
+
 def make_client_app(overrides: Mapping[str, Any] | None = None) -> ClientApp:
     """A ClientApp whose config is the run config with ``overrides`` on top.
 
@@ -226,7 +240,7 @@ def make_client_app(overrides: Mapping[str, Any] | None = None) -> ClientApp:
     client_app = ClientApp()
 
     def config_of(context: Context) -> FLConfig:
-        return FLConfig.from_run_config({**context.run_config, **fixed})
+        return _parse_config(tuple(sorted({**context.run_config, **fixed}.items())))
 
     @client_app.train()
     def train(msg: Message, context: Context) -> Message:

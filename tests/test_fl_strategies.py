@@ -211,3 +211,21 @@ def test_deploy_norm_is_averaged_apart_and_never_mixed_into_the_model(model_stat
     for pid, value in ((0, 1.0), (1, 4.0)):
         assert set(strat.client_norm[pid]) == local
         assert all(np.allclose(v, value) for v in strat.client_norm[pid].values())
+
+
+def test_simulation_grid_polls_replies_often_deployment_grid_untouched() -> None:
+    from flwr.superlink.grid import InMemoryGrid
+
+    from server.app import REPLY_POLL_SECONDS, poll_replies_often
+
+    grid = InMemoryGrid.__new__(InMemoryGrid)  # only its polling interval matters here
+    grid.pull_interval = 0.1
+    poll_replies_often(grid)
+    assert grid.pull_interval == REPLY_POLL_SECONDS
+
+    class OtherGrid:
+        pull_interval = 3.0
+
+    other = OtherGrid()
+    poll_replies_often(other)  # type: ignore[arg-type]
+    assert other.pull_interval == 3.0
