@@ -28,6 +28,8 @@ from core.data.builtin import BuiltinData
 from core.norm import is_norm_key
 from core.fl_config import (
     DEPLOY_NORM_RECORD,
+    EVALUATE_RECEIVED_KEY,
+    EVALUATED_PREFIX,
     GENERATOR_PREFIX,
     PARTITION_KEY,
     WEIGHT_KEY,
@@ -206,7 +208,7 @@ def handle_train(msg: Message, context: Context, cfg: FLConfig) -> Message:
     return Message(content=content, reply_to=msg)
 
 
-def handle_evaluate(msg: Message, context: Context, cfg: FLConfig) -> Message:
+def evaluation_metrics(msg: Message, context: Context, cfg: FLConfig) -> dict[str, float | int]:
     """The client's model (global arrays + its local layers) on its own validation and test splits."""
     import torch
 
@@ -219,9 +221,33 @@ def handle_evaluate(msg: Message, context: Context, cfg: FLConfig) -> Message:
     model, _ = _assemble_model(cfg, context, received)
     test_loss, test_acc = evaluate(model, data.test)
     val_loss, val_acc = evaluate(model, data.val)
-    metrics = MetricRecord({WEIGHT_KEY: len(data.test), PARTITION_KEY: pid, "test-loss": test_loss,
-                            "test-accuracy": test_acc, "val-loss": val_loss, "val-accuracy": val_acc})
-    return Message(content=RecordDict({"metrics": metrics}), reply_to=msg)
+    return {WEIGHT_KEY: len(data.test), PARTITION_KEY: pid, "test-loss": test_loss, "test-accuracy": test_acc,
+            "val-loss": val_loss, "val-accuracy": val_acc}
+
+
+def handle_evaluate(msg: Message, context: Context, cfg: FLConfig) -> Message:
+    """An evaluate message: :func:`evaluation_metrics` as the reply."""
+    return Message(content=RecordDict({"metrics": MetricRecord(evaluation_metrics(msg, context, cfg))}),
+                   reply_to=msg)
+
+
+def handle_train_evaluating_received(msg: Message, context: Context, cfg: FLConfig) -> Message:
+    """:func:`handle_train`, first evaluating the received model when the server asks for it
+    (``EVALUATE_RECEIVED_KEY``: the previous round's evaluation, folded into this message).
+
+    The evaluation runs before training, so it sees the local layers as the previous round left
+    them — the same model a separate evaluate message would have assembled; it changes nothing in
+    ``Context.state`` and draws no random numbers, so training is unaffected.
+    """
+    config = msg.content.config_records.get("config")
+    evaluated = evaluation_metrics(msg, context, cfg) \
+        if config is not None and config.get(EVALUATE_RECEIVED_KEY, False) else {}
+    reply = handle_train(msg, context, cfg)
+    if evaluated:
+        metrics = reply.content.metric_records["metrics"]
+        for key, value in evaluated.items():
+            metrics[EVALUATED_PREFIX + key] = value
+    return reply
 
 
 @functools.lru_cache(maxsize=8)
@@ -244,7 +270,7 @@ def make_client_app(overrides: Mapping[str, Any] | None = None) -> ClientApp:
 
     @client_app.train()
     def train(msg: Message, context: Context) -> Message:
-        return handle_train(msg, context, config_of(context))
+        return handle_train_evaluating_received(msg, context, config_of(context))
 
     @client_app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:

@@ -36,6 +36,13 @@ WEIGHT_KEY = "num-examples"  # Flower's default weighting key
 # Clients whose normalization layers stay local also report them under this record; the server
 # averages them by sample count for the *deployed* model only (never sent back to clients).
 DEPLOY_NORM_RECORD = "deploy-norm"
+# A round's evaluate message would carry exactly the arrays the next round's train message
+# carries, so the server folds the evaluation into that train message: a train config with this
+# key set asks the client to evaluate the received model (with its local layers) *before*
+# training, and the reply's MetricRecord carries those metrics under EVALUATED_PREFIX. Only the
+# last round has an evaluate message of its own.
+EVALUATE_RECEIVED_KEY = "evaluate-received"
+EVALUATED_PREFIX = "evaluated."
 
 STRATEGIES: tuple[str, ...] = ("local", "fedavg", "fedprox", "fedbn", "fraug")
 _NOISES = ("uniform", "normal")

@@ -12,6 +12,11 @@ They differ only in what crosses the network:
 
 Every strategy also counts the bytes each way and hands each client's metrics to the
 :class:`~server.recorder.RunRecorder`.
+
+Run through :meth:`FedShiftStrategy.start`, a round's client-side evaluation travels with the next
+round's train message (which carries the very arrays an evaluate message would): one message per
+client per round instead of two, and only the last round sends evaluate messages. Round ``r`` is
+recorded (and checkpointed) when round ``r + 1``'s training replies bring its evaluation back.
 """
 
 from __future__ import annotations
@@ -25,7 +30,14 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, Re
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
-from core.fl_config import DEPLOY_NORM_RECORD, GENERATOR_PREFIX, PARTITION_KEY, WEIGHT_KEY
+from core.fl_config import (
+    DEPLOY_NORM_RECORD,
+    EVALUATE_RECEIVED_KEY,
+    EVALUATED_PREFIX,
+    GENERATOR_PREFIX,
+    PARTITION_KEY,
+    WEIGHT_KEY,
+)
 from server.recorder import RunRecorder
 
 log = logging.getLogger(__name__)
@@ -58,6 +70,23 @@ def _client_metrics(replies: Iterable[Message]) -> dict[int, dict[str, float]]:
         metrics = next(iter(msg.content.metric_records.values()))
         pid = int(metrics[PARTITION_KEY]) if PARTITION_KEY in metrics else int(msg.metadata.src_node_id)
         out[pid] = {k: float(v) for k, v in metrics.items() if not isinstance(v, list)}
+    return out
+
+
+def pop_evaluated(replies: Iterable[Message]) -> dict[int, dict[str, float]]:
+    """Take the folded-in evaluation metrics (``EVALUATED_PREFIX`` keys) out of train replies:
+    per client, without the prefix; the replies keep only their training metrics."""
+    out: dict[int, dict[str, float]] = {}
+    for msg in replies:
+        if msg.has_error():
+            continue
+        metrics = next(iter(msg.content.metric_records.values()))
+        keys = [k for k in metrics if k.startswith(EVALUATED_PREFIX)]
+        if not keys:
+            continue
+        evaluated = {k[len(EVALUATED_PREFIX):]: metrics.pop(k) for k in keys}
+        pid = int(evaluated.get(PARTITION_KEY, metrics.get(PARTITION_KEY, msg.metadata.src_node_id)))
+        out[pid] = {k: float(v) for k, v in evaluated.items() if not isinstance(v, list)}
     return out
 
 
@@ -108,6 +137,19 @@ class FedShiftStrategy(FedAvg):
         # each client's own local norm layers (its newest reply), for per-client (non-IID) edges
         self.client_norm: dict[int, dict[str, np.ndarray]] = {}
         self._down: dict[str, int] = {"train": 0, "evaluate": 0}
+        self.num_rounds: int | None = None  # known inside start(): evaluation then rides on training
+
+    def start(self, grid: Grid, initial_arrays: ArrayRecord, num_rounds: int = 3, **kwargs: Any) -> Any:
+        """Flower's round loop, with each round's evaluation folded into the next train message."""
+        self.num_rounds = num_rounds
+        try:
+            return super().start(grid, initial_arrays, num_rounds, **kwargs)
+        finally:
+            self.num_rounds = None
+
+    def _evaluation_deferred(self, server_round: int) -> bool:
+        """Whether round ``server_round`` is evaluated by the next round's train message."""
+        return self.num_rounds is not None and server_round < self.num_rounds
 
     # ---------------------------------------------------------------- hooks for subclasses
     def outgoing(self, arrays: ArrayRecord) -> ArrayRecord:
@@ -129,14 +171,20 @@ class FedShiftStrategy(FedAvg):
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
         self.latest_arrays = arrays
-        messages = list(super().configure_train(server_round, self.outgoing(arrays),
-                                                self.round_config(config, server_round), grid))
+        config = self.round_config(config, server_round)
+        if server_round > 1 and self._evaluation_deferred(server_round - 1):
+            config[EVALUATE_RECEIVED_KEY] = True
+        messages = list(super().configure_train(server_round, self.outgoing(arrays), config, grid))
         self._down["train"] = sum(message_bytes(m.content) for m in messages)
         return messages
 
     def aggregate_train(self, server_round: int,
                         replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         replies = in_client_order(replies)
+        if server_round > 1 and self._evaluation_deferred(server_round - 1):
+            # before anything of this round: the checkpoint of the previous round needs its
+            # arrays, generator and norm layers
+            self._close_round(server_round - 1, pop_evaluated(replies), bytes_down=0)
         up = sum(message_bytes(m.content) for m in replies if not m.has_error())
         self._take_deploy_norm(replies)
         for msg in replies:  # local layers are never averaged, whatever a client sends
@@ -176,20 +224,28 @@ class FedShiftStrategy(FedAvg):
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:
+        if self._evaluation_deferred(server_round):
+            return []  # evaluated with the next round's train message
         messages = list(super().configure_evaluate(server_round, self.outgoing(arrays),
                                                    self.round_config(config, server_round), grid))
         self._down["evaluate"] = sum(message_bytes(m.content) for m in messages)
         return messages
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        if self._evaluation_deferred(server_round):
+            return None  # its replies come with the next round's training
         replies = in_client_order(replies)
         metrics = super().aggregate_evaluate(server_round, replies)
+        self._close_round(server_round, _client_metrics(replies), self._down["evaluate"])
+        return metrics
+
+    def _close_round(self, server_round: int, evaluated: dict[int, dict[str, float]], bytes_down: int) -> None:
+        """Record a round's evaluation and hand its global state to ``on_round_end``."""
         rnd = server_round + self.round_offset
         if self.recorder is not None:
-            self.recorder.eval_round(rnd, _client_metrics(replies), self._down["evaluate"], 0)
+            self.recorder.eval_round(rnd, evaluated, bytes_down, 0)
         if self.on_round_end is not None and self.latest_arrays is not None:
             self.on_round_end(rnd, self.latest_arrays, self.generator_arrays(), self.deploy_norm, self.client_norm)
-        return metrics
 
 
 class FedAvgStrategy(FedShiftStrategy):
