@@ -4,7 +4,8 @@ Same clients, data, model, local steps and FedAvg rounds, measured in one run:
 
 - ``plain``: one process, clients trained one after another with core/training.py, FedAvg as a
   numpy weighted mean, every client evaluated on its val/test split each round (what the
-  ClientApp's evaluate does);
+  ClientApp does for every round: in the next round's train message, the last round in an
+  evaluate message);
 - ``flower``: ``fedshift fl``'s engine (Flower ``run_simulation``, Ray actors), with
   ``--num-cpus`` actors in parallel; by default measured with 1 CPU (same compute as ``plain``)
   and with all cores.
@@ -14,7 +15,7 @@ GCS, raylet and actors included) is sampled from /proc every 0.1 s for the peak.
 separated from per-round cost as: steady round time = median of rounds 2..R, start-up = wall
 time − R × steady round time (so start-up holds Ray/actor start, imports and data building).
 
-    python benchmarks/fl_overhead.py --rounds 20 --out runs/bench/fl_overhead.json
+    python benchmarks/fl_overhead.py --rounds 20 --out benchmarks/results/fl_overhead/fl_overhead.json
 """
 
 from __future__ import annotations

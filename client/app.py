@@ -8,8 +8,11 @@ stored in the client's ``Context.state`` records and restored at the start of ea
 checkpoint rounds the whole state also goes to the server (:func:`pack_state`), which sends it
 back once after a resume (:func:`restore_state`): a resumed run equals an uninterrupted one.
 
-The only cache here is :func:`client_data`, an ``lru_cache`` over a *pure* function (the same
-arguments always build byte-identical data), so it cannot leak state between clients or runs.
+Caches, all per process and bounded, none holding client state: :func:`client_data` and
+:func:`_parse_config` are ``lru_cache`` wrappers of *pure* functions (the same arguments always give
+equal, immutable results), and the model skeleton a message starts from comes from
+:mod:`client.cache`, which hands it back exactly as freshly built before anything of the client's
+is loaded into it — so none of them can leak state between clients or runs.
 """
 
 from __future__ import annotations
@@ -22,11 +25,14 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from client.cache import fresh_model
 from core.data.builtin import BuiltinData
 from core.norm import is_norm_key
 from core.fl_config import (
     CLIENT_STATE_RECORD,
     DEPLOY_NORM_RECORD,
+    EVALUATE_RECEIVED_KEY,
+    EVALUATED_PREFIX,
     GENERATOR_PREFIX,
     PARTITION_KEY,
     SEND_STATE_KEY,
@@ -88,8 +94,12 @@ def _load_state_dict(model: Any, arrays: Mapping[str, np.ndarray]) -> None:
 
 
 def _assemble_model(cfg: FLConfig, context: Context, received: Mapping[str, np.ndarray]) -> tuple[Any, set[str]]:
-    """Fresh init → the client's local layers from Context.state → this round's global arrays."""
-    model = build_model(cfg)
+    """Fresh init → the client's local layers from Context.state → this round's global arrays.
+
+    The fresh init is this worker's cached skeleton reset to exactly ``build_model(cfg)``'s state
+    (:func:`client.cache.fresh_model`), not a rebuild per message.
+    """
+    model = fresh_model(cfg, lambda: build_model(cfg))
     local_keys = local_key_filter(model, cfg)
     stored = _arrays_to_numpy(context.state.array_records.get(STATE_LOCAL))
     _load_state_dict(model, stored)
@@ -245,7 +255,7 @@ def handle_query(msg: Message, context: Context, cfg: FLConfig) -> Message:
                    reply_to=msg)
 
 
-def handle_evaluate(msg: Message, context: Context, cfg: FLConfig) -> Message:
+def evaluation_metrics(msg: Message, context: Context, cfg: FLConfig) -> dict[str, float | int]:
     """The client's model (global arrays + its local layers) on its own validation and test splits."""
     import torch
 
@@ -258,9 +268,39 @@ def handle_evaluate(msg: Message, context: Context, cfg: FLConfig) -> Message:
     model, _ = _assemble_model(cfg, context, received)
     test_loss, test_acc = evaluate(model, data.test)
     val_loss, val_acc = evaluate(model, data.val)
-    metrics = MetricRecord({WEIGHT_KEY: len(data.test), PARTITION_KEY: pid, "test-loss": test_loss,
-                            "test-accuracy": test_acc, "val-loss": val_loss, "val-accuracy": val_acc})
-    return Message(content=RecordDict({"metrics": metrics}), reply_to=msg)
+    return {WEIGHT_KEY: len(data.test), PARTITION_KEY: pid, "test-loss": test_loss, "test-accuracy": test_acc,
+            "val-loss": val_loss, "val-accuracy": val_acc}
+
+
+def handle_evaluate(msg: Message, context: Context, cfg: FLConfig) -> Message:
+    """An evaluate message: :func:`evaluation_metrics` as the reply."""
+    return Message(content=RecordDict({"metrics": MetricRecord(evaluation_metrics(msg, context, cfg))}),
+                   reply_to=msg)
+
+
+def handle_train_evaluating_received(msg: Message, context: Context, cfg: FLConfig) -> Message:
+    """:func:`handle_train`, first evaluating the received model when the server asks for it
+    (``EVALUATE_RECEIVED_KEY``: the previous round's evaluation, folded into this message).
+
+    The evaluation runs before training, so it sees the local layers as the previous round left
+    them — the same model a separate evaluate message would have assembled; it changes nothing in
+    ``Context.state`` and draws no random numbers, so training is unaffected.
+    """
+    config = msg.content.config_records.get("config")
+    evaluated = evaluation_metrics(msg, context, cfg) \
+        if config is not None and config.get(EVALUATE_RECEIVED_KEY, False) else {}
+    reply = handle_train(msg, context, cfg)
+    if evaluated:
+        metrics = reply.content.metric_records["metrics"]
+        for key, value in evaluated.items():
+            metrics[EVALUATED_PREFIX + key] = value
+    return reply
+
+
+@functools.lru_cache(maxsize=8)
+def _parse_config(items: tuple[tuple[str, Any], ...]) -> FLConfig:
+    """The run config parsed once per process, not per message (pure; FLConfig is frozen)."""
+    return FLConfig.from_run_config(dict(items))
 
 
 def make_client_app(overrides: Mapping[str, Any] | None = None) -> ClientApp:
@@ -273,11 +313,11 @@ def make_client_app(overrides: Mapping[str, Any] | None = None) -> ClientApp:
     client_app = ClientApp()
 
     def config_of(context: Context) -> FLConfig:
-        return FLConfig.from_run_config({**context.run_config, **fixed})
+        return _parse_config(tuple(sorted({**context.run_config, **fixed}.items())))
 
     @client_app.train()
     def train(msg: Message, context: Context) -> Message:
-        return handle_train(msg, context, config_of(context))
+        return handle_train_evaluating_received(msg, context, config_of(context))
 
     @client_app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:

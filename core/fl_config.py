@@ -42,6 +42,13 @@ DEPLOY_NORM_RECORD = "deploy-norm"
 # uninterrupted one.
 CLIENT_STATE_RECORD = "client-state"
 SEND_STATE_KEY = "send-state"  # round config: reply with the client state this round
+# A round's evaluate message would carry exactly the arrays the next round's train message
+# carries, so the server folds the evaluation into that train message: a train config with this
+# key set asks the client to evaluate the received model (with its local layers) *before*
+# training, and the reply's MetricRecord carries those metrics under EVALUATED_PREFIX. Only the
+# last round has an evaluate message of its own.
+EVALUATE_RECEIVED_KEY = "evaluate-received"
+EVALUATED_PREFIX = "evaluated."
 
 STRATEGIES: tuple[str, ...] = ("local", "fedavg", "fedprox", "fedbn", "fraug")
 REPORTS: tuple[str, ...] = ("final", "best_val")  # which round's accuracy a table reports (FLResult.report)

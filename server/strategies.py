@@ -12,6 +12,11 @@ They differ only in what crosses the network:
 
 Every strategy also counts the bytes each way and hands each client's metrics to the
 :class:`~server.recorder.RunRecorder`.
+
+Run through :meth:`FedShiftStrategy.start`, a round's client-side evaluation travels with the next
+round's train message (which carries the very arrays an evaluate message would): one message per
+client per round instead of two, and only the last round sends evaluate messages. Round ``r`` is
+recorded (and checkpointed) when round ``r + 1``'s training replies bring its evaluation back.
 """
 
 from __future__ import annotations
@@ -29,6 +34,8 @@ from flwr.serverapp.strategy import FedAvg
 from core.fl_config import (
     CLIENT_STATE_RECORD,
     DEPLOY_NORM_RECORD,
+    EVALUATE_RECEIVED_KEY,
+    EVALUATED_PREFIX,
     GENERATOR_PREFIX,
     PARTITION_KEY,
     SEND_STATE_KEY,
@@ -66,6 +73,23 @@ def _client_metrics(replies: Iterable[Message]) -> dict[int, dict[str, float]]:
         metrics = next(iter(msg.content.metric_records.values()))
         pid = int(metrics[PARTITION_KEY]) if PARTITION_KEY in metrics else int(msg.metadata.src_node_id)
         out[pid] = {k: float(v) for k, v in metrics.items() if not isinstance(v, list)}
+    return out
+
+
+def pop_evaluated(replies: Iterable[Message]) -> dict[int, dict[str, float]]:
+    """Take the folded-in evaluation metrics (``EVALUATED_PREFIX`` keys) out of train replies:
+    per client, without the prefix; the replies keep only their training metrics."""
+    out: dict[int, dict[str, float]] = {}
+    for msg in replies:
+        if msg.has_error():
+            continue
+        metrics = next(iter(msg.content.metric_records.values()))
+        keys = [k for k in metrics if k.startswith(EVALUATED_PREFIX)]
+        if not keys:
+            continue
+        evaluated = {k[len(EVALUATED_PREFIX):]: metrics.pop(k) for k in keys}
+        pid = int(evaluated.get(PARTITION_KEY, metrics.get(PARTITION_KEY, msg.metadata.src_node_id)))
+        out[pid] = {k: float(v) for k, v in evaluated.items() if not isinstance(v, list)}
     return out
 
 
@@ -141,10 +165,23 @@ class FedShiftStrategy(FedAvg):
         self.checkpoint_every, self.last_round = checkpoint_every, last_round
         self.client_state: dict[int, ArrayRecord] = {}  # partition id -> state of its last checkpoint round
         self._restore = dict(restore or {})  # node id -> state, sent once
+        self.num_rounds: int | None = None  # known inside start(): evaluation then rides on training
 
     def is_checkpoint_round(self, server_round: int) -> bool:
         """Every ``checkpoint_every`` global rounds, and always the last round of this run."""
         return (server_round + self.round_offset) % self.checkpoint_every == 0 or server_round == self.last_round
+
+    def start(self, grid: Grid, initial_arrays: ArrayRecord, num_rounds: int = 3, **kwargs: Any) -> Any:
+        """Flower's round loop, with each round's evaluation folded into the next train message."""
+        self.num_rounds = num_rounds
+        try:
+            return super().start(grid, initial_arrays, num_rounds, **kwargs)
+        finally:
+            self.num_rounds = None
+
+    def _evaluation_deferred(self, server_round: int) -> bool:
+        """Whether round ``server_round`` is evaluated by the next round's train message."""
+        return self.num_rounds is not None and server_round < self.num_rounds
 
     # ---------------------------------------------------------------- hooks for subclasses
     def outgoing(self, arrays: ArrayRecord) -> ArrayRecord:
@@ -167,8 +204,10 @@ class FedShiftStrategy(FedAvg):
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
         self.latest_arrays = arrays
-        messages = list(super().configure_train(server_round, self.outgoing(arrays),
-                                                self.round_config(config, server_round), grid))
+        config = self.round_config(config, server_round)
+        if server_round > 1 and self._evaluation_deferred(server_round - 1):
+            config[EVALUATE_RECEIVED_KEY] = True
+        messages = list(super().configure_train(server_round, self.outgoing(arrays), config, grid))
         self._down["train"] = sum(message_bytes(m.content) for m in messages)
         if self._restore:
             messages = [self._with_state(m) for m in messages]
@@ -190,6 +229,10 @@ class FedShiftStrategy(FedAvg):
     def aggregate_train(self, server_round: int,
                         replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         replies = in_client_order(replies)
+        if server_round > 1 and self._evaluation_deferred(server_round - 1):
+            # before anything of this round: the checkpoint of the previous round needs its
+            # arrays, generator, norm layers and client states
+            self._close_round(server_round - 1, pop_evaluated(replies), bytes_down=0)
         self._take_client_state(replies)
         up = sum(message_bytes(m.content) for m in replies if not m.has_error())
         self._take_deploy_norm(replies)
@@ -243,23 +286,31 @@ class FedShiftStrategy(FedAvg):
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:
+        if self._evaluation_deferred(server_round):
+            return []  # evaluated with the next round's train message
         messages = list(super().configure_evaluate(server_round, self.outgoing(arrays),
                                                    self.round_config(config, server_round), grid))
         self._down["evaluate"] = sum(message_bytes(m.content) for m in messages)
         return messages
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        if self._evaluation_deferred(server_round):
+            return None  # its replies come with the next round's training
         replies = in_client_order(replies)
         metrics = super().aggregate_evaluate(server_round, replies)
+        self._close_round(server_round, _client_metrics(replies), self._down["evaluate"])
+        return metrics
+
+    def _close_round(self, server_round: int, evaluated: dict[int, dict[str, float]], bytes_down: int) -> None:
+        """Record a round's evaluation and hand its global state to ``on_round_end``."""
         rnd = server_round + self.round_offset
         if self.recorder is not None:
-            self.recorder.eval_round(rnd, _client_metrics(replies), self._down["evaluate"], 0)
+            self.recorder.eval_round(rnd, evaluated, bytes_down, 0)
         if self.on_round_end is not None and self.latest_arrays is not None:
             self.on_round_end(RoundEnd(round=rnd, arrays=self.latest_arrays, generator=self.generator_arrays(),
                                        deploy_norm=self.deploy_norm, client_norm=self.client_norm,
                                        client_state=self.client_state,
                                        checkpoint=self.is_checkpoint_round(server_round)))
-        return metrics
 
 
 class FedAvgStrategy(FedShiftStrategy):

@@ -160,3 +160,35 @@ def test_client_state_packs_and_restores_exactly() -> None:
     for key, value in a.content["arrays"].items():
         np.testing.assert_array_equal(b.content["arrays"][key].numpy(), value.numpy())
     assert CLIENT_STATE_RECORD not in a.content  # only checkpoint rounds carry it
+
+
+@pytest.mark.parametrize("strategy", ["fedbn", "fraug"])
+def test_evaluation_folded_into_training_equals_an_evaluate_message(strategy: str) -> None:
+    """A train message asking to evaluate the received model first: the same metrics an evaluate
+    message with those arrays gives, and exactly the training a plain train message gives."""
+    from client.app import handle_train_evaluating_received
+    from core.fl_config import EVALUATE_RECEIVED_KEY, EVALUATED_PREFIX
+
+    cfg = FLConfig(strategy=strategy, **SMALL)
+    arrays = _global_arrays(cfg)
+    ctx_a, ctx_b = _context(1), _context(1)
+    for ctx in (ctx_a, ctx_b):  # one round of training first: local layers and momentum in the state
+        handle_train(_message(cfg, arrays, 1), ctx, cfg)
+    expected = handle_evaluate(_message(cfg, arrays, 2, MessageType.EVALUATE), ctx_a, cfg).content["metrics"]
+    plain = handle_train(_message(cfg, arrays, 2), ctx_a, cfg)
+
+    msg = _message(cfg, arrays, 2)
+    msg.content["config"][EVALUATE_RECEIVED_KEY] = True
+    folded = handle_train_evaluating_received(msg, ctx_b, cfg)
+    metrics = folded.content["metrics"]
+    assert {k[len(EVALUATED_PREFIX):]: v for k, v in metrics.items() if k.startswith(EVALUATED_PREFIX)} \
+        == dict(expected)
+    assert {k: v for k, v in metrics.items() if not k.startswith(EVALUATED_PREFIX)} == dict(plain.content["metrics"])
+    for k, v in plain.content["arrays"].items():
+        np.testing.assert_array_equal(folded.content["arrays"][k].numpy(), v.numpy(), err_msg=k)
+    for name, record in ctx_a.state.array_records.items():
+        for k, v in record.items():
+            np.testing.assert_array_equal(ctx_b.state[name][k].numpy(), v.numpy(), err_msg=f"{name}/{k}")
+    # without the key, it is a plain train message
+    again = handle_train_evaluating_received(_message(cfg, arrays, 3), ctx_b, cfg)
+    assert not any(k.startswith(EVALUATED_PREFIX) for k in again.content["metrics"])

@@ -244,3 +244,66 @@ def test_checkpoint_rounds_collect_client_states_and_a_resume_sends_each_its_own
         np.testing.assert_array_equal(sent, restore[m.metadata.dst_node_id]["local-model/w"].numpy())
     second = list(resumed.configure_train(2, _record(state), ConfigRecord(), grid))
     assert all(CLIENT_STATE_RECORD not in m.content.array_records for m in second)  # sent once
+
+
+def test_simulation_grid_polls_replies_often_deployment_grid_untouched() -> None:
+    from flwr.superlink.grid import InMemoryGrid
+
+    from server.app import REPLY_POLL_SECONDS, poll_replies_often
+
+    grid = InMemoryGrid.__new__(InMemoryGrid)  # only its polling interval matters here
+    grid.pull_interval = 0.1
+    poll_replies_often(grid)
+    assert grid.pull_interval == REPLY_POLL_SECONDS
+
+    class OtherGrid:
+        pull_interval = 3.0
+
+    other = OtherGrid()
+    poll_replies_often(other)  # type: ignore[arg-type]
+    assert other.pull_interval == 3.0
+
+
+def test_each_rounds_evaluation_rides_on_the_next_train_message(model_state, tmp_path) -> None:
+    """Inside start(): round r's evaluation comes back with round r+1's training replies; only the
+    last round sends evaluate messages; the checkpoint hook gets round r's own global arrays."""
+    from core.fl_config import EVALUATE_RECEIVED_KEY, EVALUATED_PREFIX
+    from server.recorder import RunRecorder
+
+    _, state = model_state
+    cfg = FLConfig(strategy="fedavg", clients=2, tensorboard=False)
+    rec = RunRecorder(tmp_path, cfg)
+    ends: list[tuple[int, float]] = []
+    strat = make_strategy("fedavg", num_clients=2, local_keys=set(), recorder=rec,
+                          on_round_end=lambda end: ends.append(
+                              (end.round, float(next(iter(end.arrays.values())).numpy().flat[0]))))
+    strat.num_rounds = 2  # what start() sets for Flower's loop
+    a, b = _client_states(state)
+
+    sent1 = list(strat.configure_train(1, _record(state), ConfigRecord(), FakeGrid(2)))
+    assert EVALUATE_RECEIVED_KEY not in sent1[0].content["config"]
+    w1, _ = strat.aggregate_train(1, [_reply(a, 1, 0), _reply(b, 1, 1)])  # all 2.5
+    assert list(strat.configure_evaluate(1, w1, ConfigRecord(), FakeGrid(2))) == []
+    assert strat.aggregate_evaluate(1, []) is None and rec.history == []
+
+    sent2 = list(strat.configure_train(2, w1, ConfigRecord(), FakeGrid(2)))
+    assert sent2[0].content["config"][EVALUATE_RECEIVED_KEY] is True
+    replies = [_reply(b, 1, 0), _reply(b, 1, 1)]  # round 2 -> all 4.0
+    for msg, acc in zip(replies, (0.5, 0.7)):
+        msg.content["metrics"].update({EVALUATED_PREFIX + k: v for k, v in {
+            "num-examples": 10, "partition-id": msg.content["metrics"]["partition-id"], "test-accuracy": acc,
+            "test-loss": 1.0, "val-accuracy": acc, "val-loss": 1.0}.items()})
+    w2, train_metrics = strat.aggregate_train(2, replies)
+    assert not any(k.startswith(EVALUATED_PREFIX) for k in train_metrics)
+    assert [h.round for h in rec.history] == [1] and rec.history[0].mean_accuracy == pytest.approx(0.6)
+    assert ends == [(1, 2.5)]
+
+    sent3 = list(strat.configure_evaluate(2, w2, ConfigRecord(), FakeGrid(2)))
+    assert len(sent3) == 2  # the last round is evaluated on its own
+    ev = [Message(content=RecordDict({"metrics": MetricRecord(
+        {"num-examples": 10, "partition-id": pid, "test-accuracy": 0.9, "test-loss": 1.0, "val-accuracy": 0.9,
+         "val-loss": 1.0})}), dst_node_id=pid + 1, message_type=MessageType.EVALUATE) for pid in (0, 1)]
+    strat.aggregate_evaluate(2, ev)
+    assert [h.round for h in rec.history] == [1, 2] and rec.history[1].mean_accuracy == pytest.approx(0.9)
+    assert ends == [(1, 2.5), (2, 4.0)]
+    rec.close()
