@@ -46,7 +46,7 @@ def _reusable(results_path: Path, run: FLRun) -> bool:
     return done.complete and done.config == run.fl.to_run_config()
 
 
-def _run_one(cmd: list[str], log_path: Path) -> None:
+def run_child(cmd: list[str], log_path: Path) -> None:
     """Run one ``fedshift fl`` child; stop it (by PID) if we are interrupted."""
     with log_path.open("w") as fh:
         proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT)
@@ -91,7 +91,7 @@ def run_comparison(base: FLRun, strategies: Sequence[str], seeds: Sequence[int],
             t = time.perf_counter()
             log.info("[%d/%d] %s seed %d: running (log: %s)", i, len(plan), strategy, seed, run_dir / "run.log")
             run_dir.mkdir(parents=True, exist_ok=True)
-            _run_one(child_command(run.write(run_dir / ROLE_FILE)), run_dir / "run.log")
+            run_child(child_command(run.write(run_dir / ROLE_FILE)), run_dir / "run.log")
             log.info("[%d/%d] %s seed %d: done in %.0f s", i, len(plan), strategy, seed, time.perf_counter() - t)
         res = FLResult.read(run_dir / "results.json")
         log.info("[%d/%d] %s seed %d: mean accuracy %s (val %s)", i, len(plan), strategy, seed,

@@ -42,6 +42,45 @@ def test_augmentation_is_seeded_in_range_and_changes_images() -> None:
         CropColour(scale=(0.0, 1.0))
 
 
+def _crops_only(**kw: float) -> CropColour:
+    return CropColour(**{"brightness": 0.0, "contrast": 0.0, "saturation": 0.0, "hue": 0.0, "grayscale_p": 0.0, **kw})
+
+
+def test_batched_ops_follow_torchvision() -> None:
+    """The batched crop equals torchvision's resized_crop (bilinear, no antialias) inside the box,
+    and brightness / contrast / saturation equal torchvision's adjust_* with the same factors."""
+    from torchvision.transforms.v2 import functional as TF
+
+    x = _images(6)
+    spec = _crops_only()
+    ours = augment_batch(x, np.random.default_rng(5), spec)
+    boxes_rng = np.random.default_rng(5)
+    for i in range(len(x)):
+        top, left, h, w = crop_box(16, 16, spec, boxes_rng)
+        ref = TF.resized_crop(x[i], top, left, h, w, [16, 16], antialias=False)
+        torch.testing.assert_close(ours[i, :, 1:-1, 1:-1], ref[:, 1:-1, 1:-1], atol=1e-5, rtol=0)
+
+    for key, op in (("brightness", TF.adjust_brightness), ("contrast", TF.adjust_contrast),
+                    ("saturation", TF.adjust_saturation)):
+        spec = _crops_only(scale=(1.0, 1.0), ratio=(1.0, 1.0), **{key: 0.5})  # the full image: no crop
+        ours = augment_batch(x, np.random.default_rng(7), spec)
+        rng = np.random.default_rng(7)
+        for i in range(len(x)):
+            crop_box(16, 16, spec, rng)
+        factors = rng.uniform(-1.0, 1.0, (len(x), 4))
+        column = ("brightness", "contrast", "saturation").index(key)
+        for i in range(len(x)):
+            ref = op(x[i], 1 + 0.5 * float(factors[i, column]))
+            torch.testing.assert_close(ours[i], ref, atol=1e-5, rtol=0, msg=key)
+
+    # the hue rotation: the identity at 0, grey pixels stay grey, colours move
+    grey = x.mean(dim=1, keepdim=True).expand_as(x).contiguous()
+    shifted = augment_batch(grey, np.random.default_rng(1), _crops_only(scale=(1.0, 1.0), ratio=(1.0, 1.0), hue=0.5))
+    torch.testing.assert_close(shifted, grey, atol=1e-5, rtol=0)
+    coloured = augment_batch(x, np.random.default_rng(1), _crops_only(scale=(1.0, 1.0), ratio=(1.0, 1.0), hue=0.5))
+    assert float((coloured - x).abs().mean()) > 0.01
+
+
 def test_training_with_augmentation_is_reproducible_and_differs_from_without() -> None:
     rng = np.random.default_rng(0)
     split = Split(images=rng.integers(0, 256, (40, 16, 16, 3), dtype=np.uint8), labels=rng.integers(0, 10, 40))

@@ -141,7 +141,7 @@ def test_compare_hands_each_run_a_role_file_and_reuses_finished_runs(tmp_path: P
         res = dataclasses.replace(res, config=run.fl.to_run_config())
         res.write(Path(run.fl.out_dir) / "results.json")
 
-    monkeypatch.setattr(fc, "_run_one", fake_run_one)
+    monkeypatch.setattr(fc, "run_child", fake_run_one)
     base = FLRun(fl=FLConfig(rounds=2, clients=2, lr=0.02), simulation=SimulationResources(cpus_per_client=1))
     table = fc.run_comparison(base, strategies=["fedavg", "fedbn"], seeds=[0, 1], out=tmp_path)
     assert [(r.fl.strategy, r.fl.seed, r.fl.lr) for r in started] == [

@@ -1,0 +1,62 @@
+"""benchmarks/fraug_study.py without training: its cells, the prefix rule, and the paired summary."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+from core.fl_config import ClientRound, FLResult, RoundRecord
+
+
+@pytest.fixture(scope="module")
+def study():
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "fraug_study.py"
+    spec = importlib.util.spec_from_file_location("fraug_study_under_test", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def _result(strategy: str, seed: int, tests: list[float], vals: list[float]) -> FLResult:
+    """Two clients with the same numbers: (val, test) of round r = (vals[r-1], tests[r-1])."""
+    history = tuple(RoundRecord(r, {n: ClientRound(i, test_accuracy=t, val_accuracy=v) for i, n in
+                                    enumerate(("a", "b"))}, mean_accuracy=t, mean_val_accuracy=v)
+                    for r, (t, v) in enumerate(zip(tests, vals), 1))
+    last = history[-1]
+    return FLResult(strategy=strategy, seed=seed, rounds=len(tests), clients=2,
+                    per_client_accuracy={n: c.test_accuracy for n, c in last.clients.items()},
+                    mean_accuracy=last.mean_accuracy,
+                    per_client_val_accuracy={n: c.val_accuracy for n, c in last.clients.items()},
+                    mean_val_accuracy=last.mean_val_accuracy, history=history,
+                    config={"strategy": strategy, "seed": seed, "rounds": len(tests), "clients": 2})
+
+
+def test_cells_grid_and_main(study) -> None:
+    grid = study.cells("grid", ["digits"], [0, 1, 2])
+    assert len(grid) == 6 and {(c.lambda_t, c.lr_aux) for c in grid} == set(study.GRID)
+    assert {c.seed for c in grid} == {0} and {c.rounds for c in grid} == {study.GRID_ROUNDS}
+    main = study.cells("main", ["digits"], [0, 1])
+    per_seed = 2 * len(study.SIZES["digits"]) + 2 * len(study.BASELINE_SIZES["digits"])
+    assert len(main) == 2 * per_seed and len({c.key for c in main}) == len(main)
+    assert study.prefix_exact(300) and not study.prefix_exact(400)  # λ_max holds up to T = 347
+
+
+def test_prefix_reports_and_paired_differences(study) -> None:
+    fedbn = _result("fedbn", 0, tests=[0.5, 0.6, 0.7, 0.65], vals=[0.5, 0.7, 0.6, 0.6])
+    report = study.summarize_run(fedbn, [2, 4])
+    assert report["2"]["final"]["mean_accuracy"] == pytest.approx(0.6)
+    assert report["4"]["final"]["mean_accuracy"] == pytest.approx(0.65)
+    assert report["4"]["best_val"]["mean_accuracy"] == pytest.approx(0.6)  # round 2 had the best validation
+    assert report["4"]["best_val"]["rounds"] == {"a": 2, "b": 2}
+    fraug = _result("fraug", 0, tests=[0.5, 0.62, 0.7, 0.7], vals=[0.5, 0.8, 0.6, 0.6])
+    done = {}
+    for strategy, res in (("fedbn", fedbn), ("fraug", fraug)):
+        cell = study.Cell("digits", strategy, 30, 0, rounds=4)
+        done[cell.key] = {**study.asdict(cell), "key": cell.key, "report": study.summarize_run(res, [2, 4])}
+    assert study.paired(done, "digits", 30, "fraug", "fedbn", 4, "best_val") == pytest.approx([0.02])
+    assert study.paired(done, "digits", 30, "fraug", "fedbn", 4, "final") == pytest.approx([0.05])
+    assert study.paired(done, "digits", 100, "fraug", "fedbn", 4, "final") == []
