@@ -23,7 +23,14 @@ class CloudConfig:
     host: str = option("127.0.0.1", "address to bind (default: loopback only)")
     port: int = option(50051, "port to bind; 0 picks a free one")
     port_file: str = option("", "write the bound port to this file (useful with port 0)")
-    token: str = option("", f"auth token every edge must send (default: ${TOKEN_ENV}, else none)")
+    token: str = option("", f"one auth token every edge must send (default: ${TOKEN_ENV}, else none); "
+                        "per-edge credentials are better: --credentials")
+    credentials: str = option("", "per-edge credentials file (`fedshift creds add`): edge id -> salted token "
+                              "hash or certificate name; re-read when it changes")
+    tls_cert: str = option("", "serve TLS with this certificate (PEM; `fedshift certs` makes test ones)")
+    tls_key: str = option("", "the TLS certificate's private key (PEM)")
+    tls_client_ca: str = option("", "mutual TLS: edges must present a certificate signed by this CA (PEM)")
+    insecure: bool = option(False, "serve plaintext gRPC (no TLS): only on a trusted network or loopback")
     shared: bool = option(False, "one student for all edges (default: one per edge)")
     device: str = option("cpu", "torch device of the learners: cpu, cuda, cuda:1, …")
     out_dir: str = option("", "output folder: TensorBoard, config and stats under OUT/cloud", flag="out")
@@ -66,6 +73,12 @@ class CloudConfig:
             raise ValueError("max_workers must be >= 2 (Subscribe streams each hold a thread)")
         if self.num_classes < 2:
             raise ValueError(f"num_classes must be >= 2, got {self.num_classes}")
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ValueError("TLS needs both tls_cert and tls_key (or neither)")
+        if self.tls_client_ca and not self.tls_cert:
+            raise ValueError("tls_client_ca (mutual TLS) needs tls_cert and tls_key")
+        if self.insecure and self.tls_cert:
+            raise ValueError("insecure (plaintext) and tls_cert contradict each other: give one")
         if self.shared and self.edge_models:
             raise ValueError("edge_models gives each edge a student from its own file; a shared student "
                              "cannot start from several: drop shared or edge_models")
