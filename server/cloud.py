@@ -49,6 +49,7 @@ from protos.fedshift.v1 import edge_pb2_grpc as pb_grpc
 from server.auth import Authenticator, AuthError, peer_common_name
 from server.config import CloudConfig
 from server.stats import CloudStats, EdgeStats, LearnerStats
+from server.wire import RateLimitedLog, add_edge_service
 
 __all__ = ["CloudConfig", "CloudServer", "CloudService"]
 
@@ -165,6 +166,7 @@ class CloudService(pb_grpc.EdgeServiceServicer):
         self.config = config
         self.preprocess = preprocess
         self.auth = authenticator or Authenticator(config.credentials or None, config.token)
+        self.refused = RateLimitedLog("refused uploads (INVALID_ARGUMENT)", logger=log)
         self.edge_model_sha256 = edge_model_sha256  # the file ``preprocess`` was read from ("" unknown)
         # the normalization state of more model files edges may run (e.g. one per domain), by sha256:
         # an edge registering with one gets a student that starts from that state, its own model
@@ -290,6 +292,11 @@ class CloudService(pb_grpc.EdgeServiceServicer):
         with self._lock:
             edge = self._edges.get(request.edge_id)
         if edge is None:
+            with self._lock:
+                full = len(self._edges) >= self.config.max_edges
+            if full:
+                context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                              f"the cloud serves at most {self.config.max_edges} edges (max_edges)")
             slot = self._shared or self._new_slot(request.edge_id, self._edge_states.get(request.model_sha256))
             with self._lock:
                 edge = self._edges.setdefault(request.edge_id, _Edge(request.edge_id, request.model_id,
@@ -321,7 +328,7 @@ class CloudService(pb_grpc.EdgeServiceServicer):
         try:
             images, labels = self._validate_upload(request)
         except ValueError as exc:
-            log.warning("edge %s upload %d refused: %s", request.edge_id, seq, exc)
+            self.refused.record(f"edge {request.edge_id} upload {seq}: {exc}")
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"upload {seq}: {exc}")
         n = len(images)
         with self._work:
@@ -602,7 +609,8 @@ class CloudServer:
                                     run_info=run_info, authenticator=authenticator)
         self._executor = ThreadPoolExecutor(max_workers=config.max_workers, thread_name_prefix="cloud-rpc")
         self._server = grpc.server(self._executor, options=GRPC_OPTIONS)
-        pb_grpc.add_EdgeServiceServicer_to_server(self.service, self._server)
+        self.undecodable = RateLimitedLog("undecodable requests")
+        add_edge_service(self._server, self.service, self.undecodable)  # our decoding: garbage -> INVALID_ARGUMENT
         host = f"[{config.host}]" if ":" in config.host and not config.host.startswith("[") else config.host
         try:
             self.port = self._bind(f"{host}:{config.port}")
@@ -634,8 +642,6 @@ class CloudServer:
     def _bind(self, address: str) -> int:
         if self._credentials is not None:
             return self._server.add_secure_port(address, self._credentials)
-        log.warning("INSECURE: the cloud on %s serves plaintext gRPC: uploads, updates and tokens cross the "
-                    "network unencrypted (--insecure)", address)
         return self._server.add_insecure_port(address)
 
     def start(self) -> "CloudServer":
@@ -645,6 +651,9 @@ class CloudServer:
         log.info("cloud listening on %s (%s, authentication: %s; method %s, %s students)", self.address,
                  self.transport, self.service.auth.mode, self.config.cema.method,
                  "shared" if self.config.shared else "per-edge")
+        if self._credentials is None:
+            log.warning("INSECURE: the cloud on %s serves plaintext gRPC: uploads, updates and tokens cross the "
+                        "network unencrypted (--insecure)", self.address)
         if self.service.auth.mode == "none":
             log.warning("no authentication: any caller may register as any edge (give --credentials)")
         return self
