@@ -371,7 +371,7 @@ class _Server:
             from core.cema import CemaConfig
             from server.cloud import CloudConfig, CloudServer
 
-            config = CloudConfig(image_size=IMAGE_SHAPE[0], in_chans=IMAGE_SHAPE[2],
+            config = CloudConfig(image_size=IMAGE_SHAPE[0], in_chans=IMAGE_SHAPE[2], insecure=True,
                                  cema=CemaConfig(batch_size=self._args.cloud_batch, **self._cema),
                                  shared=False, max_workers=32)
             from server.cloud_cli import read_edge_model

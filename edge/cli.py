@@ -62,9 +62,16 @@ def run_edge(cfg: EdgeConfig) -> int:
     stop_event = threading.Event()
     client = None
     if cfg.with_cloud:
+        try:
+            credentials = cfg.channel_credentials()
+        except (ValueError, OSError) as exc:
+            print(f"fedshift edge: error: {exc}", file=sys.stderr)
+            return 2
+        if credentials is None:
+            log.warning("INSECURE: edge %s talks plaintext gRPC to %s (--insecure)", edge_id, cfg.server)
         client = CloudClient(cfg.server, edge_id, cfg.token or os.environ.get(TOKEN_ENV, ""), cfg.timeout_s,
                              connect_timeout=cfg.connect_timeout_s, retry=RetryPolicy(), seed=cfg.seed,
-                             sleep=stop_event.wait)
+                             sleep=stop_event.wait, credentials=credentials)
     node = EdgeNode(runtime, source, client, EntropySelector(selection), config=cfg.node, edge_id=edge_id,
                     stop_event=stop_event)
     log.info("edge %s: model %s (%d classes), source %s, method %s, server %s", edge_id,

@@ -95,14 +95,17 @@ class CloudClient:
 
     def __init__(self, address: str, edge_id: str, token: str = "", timeout: float = 10.0, *,
                  connect_timeout: float = 60.0, retry: RetryPolicy = RetryPolicy(), seed: int | None = None,
-                 sleep: Callable[[float], None] = time.sleep) -> None:
+                 sleep: Callable[[float], None] = time.sleep,
+                 credentials: grpc.ChannelCredentials | None = None) -> None:
         if not edge_id:
             raise ValueError("edge_id must not be empty")
         self.address, self.edge_id, self.token = address, edge_id, token
         self.timeout, self.connect_timeout, self.retry = float(timeout), float(connect_timeout), retry
         self._rng = random.Random(seed)
         self._sleep = sleep
-        self.channel = grpc.insecure_channel(address, options=list(GRPC_OPTIONS))
+        # TLS when given channel credentials (protos.tls.channel_credentials); plaintext otherwise
+        self.channel = (grpc.secure_channel(address, credentials, options=list(GRPC_OPTIONS)) if credentials is not None
+                        else grpc.insecure_channel(address, options=list(GRPC_OPTIONS)))
         self.stub = pb_grpc.EdgeServiceStub(self.channel)
         self.max_message_bytes = 0  # the server's bound, known after register()
 

@@ -48,6 +48,10 @@ class EdgeConfig:
     source: str = option("", "input: npz:PATH | folder:DIR | stdin:HxWxC")
     edge_id: str = option("", "this edge's id (default: host name and process id)")
     token: str = option("", f"auth token (default: ${TOKEN_ENV})")
+    tls_ca: str = option("", "verify the cloud's TLS certificate against this CA (PEM)")
+    tls_cert: str = option("", "mutual TLS: this edge's certificate (PEM)")
+    tls_key: str = option("", "mutual TLS: this edge's private key (PEM)")
+    insecure: bool = option(False, "talk plaintext gRPC to the cloud (no TLS): only on a trusted network or loopback")
     batch_size: int = option(64, "samples per inference batch")
     threads: int = option(1, "ONNX Runtime intra-op threads")
     timeout_s: float = option(10.0, "per-RPC deadline, seconds", flag="timeout")
@@ -65,6 +69,23 @@ class EdgeConfig:
             raise ValueError(f"threads must be >= 1, got {self.threads}")
         if self.timeout_s <= 0 or self.connect_timeout_s < 0:
             raise ValueError("timeout_s must be > 0 and connect_timeout_s >= 0")
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ValueError("mutual TLS needs both tls_cert and tls_key (or neither)")
+        if self.tls_cert and not self.tls_ca:
+            raise ValueError("tls_cert / tls_key need tls_ca (the CA that signed the cloud's certificate)")
+        if self.insecure and self.tls_ca:
+            raise ValueError("insecure (plaintext) and tls_ca contradict each other: give one")
+
+    def channel_credentials(self):  # -> grpc.ChannelCredentials | None
+        """TLS credentials from the files; ``None`` for plaintext, which needs ``insecure``."""
+        if self.tls_ca:
+            from protos.tls import channel_credentials
+
+            return channel_credentials(self.tls_ca, self.tls_cert, self.tls_key)
+        if not self.insecure:
+            raise ValueError("refusing plaintext gRPC to the cloud: give --tls-ca (and --tls-cert/--tls-key for "
+                             "mutual TLS), or --insecure on a trusted network")
+        return None
 
     def missing(self) -> list[str]:
         """Settings a run cannot do without (a config may be printed before they are known)."""

@@ -23,7 +23,6 @@ publication; they restart at 0 when the cloud restarts.
 from __future__ import annotations
 
 import copy
-import hmac
 import json
 import logging
 import math
@@ -47,8 +46,10 @@ from core.training import to_tensor
 from protos.codec import GRPC_OPTIONS, MAX_MESSAGE_BYTES, decode_images, encode_state
 from protos.fedshift.v1 import edge_pb2 as pb
 from protos.fedshift.v1 import edge_pb2_grpc as pb_grpc
+from server.auth import Authenticator, AuthError, peer_common_name
 from server.config import CloudConfig
 from server.stats import CloudStats, EdgeStats, LearnerStats
+from server.wire import RateLimitedLog, add_edge_service
 
 __all__ = ["CloudConfig", "CloudServer", "CloudService"]
 
@@ -161,9 +162,11 @@ class CloudService(pb_grpc.EdgeServiceServicer):
     def __init__(self, student: nn.Module, teacher: nn.Module | None, config: CloudConfig,
                  *, preprocess: Preprocess, edge_model_sha256: str = "",
                  edge_states: Mapping[str, Mapping[str, np.ndarray]] | None = None,
-                 run_info: Mapping[str, Any] | None = None) -> None:
+                 run_info: Mapping[str, Any] | None = None, authenticator: Authenticator | None = None) -> None:
         self.config = config
         self.preprocess = preprocess
+        self.auth = authenticator or Authenticator(config.credentials or None, config.token)
+        self.refused = RateLimitedLog("refused uploads (INVALID_ARGUMENT)", logger=log)
         self.edge_model_sha256 = edge_model_sha256  # the file ``preprocess`` was read from ("" unknown)
         # the normalization state of more model files edges may run (e.g. one per domain), by sha256:
         # an edge registering with one gets a student that starts from that state, its own model
@@ -271,7 +274,7 @@ class CloudService(pb_grpc.EdgeServiceServicer):
     # ---------------------------------------------------------------- RPCs
 
     def Register(self, request: pb.RegisterRequest, context: grpc.ServicerContext) -> pb.RegisterReply:
-        self._check_token(request.auth_token, context)
+        self._authorize(request.edge_id, request.auth_token, context)
         if not request.edge_id:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "edge_id must not be empty")
         if request.norm_names and set(request.norm_names) != set(self.norm_names):
@@ -289,6 +292,11 @@ class CloudService(pb_grpc.EdgeServiceServicer):
         with self._lock:
             edge = self._edges.get(request.edge_id)
         if edge is None:
+            with self._lock:
+                full = len(self._edges) >= self.config.max_edges
+            if full:
+                context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                              f"the cloud serves at most {self.config.max_edges} edges (max_edges)")
             slot = self._shared or self._new_slot(request.edge_id, self._edge_states.get(request.model_sha256))
             with self._lock:
                 edge = self._edges.setdefault(request.edge_id, _Edge(request.edge_id, request.model_id,
@@ -308,7 +316,7 @@ class CloudService(pb_grpc.EdgeServiceServicer):
                                 max_message_bytes=MAX_MESSAGE_BYTES)
 
     def Upload(self, request: pb.UploadRequest, context: grpc.ServicerContext) -> pb.UploadReply:
-        self._check_token(request.auth_token, context)
+        self._authorize(request.edge_id, request.auth_token, context)
         edge = self._edge(request.edge_id, context)
         seq = int(request.sequence)
         with self._lock:
@@ -320,7 +328,7 @@ class CloudService(pb_grpc.EdgeServiceServicer):
         try:
             images, labels = self._validate_upload(request)
         except ValueError as exc:
-            log.warning("edge %s upload %d refused: %s", request.edge_id, seq, exc)
+            self.refused.record(f"edge {request.edge_id} upload {seq}: {exc}")
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"upload {seq}: {exc}")
         n = len(images)
         with self._work:
@@ -368,7 +376,7 @@ class CloudService(pb_grpc.EdgeServiceServicer):
         return sum(len(i.images) for i in self._pending) + sum(s.learner.queue_size for s in self._slots())
 
     def Subscribe(self, request: pb.SubscribeRequest, context: grpc.ServicerContext) -> Iterator[pb.ParameterUpdate]:
-        self._check_token(request.auth_token, context)
+        self._authorize(request.edge_id, request.auth_token, context)
         slot = self._edge(request.edge_id, context).slot
 
         def wake() -> None:
@@ -388,7 +396,7 @@ class CloudService(pb_grpc.EdgeServiceServicer):
             yield update
 
     def ReportMetrics(self, request: pb.MetricsReport, context: grpc.ServicerContext) -> pb.MetricsAck:
-        self._check_token(request.auth_token, context)
+        self._authorize(request.edge_id, request.auth_token, context)
         edge = self._edge(request.edge_id, context)
         values = dict(request.values)
         if bad := sorted(k for k, v in values.items() if not math.isfinite(v)):
@@ -400,7 +408,7 @@ class CloudService(pb_grpc.EdgeServiceServicer):
         return pb.MetricsAck()
 
     def Reset(self, request: pb.ResetRequest, context: grpc.ServicerContext) -> pb.ResetReply:
-        self._check_token(request.auth_token, context)
+        self._authorize(request.edge_id, request.auth_token, context)
         edge = self._edge(request.edge_id, context)
         episode = int(request.episode)
         with self._lock:
@@ -424,9 +432,12 @@ class CloudService(pb_grpc.EdgeServiceServicer):
 
     # ---------------------------------------------------------------- helpers
 
-    def _check_token(self, token: str, context: grpc.ServicerContext) -> None:
-        if self.config.token and not hmac.compare_digest(token.encode(), self.config.token.encode()):
-            context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong auth token")
+    def _authorize(self, edge_id: str, token: str, context: grpc.ServicerContext) -> None:
+        """Every RPC's first line: :class:`server.auth.Authenticator`'s rules, as a gRPC status."""
+        try:
+            self.auth.check(edge_id, token, peer_common_name(context))
+        except AuthError as exc:
+            context.abort(exc.code, str(exc))
 
     def _edge(self, edge_id: str, context: grpc.ServicerContext) -> _Edge:
         with self._lock:
@@ -590,17 +601,19 @@ class CloudServer:
     def __init__(self, student: nn.Module, teacher: nn.Module | None, config: CloudConfig,
                  *, preprocess: Preprocess, edge_model_sha256: str = "",
                  edge_states: Mapping[str, Mapping[str, np.ndarray]] | None = None,
-                 run_info: Mapping[str, Any] | None = None) -> None:
+                 run_info: Mapping[str, Any] | None = None, authenticator: Authenticator | None = None) -> None:
         self.config = config
+        self._credentials = self._transport_credentials(config)  # refused before anything starts
         self.service = CloudService(student, teacher, config, preprocess=preprocess,
                                     edge_model_sha256=edge_model_sha256, edge_states=edge_states,
-                                    run_info=run_info)
+                                    run_info=run_info, authenticator=authenticator)
         self._executor = ThreadPoolExecutor(max_workers=config.max_workers, thread_name_prefix="cloud-rpc")
         self._server = grpc.server(self._executor, options=GRPC_OPTIONS)
-        pb_grpc.add_EdgeServiceServicer_to_server(self.service, self._server)
+        self.undecodable = RateLimitedLog("undecodable requests")
+        add_edge_service(self._server, self.service, self.undecodable)  # our decoding: garbage -> INVALID_ARGUMENT
         host = f"[{config.host}]" if ":" in config.host and not config.host.startswith("[") else config.host
         try:
-            self.port = self._server.add_insecure_port(f"{host}:{config.port}")
+            self.port = self._bind(f"{host}:{config.port}")
         except RuntimeError as exc:
             self._executor.shutdown(wait=False)
             raise OSError(f"cannot bind {host}:{config.port}: {exc}") from exc
@@ -610,12 +623,39 @@ class CloudServer:
         self.address = f"{host}:{self.port}"
         self._started = False
 
+    @staticmethod
+    def _transport_credentials(cfg: CloudConfig) -> grpc.ServerCredentials | None:
+        """TLS (mutual with a client CA) when configured; ``None`` = plaintext, only when asked for."""
+        if cfg.tls_cert:
+            from protos.tls import server_credentials
+
+            return server_credentials(cfg.tls_cert, cfg.tls_key, cfg.tls_client_ca)
+        if not cfg.insecure:
+            raise ValueError("refusing to serve plaintext gRPC: give --tls-cert and --tls-key (test ones: "
+                             "`fedshift certs DIR --hosts 127.0.0.1,localhost`), or --insecure on a trusted network")
+        return None
+
+    @property
+    def transport(self) -> str:
+        return ("mutual TLS" if self.config.tls_client_ca else "TLS") if self._credentials is not None else "plaintext"
+
+    def _bind(self, address: str) -> int:
+        if self._credentials is not None:
+            return self._server.add_secure_port(address, self._credentials)
+        return self._server.add_insecure_port(address)
+
     def start(self) -> "CloudServer":
         self.service.start()
         self._server.start()
         self._started = True
-        log.info("cloud listening on %s (method %s, %s students)", self.address, self.config.cema.method,
+        log.info("cloud listening on %s (%s, authentication: %s; method %s, %s students)", self.address,
+                 self.transport, self.service.auth.mode, self.config.cema.method,
                  "shared" if self.config.shared else "per-edge")
+        if self._credentials is None:
+            log.warning("INSECURE: the cloud on %s serves plaintext gRPC: uploads, updates and tokens cross the "
+                        "network unencrypted (--insecure)", self.address)
+        if self.service.auth.mode == "none":
+            log.warning("no authentication: any caller may register as any edge (give --credentials)")
         return self
 
     def stop(self, grace: float | None = 1.0) -> None:

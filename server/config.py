@@ -23,7 +23,14 @@ class CloudConfig:
     host: str = option("127.0.0.1", "address to bind (default: loopback only)")
     port: int = option(50051, "port to bind; 0 picks a free one")
     port_file: str = option("", "write the bound port to this file (useful with port 0)")
-    token: str = option("", f"auth token every edge must send (default: ${TOKEN_ENV}, else none)")
+    token: str = option("", f"one auth token every edge must send (default: ${TOKEN_ENV}, else none); "
+                        "per-edge credentials are better: --credentials")
+    credentials: str = option("", "per-edge credentials file (`fedshift creds add`): edge id -> salted token "
+                              "hash or certificate name; re-read when it changes")
+    tls_cert: str = option("", "serve TLS with this certificate (PEM; `fedshift certs` makes test ones)")
+    tls_key: str = option("", "the TLS certificate's private key (PEM)")
+    tls_client_ca: str = option("", "mutual TLS: edges must present a certificate signed by this CA (PEM)")
+    insecure: bool = option(False, "serve plaintext gRPC (no TLS): only on a trusted network or loopback")
     shared: bool = option(False, "one student for all edges (default: one per edge)")
     device: str = option("cpu", "torch device of the learners: cpu, cuda, cuda:1, …")
     out_dir: str = option("", "output folder: TensorBoard, config and stats under OUT/cloud", flag="out")
@@ -48,6 +55,8 @@ class CloudConfig:
     # backpressure: uploads are refused with RESOURCE_EXHAUSTED (edges retry with backoff) while
     # this many samples wait for the learners, so a flood cannot grow memory without bound
     max_backlog: int = option(8192, "samples waiting for the learners above which uploads get RESOURCE_EXHAUSTED")
+    max_edges: int = option(1024, "edges the cloud serves at most (each has a learner); a new one beyond gets "
+                            "RESOURCE_EXHAUSTED")
     # simulation lockstep: an Upload is answered only after its learner has processed it (every
     # step it enabled), with the resulting version, so a run is reproducible from its seed; a
     # deployed cloud answers at once and learns in the background
@@ -60,12 +69,18 @@ class CloudConfig:
             raise ValueError(f"image_size must be >= 1 and in_chans 1 or 3, got {self.image_size}, {self.in_chans}")
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port must be in 0..65535, got {self.port}")
-        if self.max_backlog < 1:
-            raise ValueError(f"max_backlog must be >= 1, got {self.max_backlog}")
+        if self.max_backlog < 1 or self.max_edges < 1:
+            raise ValueError(f"max_backlog and max_edges must be >= 1, got {self.max_backlog}, {self.max_edges}")
         if self.max_workers < 2:
             raise ValueError("max_workers must be >= 2 (Subscribe streams each hold a thread)")
         if self.num_classes < 2:
             raise ValueError(f"num_classes must be >= 2, got {self.num_classes}")
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ValueError("TLS needs both tls_cert and tls_key (or neither)")
+        if self.tls_client_ca and not self.tls_cert:
+            raise ValueError("tls_client_ca (mutual TLS) needs tls_cert and tls_key")
+        if self.insecure and self.tls_cert:
+            raise ValueError("insecure (plaintext) and tls_cert contradict each other: give one")
         if self.shared and self.edge_models:
             raise ValueError("edge_models gives each edge a student from its own file; a shared student "
                              "cannot start from several: drop shared or edge_models")

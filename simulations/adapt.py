@@ -305,9 +305,12 @@ def edge_config(cfg: AdaptConfig, i: int, prep: Prepared, server: str, out: Path
     seed = cfg.seed * 1000 + i
     selection = replace(e.selection, method=spec.edge, seed=seed, **dict(spec.selection))
     node = replace(e.node, limit=cfg.limit, sync_timeout_s=e.node.sync_timeout_s if cfg.lockstep else 0.0)
+    # a local cloud on loopback: plaintext unless the template asks for TLS (the run's log says so);
+    # a running cloud elsewhere: the template's own TLS or --insecure, as for `fedshift edge`
+    insecure = e.insecure or (not e.tls_ca and not cfg.cloud_address)
     return replace(e, server=server, model=_abs(prep.model_of(i, cfg.norm)), source=f"npz:{_abs(prep.streams[i])}",
                    edge_id=f"edge{i}", out=_abs(out / "edges" / f"edge{i}.json"), seed=seed, node=node,
-                   selection=selection)
+                   selection=selection, insecure=insecure)
 
 
 def cloud_config(cfg: AdaptConfig, prep: Prepared, out: Path, port_file: Path) -> CloudConfig:
@@ -318,7 +321,8 @@ def cloud_config(cfg: AdaptConfig, prep: Prepared, out: Path, port_file: Path) -
                    teacher_weights=_abs(prep.teacher_weights) if prep.teacher_weights else "", out_dir=_abs(out),
                    max_workers=max(c.max_workers, 2 * cfg.edges + 4), lockstep=cfg.lockstep,
                    edge_model=_abs(prep.shared_model(cfg.norm)), num_classes=cfg.data.classes, cema=cema,
-                   edge_models=tuple(_abs(prep.model_of(i, cfg.norm)) for i in range(len(prep.own))))
+                   edge_models=tuple(_abs(prep.model_of(i, cfg.norm)) for i in range(len(prep.own))),
+                   insecure=c.insecure or not c.tls_cert)  # loopback only (host above): plaintext unless TLS
 
 
 def _abs(path: str | os.PathLike) -> str:
@@ -352,7 +356,8 @@ def run_adapt(cfg: AdaptConfig, out: str | os.PathLike) -> "AdaptResult":
             cloud = group.start("cloud", fedshift_argv("cloud", "--config", str(path)))
             port = wait_for_file(port_file, cloud, timeout=300, what="fedshift cloud")
             server = f"127.0.0.1:{port}"
-            log.info("cloud up on %s (pid %d)", server, cloud.pid)
+            log.info("cloud up on %s (pid %d; %s)", server, cloud.pid,
+                     "TLS" if cfg.cloud.tls_cert else "plaintext gRPC on loopback: --insecure, as a simulation may be")
         for i, name in enumerate(edge_names):
             path = write_config(configs / f"{name}.toml", edge_config(cfg, i, prep, server, out),
                                 header=f"fedshift edge --config {name}.toml")

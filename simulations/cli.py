@@ -30,6 +30,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "cloud": ("server.cloud_cli", "serve CEMA cloud-edge adaptation (gRPC) to forward-only edges"),
     "edge": ("edge.cli", "run a forward-only edge node (ONNX Runtime) against a cloud, or none"),
     "fl": ("simulations.commands.fl", "federated training on Flower (FedAvg, FedProx, FedBN, local-only, FRAug); compare"),
+    "certs": ("simulations.commands.certs", "write a test CA, a server certificate and edge client certificates"),
+    "creds": ("simulations.commands.creds", "add / revoke / list per-edge credentials in the cloud's credentials file"),
 }
 
 

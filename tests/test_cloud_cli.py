@@ -35,7 +35,7 @@ def test_cloud_process_serves_and_stops_on_sigterm(tmp_path: Path) -> None:
     proc = subprocess.Popen(
         [sys.executable, "-m", "server.cloud_cli", "--port", "0", "--port-file", str(port_file), "--method", "tent",
          "--student-weights", str(weights), "--image-size", "16", "--batch-size", "4", "--out", str(out),
-         "--token", "t0k"],
+         "--token", "t0k", "--insecure"],
         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.monotonic() + 60

@@ -49,6 +49,7 @@ def models() -> tuple[torch.nn.Module, torch.nn.Module]:
 
 def _config(tmp_path: Path | None = None, **kw) -> CloudConfig:
     cema = kw.pop("cema", CemaConfig(batch_size=4, replay_start=8))
+    kw.setdefault("insecure", not kw.get("tls_cert"))  # loopback tests; TLS has its own tests
     return CloudConfig(image_size=SIZE, cema=cema, rate_interval_s=0.0,
                        out_dir=str(tmp_path) if tmp_path else "", **kw)
 

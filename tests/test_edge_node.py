@@ -183,7 +183,7 @@ def test_cli_against_cloud_and_bad_arguments(cloud, model_path, stream_path, tmp
     fake, address = cloud
     out = tmp_path / "s.json"
     rc = fedshift(["edge", "--server", address, "--model", str(model_path), "--source", f"npz:{stream_path}",
-                   "--edge-id", "cli-edge", "--method", "all", "--limit", "20", "--out", str(out)])
+                   "--edge-id", "cli-edge", "--method", "all", "--limit", "20", "--out", str(out), "--insecure"])
     assert rc == 0
     summary = EdgeSummary.read(out)
     assert summary.uploaded == summary.kept == 20 == sum(fake.accepted.values())
@@ -194,8 +194,11 @@ def test_cli_against_cloud_and_bad_arguments(cloud, model_path, stream_path, tmp
     assert "random_rate" in capsys.readouterr().err
     fake.token = "secret"  # a refused edge fails with status 1 and still writes its summary
     rc = fedshift(["edge", "--server", address, "--model", str(model_path), "--source", f"npz:{stream_path}",
-                   "--token", "wrong", "--out", str(out)])
+                   "--token", "wrong", "--out", str(out), "--insecure"])
     assert rc == 1 and "UNAUTHENTICATED" in EdgeSummary.read(out).error
+    # plaintext is refused unless asked for, with a message that says how to fix it
+    assert fedshift(["edge", "--server", address, "--model", str(model_path), "--source", f"npz:{stream_path}"]) == 2
+    assert "--tls-ca" in capsys.readouterr().err
 
 
 def _env() -> dict:
