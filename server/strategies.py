@@ -22,6 +22,7 @@ recorded (and checkpointed) when round ``r + 1``'s training replies bring its ev
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -106,6 +107,29 @@ def in_client_order(replies: Iterable[Message]) -> list[Message]:
     return sorted(replies, key=key)
 
 
+def update_problem(msg: Message, sent: dict[str, tuple[tuple[int, ...], str]]) -> str | None:
+    """What is wrong with a training reply's update (``None``: nothing), against the keys, shapes and
+    dtypes that were sent: a client, buggy or hostile, must not poison the average."""
+    records = list(msg.content.array_records.items())
+    if len(records) != 1:
+        return f"{len(records)} array records (expected 1)"
+    metrics = next(iter(msg.content.metric_records.values()), None)
+    weight = metrics.get(WEIGHT_KEY) if metrics is not None else None
+    if not isinstance(weight, (int, float)) or not math.isfinite(float(weight)) or float(weight) <= 0:
+        return f"sample count {weight!r} is not a positive finite number"
+    _, record = records[0]
+    if sent and set(record.keys()) != set(sent):
+        missing, extra = sorted(set(sent) - set(record.keys()))[:3], sorted(set(record.keys()) - set(sent))[:3]
+        return f"keys differ from the model sent (missing {missing}, unexpected {extra})"
+    for key, array in record.items():
+        if sent and (tuple(array.shape), array.dtype) != sent[key]:
+            return f"{key}: shape {tuple(array.shape)} {array.dtype}, sent {sent[key][0]} {sent[key][1]}"
+        values = array.numpy()
+        if values.dtype.kind == "f" and not np.isfinite(values).all():
+            return f"{key}: NaN or Inf values"
+    return None
+
+
 def without_keys(record: ArrayRecord, drop: Collection[str]) -> ArrayRecord:
     """A new ArrayRecord holding the same Arrays minus ``drop``."""
     return ArrayRecord(array_dict={k: v for k, v in record.items() if k not in drop})
@@ -166,6 +190,8 @@ class FedShiftStrategy(FedAvg):
         self.client_state: dict[int, ArrayRecord] = {}  # partition id -> state of its last checkpoint round
         self._restore = dict(restore or {})  # node id -> state, sent once
         self.num_rounds: int | None = None  # known inside start(): evaluation then rides on training
+        self._sent: dict[str, tuple[tuple[int, ...], str]] = {}  # key -> (shape, dtype) of this round's model
+        self.rejected = 0  # client updates refused (non-finite, mis-shaped), over the run
 
     def is_checkpoint_round(self, server_round: int) -> bool:
         """Every ``checkpoint_every`` global rounds, and always the last round of this run."""
@@ -207,7 +233,9 @@ class FedShiftStrategy(FedAvg):
         config = self.round_config(config, server_round)
         if server_round > 1 and self._evaluation_deferred(server_round - 1):
             config[EVALUATE_RECEIVED_KEY] = True
-        messages = list(super().configure_train(server_round, self.outgoing(arrays), config, grid))
+        outgoing = self.outgoing(arrays)
+        self._sent = {k: (tuple(v.shape), v.dtype) for k, v in outgoing.items()}  # what a reply must match
+        messages = list(super().configure_train(server_round, outgoing, config, grid))
         self._down["train"] = sum(message_bytes(m.content) for m in messages)
         if self._restore:
             messages = [self._with_state(m) for m in messages]
@@ -241,6 +269,7 @@ class FedShiftStrategy(FedAvg):
                 for key, rec in list(msg.content.array_records.items()):
                     if self.local_keys & set(rec.keys()):
                         msg.content[key] = without_keys(rec, self.local_keys)
+        replies = self._reject_bad_updates(server_round, replies)
         arrays, metrics = super().aggregate_train(server_round, replies)
         arrays = self.incoming(arrays)
         if arrays is not None:
@@ -249,6 +278,22 @@ class FedShiftStrategy(FedAvg):
             self.recorder.train_round(server_round + self.round_offset, _client_metrics(replies),
                                       self._down["train"], up)
         return arrays, metrics
+
+    def _reject_bad_updates(self, server_round: int, replies: list[Message]) -> list[Message]:
+        """Drop replies whose update is not a finite copy of what was sent (same keys, shapes and
+        dtypes; no NaN/Inf; a positive finite sample count), logging each; the round goes on with
+        the rest (all rejected: the global model stays as it was)."""
+        kept = []
+        for msg in replies:
+            why = None if msg.has_error() else update_problem(msg, self._sent)
+            if why is None:
+                kept.append(msg)
+                continue
+            pid = next(iter(msg.content.metric_records.values()), {}).get(PARTITION_KEY, "?")
+            self.rejected += 1
+            log.warning("round %d: rejected the update of node %d (partition %s): %s", server_round + self.round_offset,
+                        msg.metadata.src_node_id, pid, why)
+        return kept
 
     def _take_client_state(self, replies: list[Message]) -> None:
         """Pop each client's checkpointed state (Flower averages exactly one ArrayRecord per reply)."""

@@ -307,3 +307,25 @@ def test_each_rounds_evaluation_rides_on_the_next_train_message(model_state, tmp
     assert [h.round for h in rec.history] == [1, 2] and rec.history[1].mean_accuracy == pytest.approx(0.9)
     assert ends == [(1, 2.5), (2, 4.0)]
     rec.close()
+
+
+def test_nan_or_misshaped_client_updates_are_rejected_and_the_round_goes_on(model_state, caplog) -> None:
+    """Issue 12: an update with NaN/Inf, another shape or dtype, missing keys or a bad sample
+    count is dropped and logged; the round averages the rest."""
+    _, state = model_state
+    strat = make_strategy("fedavg", num_clients=5, local_keys=set())
+    list(strat.configure_train(1, _record(state), ConfigRecord(), FakeGrid(5)))
+    good, other = _client_states(state)  # all ones / all fours
+    key = next(k for k, v in state.items() if v.dtype == np.float32 and v.size > 1)
+    nan = {**other, key: np.full_like(other[key], np.nan)}
+    shaped = {**other, key: other[key].reshape(-1)[:-1]}
+    missing = {k: v for k, v in other.items() if k != key}
+    replies = [_reply(good, 10, 0), _reply(nan, 10, 1), _reply(shaped, 10, 2), _reply(missing, 10, 3),
+               _reply(other, 0, 4)]
+    arrays, _ = strat.aggregate_train(1, replies)
+    assert strat.rejected == 4
+    for k, v in arrays.items():  # only the good client's update was averaged
+        np.testing.assert_allclose(v.numpy(), good[k])
+    reasons = " | ".join(r.getMessage() for r in caplog.records if "rejected" in r.getMessage())
+    for what in ("NaN or Inf", "shape", "keys differ", "sample count"):
+        assert what in reasons, reasons
