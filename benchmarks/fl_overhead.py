@@ -164,7 +164,8 @@ def engine_flower(a: argparse.Namespace) -> dict[str, Any]:
     hist = results.history
     return {"wall_seconds": time.perf_counter() - t0, "round_seconds": [h.round_seconds for h in hist],
             "mean_accuracy": [h.mean_accuracy for h in hist],
-            "bytes_per_round": hist[-1].bytes_down + hist[-1].bytes_up}
+            # the median round: the last one also carries its own evaluate exchange
+            "bytes_per_round": statistics.median(h.bytes_down + h.bytes_up for h in hist)}
 
 
 def _summary(name: str, res: dict[str, Any], peak: int, rounds: int) -> dict[str, Any]:
