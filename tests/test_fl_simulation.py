@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -72,7 +73,7 @@ def test_checkpoint_and_resume(fraug_run: Path) -> None:
     assert load_checkpoint(fraug_run).round == 3
 
 
-def test_stopped_and_resumed_equals_uninterrupted(tmp_path: Path) -> None:
+def test_stopped_and_resumed_equals_uninterrupted(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """Issue 11: a run stopped after round 1 and resumed equals one that never stopped -- every
     client's numbers in every round and the final model, exactly (FRAug: local BN, RTNet,
     prototypes and three optimizers' momentum all live in the clients' Context.state)."""
@@ -80,6 +81,7 @@ def test_stopped_and_resumed_equals_uninterrupted(tmp_path: Path) -> None:
 
     from simulations.fl_sim import run_fl_simulation
 
+    caplog.set_level(logging.INFO)
     common = dict(rounds=3, strategy="fraug", seed=3)
     whole = run_fl_simulation(_run(**common, **{"out-dir": str(tmp_path / "whole")}))
     part = run_fl_simulation(_run(**common, **{"out-dir": str(tmp_path / "parts"), "stop-at": 1}))
@@ -92,6 +94,9 @@ def test_stopped_and_resumed_equals_uninterrupted(tmp_path: Path) -> None:
     assert resumed.complete and resumed.resumed_from_round == 1
     for a, b in zip(whole.history, resumed.history, strict=True):
         assert a.clients == b.clients, f"round {a.round} differs"
+    assert any(r.name == "server.recorder" for r in caplog.records)  # the server's log is seen here
+    rejected = [r.getMessage() for r in caplog.records if "rejected the update" in r.getMessage()]
+    assert not rejected, rejected  # honest clients' updates are all averaged (a wrong check once dropped them)
     final_a, final_b = load_checkpoint(tmp_path / "whole"), load_checkpoint(tmp_path / "parts")
     for key, value in final_a.model.items():
         assert torch.equal(value, final_b.model[key]), key

@@ -324,6 +324,16 @@ def test_nan_or_misshaped_client_updates_are_rejected_and_the_round_goes_on(mode
                _reply(other, 0, 4)]
     arrays, _ = strat.aggregate_train(1, replies)
     assert strat.rejected == 4
+    # FedAvg's average turns an int64 counter into float64, which the next round sends: honest
+    # clients still reply int64, and that must pass
+    tiny = {"w": np.ones(3, np.float32), "bn.num_batches_tracked": np.asarray(7, np.int64)}
+    strat2 = make_strategy("fedavg", num_clients=2, local_keys=set())
+    list(strat2.configure_train(1, _record(tiny), ConfigRecord(), FakeGrid(2)))
+    avg, _ = strat2.aggregate_train(1, [_reply(tiny, 10, 0), _reply(tiny, 10, 1)])
+    sent = list(strat2.configure_train(2, avg, ConfigRecord(), FakeGrid(2)))[0].content["arrays"]
+    assert sent["bn.num_batches_tracked"].dtype != "int64"
+    strat2.aggregate_train(2, [_reply(tiny, 10, 0), _reply(tiny, 10, 1)])
+    assert strat2.rejected == 0
     for k, v in arrays.items():  # only the good client's update was averaged
         np.testing.assert_allclose(v.numpy(), good[k])
     reasons = " | ".join(r.getMessage() for r in caplog.records if "rejected" in r.getMessage())
