@@ -70,6 +70,7 @@ class Cell:
     rate_of: str = ""  # random at the upload rate of this method's cell (same group and seed)
     lr: float | None = None  # tune cells: the student lr tried (others: the tuned one, resolved at run time)
     cset: str = "subset"  # the corruptions: SUBSET (one per family) or "all" 15 (the headline rows)
+    preset: str = "small"  # the cloud's constants: small (lr tuned on validation) or authors (theirs, untuned)
 
     @property
     def label(self) -> str:
@@ -83,7 +84,7 @@ class Cell:
 
     @property
     def group(self) -> str:
-        tag = "" if self.cset == "subset" else f"-{self.cset}15"
+        tag = ("" if self.cset == "subset" else f"-{self.cset}15") + ("" if self.preset == "small" else f"-{self.preset}")
         return f"glyph{self.classes}-sev{self.severity}-{self.protocol}-{self.norm}{tag}"
 
     @property
@@ -103,10 +104,14 @@ class Cell:
 
 def cells(stage: str, *, classes: Sequence[int], severities: Sequence[int], protocols: Sequence[str],
           norms: Sequence[str], seeds: Sequence[int], cset: str = "subset",
-          only: Sequence[str] = ()) -> list[Cell]:
+          only: Sequence[str] = (), preset: str = "small") -> list[Cell]:
     """The stage's cells, seed-major within a group; ``only`` keeps the cells with these labels (a
     pruned sweep: the README names what was left out)."""
     out = list(dict.fromkeys(_cells(stage, classes, severities, protocols, norms, seeds, cset)))
+    if preset != "small":
+        if stage == "tune":
+            raise ValueError("the authors' preset runs their own constants: it has no lr grid to tune")
+        out = [replace(c, preset=preset) for c in out]
     return [c for c in out if not only or c.label in only]
 
 
@@ -133,7 +138,7 @@ def _cells(stage: str, classes: Sequence[int], severities: Sequence[int], protoc
     return out
 
 
-def adapt_config(cell: Cell, args: argparse.Namespace, rate: float | None, lr: float):
+def adapt_config(cell: Cell, args: argparse.Namespace, rate: float | None, lr: float | None):
     from core.cema import CemaConfig
     from core.corruptions import CORRUPTIONS
     from core.data.builtin import DOMAINS, GLYPH_DEFAULT_SIZES, BuiltinData
@@ -143,7 +148,8 @@ def adapt_config(cell: Cell, args: argparse.Namespace, rate: float | None, lr: f
 
     edge = simulation_edge()
     edge = replace(edge, selection=SelectionConfig(random_rate=rate, budget=cell.budget))
-    cloud = CloudConfig(cema=CemaConfig(student_lr=lr, teacher_lr=lr / 10), threads=args.cloud_threads)
+    cema = CemaConfig(student_lr=lr, teacher_lr=lr / 10) if lr is not None else CemaConfig(preset=cell.preset)
+    cloud = CloudConfig(cema=cema, threads=args.cloud_threads)
     corruptions = CORRUPTIONS if cell.cset == "all" else tuple(args.corruptions)
     data = BuiltinData("glyph-shift", cell.classes)
     samples, passes, split = args.samples, 1, "test"
@@ -180,7 +186,7 @@ def run_cell(cell: Cell, args: argparse.Namespace, done: dict[str, dict]) -> dic
         if ref is None:
             raise LookupError(f"{cell.key}: needs the {cell.rate_of} cell of the same seed first")
         rate = ref["upload_rate"]
-    lr = cell.lr if cell.lr is not None else tuned_lr(cell, done)
+    lr = cell.lr if cell.lr is not None else tuned_lr(cell, done) if cell.preset == "small" else None
     cfg = adapt_config(cell, args, rate, lr)
     out = Path(args.runs) / cell.key
     shutil.rmtree(out, ignore_errors=True)
@@ -190,8 +196,9 @@ def run_cell(cell: Cell, args: argparse.Namespace, done: dict[str, dict]) -> dic
     assert r.bn_stats_accuracy is not None
     cloud = r.cloud
     return {
-        **asdict(cell), "key": cell.key, "label": cell.label, "random_rate": rate, "student_lr": lr,
-        "teacher_lr": lr / 10, "split": cfg.split, "passes": cfg.passes,
+        **asdict(cell), "key": cell.key, "label": cell.label, "random_rate": rate,
+        "student_lr": cfg.cloud.cema.student_lr, "teacher_lr": cfg.cloud.cema.teacher_lr,
+        "cloud_batch": cfg.cloud.cema.batch_size, "split": cfg.split, "passes": cfg.passes,
         "corruptions": list(cfg.corruptions), "samples_per_corruption": args.samples,
         "accuracy": r.accuracy.overall, "per_corruption": r.accuracy.per_corruption,
         "no_adapt": r.no_adapt_accuracy.overall, "bn_stats": r.bn_stats_accuracy.overall,
@@ -263,7 +270,7 @@ def summary(done: dict[str, dict]) -> str:
     tune = [c for c in done.values() if c.get("split") == "val"]
     for c in [*cells_, *tune]:
         c.setdefault("group", Cell(c["classes"], c["severity"], c["protocol"], c["norm"], c["method"], 0,
-                                   cset=c.get("cset", "subset")).group)
+                                   cset=c.get("cset", "subset"), preset=c.get("preset", "small")).group)
     lines: list[str] = []
     if tune:
         lines += ["### learning-rate grid on validation streams (random 25 % uploads, seed 0)", "",
@@ -371,6 +378,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--corruptions", nargs="+", default=list(SUBSET), help="names, or 'all' (the 15: own groups)")
     p.add_argument("--only", nargs="+", default=[], metavar="LABEL",
                    help="run only the cells with these labels, e.g. 'random 25%%' cema random@cema (pruning)")
+    p.add_argument("--cloud-preset", choices=("small", "authors"), default="small",
+                   help="the cloud's constants: small (lr tuned on validation) or the authors' (B 32, lr 2.5e-4 / "
+                        "2.5e-3, replay 10,000 from 256, untuned): their own groups")
     p.add_argument("--cloud-threads", type=int, default=min(2, os.cpu_count() or 1),
                    help="the cloud's torch threads (lockstep: the edge waits while the cloud steps)")
     p.add_argument("--samples", type=int, default=5000, help="distinct test images per corruption")
@@ -402,7 +412,8 @@ def main(argv: list[str] | None = None) -> int:
     if not args.summary:
         todo = [c for c in cells(args.stage, classes=args.classes, severities=args.severities,
                                  protocols=args.protocols, norms=args.norms, seeds=args.seeds,
-                                 cset="all" if args.corruptions == ["all"] else "subset", only=args.only)
+                                 cset="all" if args.corruptions == ["all"] else "subset", only=args.only,
+                                 preset=args.cloud_preset)
                 if c.key not in done]
         log.info("%d cells to run (%d already done)", len(todo), len(done))
         for i, cell in enumerate(todo[:args.max_cells or None], 1):

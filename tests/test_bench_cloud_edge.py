@@ -131,3 +131,27 @@ def test_cema_study_reuses_one_lr_grid_and_keeps_the_15_corruption_rows_apart() 
     kept = study.cells("selection", classes=[10], severities=[5], protocols=["reset"], norms=["running"],
                        seeds=[0, 1], only=["cema", "random@cema", "eata budget 25%"])
     assert sorted(c.label for c in kept) == sorted(["cema", "random@cema", "eata budget 25%"] * 2)
+
+
+def test_cema_study_authors_preset_is_its_own_untuned_group() -> None:
+    import importlib.util
+    import sys
+    from argparse import Namespace
+    from pathlib import Path
+
+    import pytest
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "cema_study.py"
+    spec = importlib.util.spec_from_file_location("cema_study_under_test3", path)
+    study = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = study
+    spec.loader.exec_module(study)
+    cells = study.cells("selection", classes=[100], severities=[5], protocols=["reset"], norms=["running"],
+                        seeds=[0], preset="authors", only=["cema"])
+    assert [c.group for c in cells] == ["glyph100-sev5-reset-running-authors"]
+    args = Namespace(corruptions=list(study.SUBSET), samples=5000, cell_timeout=60.0, cloud_threads=1)
+    cema = study.adapt_config(cells[0], args, None, None).cloud.cema  # no lr: the authors' own constants
+    assert (cema.batch_size, cema.student_lr, cema.teacher_lr, cema.replay_capacity) == (32, 2.5e-3, 2.5e-4, 10000)
+    with pytest.raises(ValueError, match="no lr grid"):
+        study.cells("tune", classes=[100], severities=[5], protocols=["reset"], norms=["running"], seeds=[0],
+                    preset="authors")
