@@ -14,6 +14,7 @@ dependencies into a fresh environment per run (a multi-GB CUDA torch, ignoring o
 
     python -m simulations.flwr_local simulation --num-supernodes 5 --run-config 'strategy="fedbn" rounds=3'
     python -m simulations.flwr_local deployment --num-supernodes 2 --run-config 'rounds=2 clients=2'
+    python -m simulations.flwr_local deployment --secure ...     # Flower's TLS + SuperNode authentication
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
@@ -141,35 +143,99 @@ def run_simulation_cli(run_config: Mapping[str, Any], *, num_supernodes: int, wo
                 procs.adopt("local-superlink", pid)
 
 
+def supernode_key(path: Path) -> Path:
+    """An ECDSA P-384 key pair for SuperNode authentication, in the OpenSSH formats Flower reads:
+    the private key at ``path`` (the SuperNode's), the public one at ``path.pub`` (to register)."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    key = ec.generate_private_key(ec.SECP384R1())
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
+                                       serialization.NoEncryption()))
+    os.chmod(path, 0o600)
+    pub = path.with_name(path.name + ".pub")
+    pub.write_bytes(key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH))
+    return pub
+
+
+@dataclass(frozen=True)
+class Deployment:
+    """A running local deployment: the SuperLink address and, when secure, the CA to trust."""
+
+    superlink: str
+    root_certificates: str = ""  # "" = plaintext (--insecure)
+
+
 @contextlib.contextmanager
-def local_deployment(num_supernodes: int, work_dir: Path) -> Iterator[str]:
-    """A SuperLink + ``num_supernodes`` SuperNodes on 127.0.0.1; yields the SuperLink address and
-    stops every process on exit (the deployment engine, as on real machines, on loopback)."""
+def local_deployment(num_supernodes: int, work_dir: Path, secure: bool = False) -> Iterator[Deployment]:
+    """A SuperLink + ``num_supernodes`` SuperNodes on 127.0.0.1; yields where it is and stops every
+    process on exit (the deployment engine, as on real machines, on loopback).
+
+    ``secure``: Flower's own TLS (a test CA and server certificate from :mod:`server.certs`; the
+    SuperNodes and ``flwr`` verify the SuperLink against the CA) and SuperNode authentication
+    (``--enable-supernode-auth``: each SuperNode signs with its own key, whose public half is
+    registered with ``flwr supernode register`` before it connects; an unregistered one is refused).
+    """
     flwr_home = work_dir / "flwr-home"
     port = free_port()
     env = flower_env(flwr_home)
+    tls: list[str] = ["--insecure"]
+    node_tls: list[str] = ["--insecure"]
+    ca = ""
+    if secure:
+        from server.certs import make_certs
+
+        certs = make_certs(work_dir / "tls", ["127.0.0.1", "localhost"], days=1)
+        ca = str(certs.ca)
+        tls = ["--ssl-certfile", str(certs.server_cert), "--ssl-keyfile", str(certs.server_key),
+               "--ssl-ca-certfile", ca, "--enable-supernode-auth"]
+        node_tls = ["--root-certificates", ca]
     with ProcessGroup(work_dir) as procs:
-        link = procs.start("superlink", ["flower-superlink", "--insecure", "--host", "127.0.0.1", "--port", str(port),
+        link = procs.start("superlink", ["flower-superlink", *tls, "--host", "127.0.0.1", "--port", str(port),
                                          "--disable-runtime-dependency-installation"], env)
         _wait_port(port, link, "SuperLink")
+        deployment = Deployment(f"127.0.0.1:{port}", ca)
         for i in range(num_supernodes):
+            auth: list[str] = []
+            if secure:
+                key = work_dir / "supernode-keys" / f"supernode-{i}"
+                register_supernode(procs, env, flwr_home, deployment, supernode_key(key), f"node-{i}")
+                auth = ["--auth-supernode-private-key", str(key)]
             procs.start(f"supernode-{i}", [
-                "flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{port}", "--port", str(free_port()),
+                "flower-supernode", *node_tls, *auth, "--superlink", f"127.0.0.1:{port}", "--port", str(free_port()),
                 "--node-config", f"partition-id={i} num-partitions={num_supernodes}"], env)
-        yield f"127.0.0.1:{port}"
+        yield deployment
+
+
+def _connection_body(deployment: Deployment) -> str:
+    if deployment.root_certificates:
+        return f'address = "{deployment.superlink}"\nroot-certificates = "{deployment.root_certificates}"'
+    return f'address = "{deployment.superlink}"\ninsecure = true'
+
+
+def register_supernode(procs: ProcessGroup, env: Mapping[str, str], flwr_home: Path, deployment: Deployment,
+                       public_key: Path, name: str) -> None:
+    """``flwr supernode register`` a SuperNode's public key with the SuperLink (Control API, TLS)."""
+    _write_connection(flwr_home, "remote", _connection_body(deployment))
+    proc = procs.start(f"register-{name}", ["flwr", "supernode", "register", str(public_key), "remote"], env,
+                       cwd=REPO_ROOT)
+    if proc.wait(timeout=120) != 0:
+        raise RuntimeError(f"`flwr supernode register` failed for {name}; see {procs.log_dir / f'register-{name}.log'}")
 
 
 def run_deployment(run_config: Mapping[str, Any], *, num_supernodes: int, work_dir: Path,
-                   timeout: float = 1800.0) -> FLResult:
+                   timeout: float = 1800.0, secure: bool = False) -> FLResult:
     """A SuperLink + ``num_supernodes`` SuperNodes on loopback run the app; returns the run's result."""
     run_config = {**run_config, "clients": num_supernodes}
     run_config.setdefault("out-dir", str(work_dir / "run"))
-    with local_deployment(num_supernodes, work_dir) as superlink:
-        return run_remote(run_config, superlink=superlink, work_dir=work_dir, timeout=timeout)
+    with local_deployment(num_supernodes, work_dir, secure=secure) as deployment:
+        return run_remote(run_config, superlink=deployment.superlink, work_dir=work_dir, timeout=timeout,
+                          root_certificates=deployment.root_certificates)
 
 
 def run_remote(run_config: Mapping[str, Any], *, superlink: str, work_dir: Path, insecure: bool = True,
-               timeout: float = 3600.0) -> FLResult:
+               timeout: float = 3600.0, root_certificates: str = "") -> FLResult:
     """``flwr run .`` against a running SuperLink (deployment engine, SuperNodes elsewhere).
 
     The ServerApp writes ``out-dir`` on the SuperLink's machine: it must be this folder (same
@@ -178,7 +244,8 @@ def run_remote(run_config: Mapping[str, Any], *, superlink: str, work_dir: Path,
     flwr_home = work_dir / "flwr-home"
     out_dir = Path(str(run_config.get("out-dir") or work_dir / "run")).resolve()
     run_config = {**run_config, "out-dir": str(out_dir)}
-    _write_connection(flwr_home, "remote", f'address = "{superlink}"\ninsecure = {str(insecure).lower()}')
+    _write_connection(flwr_home, "remote", _connection_body(Deployment(superlink, root_certificates))
+                      if root_certificates else f'address = "{superlink}"\ninsecure = {str(insecure).lower()}')
     with ProcessGroup(work_dir) as procs:
         _flwr_run(procs, flower_env(flwr_home), "remote", run_config, timeout)
         return _results(out_dir, 120.0)
@@ -191,6 +258,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--run-config", default="", help="space-separated key=value (TOML values)")
     p.add_argument("--work-dir", type=Path, help="logs + private FLWR_HOME (default: a temp dir)")
     p.add_argument("--timeout", type=float, default=1800.0)
+    p.add_argument("--secure", action="store_true", help="deployment: Flower's TLS and SuperNode authentication "
+                   "(test certificates and keys in the work dir)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     import tomllib
@@ -198,8 +267,14 @@ def main(argv: list[str] | None = None) -> int:
     run_config = tomllib.loads("\n".join(shlex.split(args.run_config, posix=False))) if args.run_config else {}
     work_dir = args.work_dir or Path(tempfile.mkdtemp(prefix=f"fedshift-{args.engine}-"))
     work_dir.mkdir(parents=True, exist_ok=True)
-    fn = run_simulation_cli if args.engine == "simulation" else run_deployment
-    results = fn(run_config, num_supernodes=args.num_supernodes, work_dir=work_dir, timeout=args.timeout)
+    if args.engine == "simulation":
+        if args.secure:
+            p.error("--secure is for the deployment engine")
+        results = run_simulation_cli(run_config, num_supernodes=args.num_supernodes, work_dir=work_dir,
+                                     timeout=args.timeout)
+    else:
+        results = run_deployment(run_config, num_supernodes=args.num_supernodes, work_dir=work_dir,
+                                 timeout=args.timeout, secure=args.secure)
     log.info("%s via %s: mean accuracy %s; logs in %s", results.strategy, args.engine,
              f"{results.mean_accuracy:.4f}" if results.mean_accuracy is not None else "n/a", work_dir)
     return 0

@@ -103,8 +103,12 @@ class Pipeline:
             for strategy in self.s.fl.strategies:
                 run = fl_run(self.s, strategy, self.out / "fl" / strategy)
                 run.write(self.out / "fl" / strategy / "fl.toml")
+                if not self.s.fl.superlink_ca:
+                    log.warning("fl.superlink %s: plaintext (no fl.superlink_ca given)", self.s.fl.superlink)
                 run_remote(run.fl.to_run_config(), superlink=self.s.fl.superlink,
-                           work_dir=self.out / "logs" / f"flwr-{strategy}")
+                           work_dir=self.out / "logs" / f"flwr-{strategy}",
+                           root_certificates=str(Path(self.s.fl.superlink_ca).resolve()) if self.s.fl.superlink_ca
+                           else "")
             return
         with ProcessGroup(self.out / "logs") as group:
             for strategy in self.s.fl.strategies:

@@ -56,6 +56,8 @@ class FLSpec:
     batch_size: int = same_as(FLConfig, "batch_size")
     lr: float = same_as(FLConfig, "lr", 0.05)
     momentum: float = same_as(FLConfig, "momentum", 0.9)
+    superlink_ca: str = option("", "the CA certificate (PEM) that signed the SuperLink's TLS certificate: connect "
+                               "to fl.superlink over TLS (empty: plaintext, --insecure)")
     superlink: str = option("", "deployment engine instead of the simulation: a running SuperLink's Control API "
                             "address (HOST:PORT) whose SuperNodes serve the clients; its ServerApp must see "
                             "this run folder")

@@ -42,3 +42,31 @@ def test_flwr_run_local_simulation(tmp_path: Path) -> None:
     results = run_simulation_cli({**SMALL, "strategy": "fraug"}, num_supernodes=2, work_dir=tmp_path, timeout=600)
     assert results.strategy == "fraug" and len(results.history) == 2
     _assert_all_stopped(tmp_path)
+
+
+def test_deployment_engine_with_flower_tls_and_supernode_auth(tmp_path: Path) -> None:
+    """Issue 12: the deployment path runs on Flower's own TLS and SuperNode authentication: both
+    SuperNodes registered by key, the run completes over TLS, a plaintext client is refused."""
+    import json
+    import subprocess
+
+    from simulations.flwr_local import _connection_body, _write_connection, flower_env, local_deployment, run_remote
+
+    with local_deployment(2, tmp_path, secure=True) as deployment:
+        assert deployment.root_certificates.endswith("ca.pem")
+        results = run_remote({**SMALL, "strategy": "fedbn", "seed": 3, "clients": 2,
+                              "out-dir": str(tmp_path / "run")}, superlink=deployment.superlink, work_dir=tmp_path,
+                             timeout=900, root_certificates=deployment.root_certificates)
+        assert [h.round for h in results.history] == [1, 2]
+        home = tmp_path / "flwr-home"
+        env = flower_env(home)
+        listed = subprocess.run(["flwr", "supernode", "list", "remote", "--format", "json"], env=env,
+                                capture_output=True, text=True, timeout=120)
+        assert listed.returncode == 0, listed.stdout + listed.stderr
+        assert len(json.loads(listed.stdout)["nodes"]) == 2
+        _write_connection(home, "remote", f'address = "{deployment.superlink}"\ninsecure = true')
+        plain = subprocess.run(["flwr", "supernode", "list", "remote"], env=env, capture_output=True, text=True,
+                               timeout=120)
+        assert plain.returncode != 0  # plaintext against the TLS SuperLink
+        _write_connection(home, "remote", _connection_body(deployment))
+    _assert_all_stopped(tmp_path)

@@ -142,8 +142,9 @@ def test_fl_stage_on_a_running_superlink(tmp_path) -> None:
     from simulations.scenario import load_scenario
 
     (tmp_path / "deploy").mkdir()
-    with local_deployment(2, tmp_path / "deploy") as address:
-        scenario = load_scenario("tiny", [f"fl.superlink={address}"])
+    with local_deployment(2, tmp_path / "deploy", secure=True) as deployment:  # Flower's TLS + SuperNode auth
+        scenario = load_scenario("tiny", [f"fl.superlink={deployment.superlink}",
+                                          f"fl.superlink_ca={deployment.root_certificates}"])
         Pipeline(scenario, tmp_path / "run").fl()
     results = json.loads((tmp_path / "run" / "fl" / "fedbn" / "results.json").read_text())
     assert results["clients"] == 2 and [h["round"] for h in results["history"]] == [1, 2]
