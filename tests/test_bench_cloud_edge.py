@@ -90,16 +90,22 @@ def test_cloud_edge_benchmark_quick(tmp_path: Path) -> None:
         assert learn["before"]["1"]["speedup_vs_before"] == 1.0
 
 
-def test_cema_study_tune_cells_are_seed_zeros_whatever_the_seeds() -> None:
+def _study(name: str):
+    """benchmarks/cema_study.py as a module (it is a script, not a package member)."""
     import importlib.util
     import sys
     from pathlib import Path
 
     path = Path(__file__).resolve().parents[1] / "benchmarks" / "cema_study.py"
-    spec = importlib.util.spec_from_file_location("cema_study_under_test", path)
+    spec = importlib.util.spec_from_file_location(name, path)
     study = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = study
     spec.loader.exec_module(study)
+    return study
+
+
+def test_cema_study_tune_cells_are_seed_zeros_whatever_the_seeds() -> None:
+    study = _study("cema_study_under_test")
     cells = study.cells("tune", classes=[100], severities=[5], protocols=["reset"], norms=["batch"], seeds=[1, 2])
     assert {c.seed for c in cells} == {0} and len(cells) == len(study.LRS)
     later = study.Cell(100, 5, "reset", "batch", "cema", seed=2)
@@ -108,15 +114,7 @@ def test_cema_study_tune_cells_are_seed_zeros_whatever_the_seeds() -> None:
 
 
 def test_cema_study_reuses_one_lr_grid_and_keeps_the_15_corruption_rows_apart() -> None:
-    import importlib.util
-    import sys
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "cema_study.py"
-    spec = importlib.util.spec_from_file_location("cema_study_under_test2", path)
-    study = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = study
-    spec.loader.exec_module(study)
+    study = _study("cema_study_under_test2")
     # the grid for severity 3 / continual is the severity-5 reset one: no new tune cells, same keys
     tune = study.cells("tune", classes=[10], severities=[3, 5], protocols=["reset", "continual"],
                        norms=["running"], seeds=[0])
@@ -134,18 +132,11 @@ def test_cema_study_reuses_one_lr_grid_and_keeps_the_15_corruption_rows_apart() 
 
 
 def test_cema_study_authors_preset_is_its_own_untuned_group() -> None:
-    import importlib.util
-    import sys
     from argparse import Namespace
-    from pathlib import Path
 
     import pytest
 
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "cema_study.py"
-    spec = importlib.util.spec_from_file_location("cema_study_under_test3", path)
-    study = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = study
-    spec.loader.exec_module(study)
+    study = _study("cema_study_under_test3")
     cells = study.cells("selection", classes=[100], severities=[5], protocols=["reset"], norms=["running"],
                         seeds=[0], preset="authors", only=["cema"])
     assert [c.group for c in cells] == ["glyph100-sev5-reset-running-authors"]
