@@ -107,6 +107,16 @@ def in_client_order(replies: Iterable[Message]) -> list[Message]:
     return sorted(replies, key=key)
 
 
+def _pop_records(replies: Iterable[Message], name: str) -> dict[int, ArrayRecord]:
+    """Take record ``name`` out of every reply that has one (by ``id`` of the reply)."""
+    out = {}
+    for msg in replies:
+        if not msg.has_error() and name in msg.content.array_records:
+            out[id(msg)] = msg.content[name]
+            del msg.content[name]
+    return out
+
+
 def update_problem(msg: Message, sent: dict[str, tuple[tuple[int, ...], str]]) -> str | None:
     """What is wrong with a training reply's update (``None``: nothing), against the keys and shapes
     that were sent: a client, buggy or hostile, must not poison the average."""
@@ -264,15 +274,19 @@ class FedShiftStrategy(FedAvg):
             # before anything of this round: the checkpoint of the previous round needs its
             # arrays, generator, norm layers and client states
             self._close_round(server_round - 1, pop_evaluated(replies), bytes_down=0)
-        self._take_client_state(replies)
+        # Flower averages exactly one ArrayRecord per reply: the extra records come off first, and
+        # count only for the replies that pass the check below
+        states = _pop_records(replies, CLIENT_STATE_RECORD)
         up = sum(message_bytes(m.content) for m in replies if not m.has_error())
-        self._take_deploy_norm(replies)
+        norms = _pop_records(replies, DEPLOY_NORM_RECORD)
         for msg in replies:  # local layers are never averaged, whatever a client sends
             if not msg.has_error():
                 for key, rec in list(msg.content.array_records.items()):
                     if self.local_keys & set(rec.keys()):
                         msg.content[key] = without_keys(rec, self.local_keys)
-        replies = self._reject_bad_updates(server_round, replies)
+        replies = self._reject_bad_updates(server_round, replies, norms)
+        self._take_client_state([(m, states[id(m)]) for m in replies if id(m) in states])
+        self._take_deploy_norm([(m, norms[id(m)]) for m in replies if id(m) in norms])
         arrays, metrics = super().aggregate_train(server_round, replies)
         arrays = self.incoming(arrays)
         if arrays is not None:
@@ -282,13 +296,17 @@ class FedShiftStrategy(FedAvg):
                                       self._down["train"], up)
         return arrays, metrics
 
-    def _reject_bad_updates(self, server_round: int, replies: list[Message]) -> list[Message]:
+    def _reject_bad_updates(self, server_round: int, replies: list[Message],
+                            norms: dict[int, ArrayRecord]) -> list[Message]:
         """Drop replies whose update is not a finite copy of what was sent (same keys and shapes,
-        numeric, no NaN/Inf, a positive finite sample count), logging each; the round goes on with
-        the rest (all rejected: the global model stays as it was)."""
+        numeric, no NaN/Inf, a positive finite sample count; finite local norm layers too), logging
+        each; the round goes on with the rest (all rejected: the global model stays as it was)."""
         kept = []
         for msg in replies:
             why = None if msg.has_error() else update_problem(msg, self._sent)
+            if why is None and id(msg) in norms:
+                why = next((f"local {k}: NaN or Inf values" for k, v in norms[id(msg)].items()
+                            if v.numpy().dtype.kind == "f" and not np.isfinite(v.numpy()).all()), None)
             if why is None:
                 kept.append(msg)
                 continue
@@ -298,39 +316,32 @@ class FedShiftStrategy(FedAvg):
                         msg.metadata.src_node_id, pid, why)
         return kept
 
-    def _take_client_state(self, replies: list[Message]) -> None:
-        """Pop each client's checkpointed state (Flower averages exactly one ArrayRecord per reply)."""
-        for msg in replies:
-            if not msg.has_error() and CLIENT_STATE_RECORD in msg.content.array_records:
-                state = msg.content[CLIENT_STATE_RECORD]
-                del msg.content[CLIENT_STATE_RECORD]
-                metrics = next(iter(msg.content.metric_records.values()), {})
-                if PARTITION_KEY not in metrics:
-                    log.warning("node %d sent its state without a partition id: not checkpointed",
-                                msg.metadata.src_node_id)
-                    continue
-                self.client_state[int(metrics[PARTITION_KEY])] = state
+    def _take_client_state(self, parts: list[tuple[Message, ArrayRecord]]) -> None:
+        """Keep each accepted client's checkpointed state by partition."""
+        for msg, state in parts:
+            metrics = next(iter(msg.content.metric_records.values()), {})
+            if PARTITION_KEY not in metrics:
+                log.warning("node %d sent its state without a partition id: not checkpointed", msg.metadata.src_node_id)
+                continue
+            self.client_state[int(metrics[PARTITION_KEY])] = state
 
-    def _take_deploy_norm(self, replies: list[Message]) -> None:
-        """Pop the clients' local norm records (Flower averages exactly one ArrayRecord per reply)
-        and keep their sample-weighted average for the deployed model."""
-        parts = []
-        for msg in replies:
-            if not msg.has_error() and DEPLOY_NORM_RECORD in msg.content.array_records:
-                record = msg.content[DEPLOY_NORM_RECORD]
-                del msg.content[DEPLOY_NORM_RECORD]
-                metrics = next(iter(msg.content.metric_records.values()))
-                arrays = {k: v.numpy() for k, v in record.items()}
-                parts.append((float(metrics[WEIGHT_KEY]), arrays))
-                if PARTITION_KEY in metrics:
-                    self.client_norm[int(metrics[PARTITION_KEY])] = arrays
-        if not parts:
+    def _take_deploy_norm(self, parts: list[tuple[Message, ArrayRecord]]) -> None:
+        """Keep each accepted client's local norm layers, and their sample-weighted average for the
+        deployed model."""
+        weighted = []
+        for msg, record in parts:
+            metrics = next(iter(msg.content.metric_records.values()))
+            arrays = {k: v.numpy() for k, v in record.items()}
+            weighted.append((float(metrics[WEIGHT_KEY]), arrays))
+            if PARTITION_KEY in metrics:
+                self.client_norm[int(metrics[PARTITION_KEY])] = arrays
+        if not weighted:
             return
-        total = sum(w for w, _ in parts)
+        total = sum(w for w, _ in weighted)
         self.deploy_norm = ArrayRecord(array_dict={
-            k: Array(np.asarray(sum(w * p[k].astype(np.float64) for w, p in parts) / total,
-                                dtype=parts[0][1][k].dtype))
-            for k in parts[0][1]})
+            k: Array(np.asarray(sum(w * p[k].astype(np.float64) for w, p in weighted) / total,
+                                dtype=weighted[0][1][k].dtype))
+            for k in weighted[0][1]})
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:

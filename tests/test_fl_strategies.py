@@ -339,3 +339,27 @@ def test_nan_or_misshaped_client_updates_are_rejected_and_the_round_goes_on(mode
     reasons = " | ".join(r.getMessage() for r in caplog.records if "rejected" in r.getMessage())
     for what in ("NaN or Inf", "shape", "keys differ", "sample count"):
         assert what in reasons, reasons
+
+
+def test_a_rejected_reply_leaves_no_trace_in_the_deployed_norm_or_the_checkpoint(model_state) -> None:
+    """Its local norm layers and its client state are dropped with its update; a NaN in the local
+    norm layers alone rejects the reply too."""
+    from core.fl_config import CLIENT_STATE_RECORD, DEPLOY_NORM_RECORD
+
+    model, state = model_state
+    local = local_key_filter(model, FLConfig(strategy="fedbn"))
+    strat = make_strategy("fedbn", num_clients=3, local_keys=local)
+    shared = {k: v for k, v in state.items() if k not in local}
+    list(strat.configure_train(1, _record(shared), ConfigRecord(), FakeGrid(3)))
+    good, other = _client_states(state)
+    replies = []
+    for pid, arrays, norm_value in ((0, good, 1.0), (1, {**other, next(iter(shared)): np.full_like(
+            other[next(iter(shared))], np.inf)}, 4.0), (2, good, np.nan)):
+        msg = _reply({k: v for k, v in arrays.items() if k not in local}, 10, pid)
+        msg.content[DEPLOY_NORM_RECORD] = _record({k: np.full_like(state[k], norm_value) for k in local})
+        msg.content[CLIENT_STATE_RECORD] = _record({"meta/rounds-trained": np.asarray([1], np.int64)})
+        replies.append(msg)
+    strat.aggregate_train(1, replies)
+    assert strat.rejected == 2
+    assert set(strat.client_norm) == {0} and set(strat.client_state) == {0}
+    assert all(np.allclose(v.numpy(), 1.0) for v in strat.deploy_norm.values())
