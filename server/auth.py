@@ -15,9 +15,9 @@ The rules of :meth:`Authenticator.check`, in order:
 
 1. No credentials file: the legacy shared token (``--token``), when set, must match
    (UNAUTHENTICATED otherwise); with neither, every caller is let in (the cloud says so at start).
-2. The caller is identified by its client certificate's common name when mutual TLS gives one,
-   else by its token: the claimed edge's entry first, then (to tell a stolen id from a stranger)
-   every other entry.
+2. The caller is identified by its client certificate's common name when mutual TLS gives one
+   and an entry names it (``cert_cn``), else by its token: the claimed edge's entry first, then
+   (to tell a stolen id from a stranger) every other entry.
 3. Identified by nothing → UNAUTHENTICATED ("unknown edge or wrong credential").
 4. Identified as a revoked edge → PERMISSION_DENIED.
 5. Identified as edge X while claiming edge Y → PERMISSION_DENIED.
@@ -232,11 +232,10 @@ class Authenticator:
     @staticmethod
     def _identify(entries: Mapping[str, EdgeCredential], edge_id: str, token: str,
                   cert_cn: str) -> EdgeCredential | None:
-        if cert_cn:
+        if cert_cn:  # an entry that names this certificate identifies the caller; else its token does
             for e in entries.values():
                 if e.cert_cn == cert_cn:
                     return e
-            return None
         claimed = entries.get(edge_id)
         if claimed is not None and claimed.token_matches(token):
             return claimed

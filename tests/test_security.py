@@ -87,6 +87,14 @@ def test_mutual_tls_identifies_the_edge_by_its_certificate(models, certs, tmp_pa
             with pytest.raises(grpc.RpcError) as err:  # e0's certificate claiming to be e1
                 _register(channel, "e1")
             assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED and "'e0'" in err.value.details()
+        # a certificate no entry names: the token identifies the caller (mutual TLS + token entries)
+        server.service.auth.reload_interval_s = 0.0
+        t1 = add_edge(creds, "e1")  # re-keyed, without a certificate name
+        with _tls(server, certs, "e1") as channel:
+            assert _register(channel, "e1", t1).version == 0
+            with pytest.raises(grpc.RpcError) as err:
+                _register(channel, "e1", "wrong")
+            assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
         with _tls(server, certs) as no_cert, pytest.raises(grpc.RpcError) as err:  # no client certificate
             _register(no_cert, "e0")
         assert err.value.code() == grpc.StatusCode.UNAVAILABLE
