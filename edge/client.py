@@ -42,6 +42,13 @@ FATAL_STREAM = frozenset({grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMI
 R = TypeVar("R")
 
 
+def not_registered(exc: BaseException) -> bool:
+    """The cloud answered that it does not know this edge: it restarted (or forgot it); the
+    edge registers again and carries on."""
+    return (isinstance(exc, grpc.RpcError) and _code(exc) == grpc.StatusCode.FAILED_PRECONDITION
+            and "not registered" in _details(exc))
+
+
 @dataclass(frozen=True)
 class RetryPolicy:
     """Exponential backoff with jitter, bounded by attempts and by total time."""
@@ -275,7 +282,10 @@ class Subscriber(threading.Thread):
                 code, details = _code(exc), _details(exc)
             if self._stop_event.is_set():
                 break
-            if code in FATAL_STREAM:
+            if code == grpc.StatusCode.FAILED_PRECONDITION and "not registered" in details:
+                log.warning("subscription: the cloud does not know this edge (restarted?); retrying while the "
+                            "edge registers again")
+            elif code in FATAL_STREAM:
                 log.error("subscription refused (%s: %s): no more parameter updates", code.name, details)
                 self.error = RuntimeError(f"subscribe: {code.name}: {details}")
                 break

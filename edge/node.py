@@ -28,7 +28,7 @@ from typing import Iterator
 import grpc
 import numpy as np
 
-from edge.client import CloudClient, RetriesExhausted, Subscriber
+from edge.client import CloudClient, RetriesExhausted, Subscriber, not_registered
 from edge.config import NodeConfig
 from edge.selection import EntropySelector, Selection
 from edge.sources import EdgeBatch, Source
@@ -52,6 +52,7 @@ class _Counters:
     uploads: int = 0
     upload_errors: int = 0
     upload_retries: int = 0
+    reregistrations: int = 0
     duplicates: int = 0
     bytes_up: int = 0
     labelled: int = 0
@@ -132,6 +133,17 @@ class EdgeNode:
         self._sequence = int(reply.next_sequence)
         self._subscriber = self.client.subscribe(self.runtime, episode=self._episode)
 
+    def _register_again(self, sync_episode: bool = True) -> None:
+        """The cloud does not know this edge (it restarted): register again and go on; sequence
+        numbers only move forward, and the parameters in force stay until a newer version comes."""
+        assert self.client is not None
+        log.warning("the cloud does not know edge %s (restarted?): registering again", self.edge_id)
+        reply = self.client.register(self.runtime)
+        self._sequence = max(self._sequence, int(reply.next_sequence))
+        self._c.reregistrations += 1
+        if sync_episode and self._episode:  # the restarted cloud starts at episode 0: bring it to ours
+            self.client.reset(self._episode)
+
     def _batches(self) -> Iterator[EdgeBatch]:
         """The source's batches, cut at the limit; an interrupt while blocked on input ends them."""
         it = iter(self.source)
@@ -202,7 +214,13 @@ class EdgeNode:
         if self.client is not None:
             if self._subscriber is not None:
                 self._subscriber.episode = new  # from now on, older-episode updates are stale
-            reply = self.client.reset(new)
+            try:
+                reply = self.client.reset(new)
+            except grpc.RpcError as exc:
+                if not not_registered(exc):
+                    raise
+                self._register_again(sync_episode=False)
+                reply = self.client.reset(new)
             if reply.episode and reply.episode != new:
                 log.warning("cloud answered reset to episode %d with episode %d", new, reply.episode)
             if self.runtime.apply(self._initial_state, int(reply.version)):
@@ -222,8 +240,15 @@ class EdgeNode:
         labels = None if batch.labels is None else batch.labels[idx]
         c = self._c
         try:
-            res = self.client.upload(batch.images[idx], sel.entropies[idx], seq, labels=labels,
-                                     edge_version=version, seen=c.seen + len(batch), episode=self._episode)
+            try:
+                res = self.client.upload(batch.images[idx], sel.entropies[idx], seq, labels=labels,
+                                         edge_version=version, seen=c.seen + len(batch), episode=self._episode)
+            except grpc.RpcError as exc:
+                if not not_registered(exc):
+                    raise
+                self._register_again()  # the cloud restarted: same upload, same sequence, once more
+                res = self.client.upload(batch.images[idx], sel.entropies[idx], seq, labels=labels,
+                                         edge_version=version, seen=c.seen + len(batch), episode=self._episode)
         except RetriesExhausted as exc:
             c.upload_failed += int(idx.size)
             c.upload_errors += 1
@@ -302,7 +327,8 @@ class EdgeNode:
             seen=c.seen, batches=c.batches, kept=c.kept,
             excluded=Excluded(c.unreliable, c.low_informative, c.redundant, c.skipped),
             uploaded=c.uploaded, upload_failed=c.upload_failed, uploads=c.uploads, upload_errors=c.upload_errors,
-            upload_retries=c.upload_retries, duplicates=c.duplicates, bytes_up=c.bytes_up,
+            upload_retries=c.upload_retries, reregistrations=c.reregistrations, duplicates=c.duplicates,
+            bytes_up=c.bytes_up,
             updates=self._sub_stats(), reset_versions_applied=c.reset_versions_applied,
             initial_version=self._initial_version, final_version=rt.version, cloud_version=c.cloud_version,
             resets=c.resets, episode=self._episode, labelled=c.labelled, correct=c.correct,

@@ -147,6 +147,7 @@ class EdgeSummary(Record):
     uploads: int = 0
     upload_errors: int = 0
     upload_retries: int = 0
+    reregistrations: int = 0  # times the cloud did not know this edge (a restart) and it registered again
     duplicates: int = 0
     bytes_up: int = 0
     updates: SubscriberStats = field(default_factory=SubscriberStats)

@@ -45,6 +45,20 @@ class FakeCloud(pb_grpc.EdgeServiceServicer):
         self.token = ""
         self.step_on_upload: dict[str, np.ndarray] | None = None  # publish a "cloud step" per upload
         self.step_delay_s = 0.05
+        self.known: set[str] = set()  # registered edges; forget() empties it, as a restart does
+        self.require_registration = False  # True: uploads / resets of unknown edges are refused, as the cloud does
+
+    def forget(self) -> None:
+        """A cloud restart without state: every edge must register again."""
+        with self.lock:
+            self.known.clear()
+            self.require_registration = True
+
+    def _registered(self, edge_id: str, context) -> None:
+        with self.lock:
+            unknown = self.require_registration and edge_id not in self.known
+        if unknown:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"edge {edge_id!r} is not registered; call Register first")
 
     def _auth(self, token: str, context) -> None:
         if self.token and token != self.token:
@@ -54,11 +68,13 @@ class FakeCloud(pb_grpc.EdgeServiceServicer):
         self._auth(request.auth_token, context)
         with self.lock:
             self.registered.append(request)
+            self.known.add(request.edge_id)
             nxt = 1 + max((s for (e, s) in self.accepted if e == request.edge_id), default=0)
             return pb.RegisterReply(version=self.version, next_sequence=nxt, max_message_bytes=MAX_MESSAGE_BYTES)
 
     def Upload(self, request, context):  # noqa: N802
         self._auth(request.auth_token, context)
+        self._registered(request.edge_id, context)
         try:
             images = decode_images(request.images)
         except ValueError as exc:
@@ -110,6 +126,7 @@ class FakeCloud(pb_grpc.EdgeServiceServicer):
 
     def Reset(self, request, context):  # noqa: N802
         self._auth(request.auth_token, context)
+        self._registered(request.edge_id, context)
         with self.lock:
             self.resets.append((request.edge_id, request.episode))
             self.version += 1

@@ -26,7 +26,8 @@ ROOT = Path(__file__).resolve().parents[1]
 FAST = RetryPolicy(max_attempts=5, initial_backoff_s=0.01, max_backoff_s=0.05, max_total_s=5.0)
 SUMMARY_KEYS = {  # the JSON a summary file holds (edge.summary.EdgeSummary)
     "schema", "edge_id", "server", "method", "selection", "model", "seen", "batches", "kept", "excluded",
-    "uploaded", "upload_failed", "uploads", "upload_errors", "upload_retries", "duplicates", "bytes_up", "updates",
+    "uploaded", "upload_failed", "uploads", "upload_errors", "upload_retries", "reregistrations", "duplicates",
+    "bytes_up", "updates",
     "reset_versions_applied", "initial_version", "final_version", "cloud_version", "resets", "episode",
     "labelled", "correct", "per_corruption", "per_shift", "mean_entropy", "e_max_final", "metrics_reports",
     "metrics_errors", "sync_waits", "sync_timeouts", "sync_wait_s", "wall_s", "stopped_early", "error", "timeline",
@@ -139,6 +140,34 @@ def test_failed_uploads_are_counted_not_hidden(cloud, model_path, stream_path) -
     assert summary.seen == 16 and summary.upload_failed == 8 and summary.upload_errors == 1
     assert summary.uploaded == 8 and summary.uploaded + summary.upload_failed == summary.kept
     assert sorted(seq for _, seq in fake.accepted) == [2]  # sequence 1 is never reused
+
+
+class _ForgettingSource:
+    """The cloud forgets every edge (a restart without state) after batch ``after``."""
+
+    def __init__(self, inner, fake: FakeCloud, after: int) -> None:
+        self.inner, self.fake, self.after = inner, fake, after
+
+    def __iter__(self):
+        for i, batch in enumerate(self.inner):
+            yield batch
+            if i == self.after:
+                self.fake.forget()
+
+
+def test_an_edge_registers_again_when_the_cloud_forgot_it(cloud, model_path, stream_path) -> None:
+    """Issue 12: "edge is not registered" after a cloud restart no longer kills the edge: it
+    registers again, re-sends that upload under the same sequence, and carries on to the end;
+    its episode is brought back to the cloud (the reset protocol)."""
+    fake, address = cloud
+    with CloudClient(address, "edge-r", retry=FAST) as client:
+        summary = _node(EdgeRuntime(model_path), _ForgettingSource(NpzSource(stream_path, 8), fake, 1),
+                        client).run()
+    assert summary.error is None and summary.reregistrations == 1
+    assert summary.uploaded == summary.kept == summary.seen == 33 and summary.upload_failed == 0
+    assert sum(fake.accepted.values()) == 33  # every sample counted once
+    assert [r.edge_id for r in fake.registered] == ["edge-r", "edge-r"]
+    assert fake.resets[-1] == ("edge-r", summary.episode)  # the cloud was brought to the edge's episode
 
 
 def test_forward_only_without_cloud(model_path, stream_path) -> None:
