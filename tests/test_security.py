@@ -126,7 +126,7 @@ def test_each_credential_refusal_and_reload_without_restart(models, tmp_path) ->
             assert _register(channel, "e0", t0).version == 0
             cases = [("stranger", "x" * 43, grpc.StatusCode.UNAUTHENTICATED),  # unknown edge
                      ("e0", "", grpc.StatusCode.UNAUTHENTICATED),  # known edge, no token
-                     ("e0", t0[:-1] + "A", grpc.StatusCode.UNAUTHENTICATED),  # known edge, wrong token
+                     ("e0", t0[:-1] + ("A" if t0[-1] != "A" else "B"), grpc.StatusCode.UNAUTHENTICATED),  # wrong
                      ("e1", t0, grpc.StatusCode.PERMISSION_DENIED)]  # e0's token used for e1
             for edge_id, token, code in cases:
                 with pytest.raises(grpc.RpcError) as err:
