@@ -25,7 +25,7 @@ import grpc
 import numpy as np
 
 from edge.summary import Latency, SubscriberStats
-from protos.codec import GRPC_OPTIONS, decode_state, encode_array
+from protos.codec import GRPC_OPTIONS, RETRY_AFTER_KEY, decode_state, encode_array
 from protos.contract import file_sha256  # noqa: F401 - re-exported: the hash registration sends
 from protos.fedshift.v1 import edge_pb2 as pb
 from protos.fedshift.v1 import edge_pb2_grpc as pb_grpc
@@ -40,6 +40,21 @@ FATAL_STREAM = frozenset({grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMI
                           grpc.StatusCode.NOT_FOUND, grpc.StatusCode.FAILED_PRECONDITION})
 
 R = TypeVar("R")
+
+
+def _retry_after(exc: grpc.RpcError) -> float:
+    """The wait, seconds, a RESOURCE_EXHAUSTED answer asks for (its retry-after-ms metadata; 0: none)."""
+    try:
+        metadata = exc.trailing_metadata() or ()
+    except Exception:  # noqa: BLE001 - not every RpcError carries metadata
+        return 0.0
+    for key, value in metadata:
+        if key == RETRY_AFTER_KEY:
+            try:
+                return max(0.0, min(float(value) / 1000.0, 60.0))  # a hostile hint cannot stall us
+            except (TypeError, ValueError):
+                return 0.0
+    return 0.0
 
 
 def not_registered(exc: BaseException) -> bool:
@@ -132,7 +147,7 @@ class CloudClient:
                 code = _code(exc)
                 if code not in RETRYABLE:
                     raise
-                delay = self.retry.delay(attempt - 1, self._rng)
+                delay = max(self.retry.delay(attempt - 1, self._rng), _retry_after(exc))
                 if attempt >= self.retry.max_attempts or time.monotonic() - start + delay > self.retry.max_total_s:
                     raise RetriesExhausted(what, code, attempt, _details(exc)) from exc
                 log.warning("%s: %s (%s), retry %d in %.2fs", what, code.name, _details(exc), attempt, delay)

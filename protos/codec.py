@@ -16,6 +16,8 @@ from protos.fedshift.v1 import edge_pb2 as pb
 # Messages above the gRPC default of 4 MiB are needed for batches of larger images; 64 MiB
 # bounds one upload at e.g. 256 images of 224x224x3 uint8 (38.5 MB) with room to spare.
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+# trailing metadata of a RESOURCE_EXHAUSTED answer: how long the caller should wait before retrying
+RETRY_AFTER_KEY = "retry-after-ms"
 GRPC_OPTIONS = (
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),

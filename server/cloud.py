@@ -43,7 +43,7 @@ from core.cema import CemaLearner
 from core.export import Preprocess
 from core.norm import norm_tensor_names, set_norm_state
 from core.training import to_tensor
-from protos.codec import GRPC_OPTIONS, MAX_MESSAGE_BYTES, decode_images, encode_state
+from protos.codec import GRPC_OPTIONS, MAX_MESSAGE_BYTES, RETRY_AFTER_KEY, decode_images, encode_state
 from protos.fedshift.v1 import edge_pb2 as pb
 from protos.fedshift.v1 import edge_pb2_grpc as pb_grpc
 from server.auth import Authenticator, AuthError, peer_common_name
@@ -336,6 +336,7 @@ class CloudService(pb_grpc.EdgeServiceServicer):
                 context.abort(grpc.StatusCode.UNAVAILABLE, "the cloud is shutting down")
             backlog = self._backlog()
         if backlog + n > self.config.max_backlog:
+            context.set_trailing_metadata(((RETRY_AFTER_KEY, str(int(1000 * self.config.retry_after_s))),))
             context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
                           f"upload {seq}: {backlog} samples already wait for the learners (limit "
                           f"{self.config.max_backlog}); retry later")

@@ -55,6 +55,8 @@ class CloudConfig:
     # backpressure: uploads are refused with RESOURCE_EXHAUSTED (edges retry with backoff) while
     # this many samples wait for the learners, so a flood cannot grow memory without bound
     max_backlog: int = option(8192, "samples waiting for the learners above which uploads get RESOURCE_EXHAUSTED")
+    retry_after_s: float = option(0.5, "the wait a refused (RESOURCE_EXHAUSTED) upload is told to take before "
+                                  "retrying (trailing metadata retry-after-ms; edges wait at least that long)")
     max_edges: int = option(1024, "edges the cloud serves at most (each has a learner); a new one beyond gets "
                             "RESOURCE_EXHAUSTED")
     # simulation lockstep: an Upload is answered only after its learner has processed it (every
@@ -69,6 +71,8 @@ class CloudConfig:
             raise ValueError(f"image_size must be >= 1 and in_chans 1 or 3, got {self.image_size}, {self.in_chans}")
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port must be in 0..65535, got {self.port}")
+        if self.retry_after_s < 0:
+            raise ValueError(f"retry_after_s must be >= 0, got {self.retry_after_s}")
         if self.max_backlog < 1 or self.max_edges < 1:
             raise ValueError(f"max_backlog and max_edges must be >= 1, got {self.max_backlog}, {self.max_edges}")
         if self.max_workers < 2:

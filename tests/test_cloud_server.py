@@ -331,6 +331,21 @@ def test_backlog_limit_refuses_with_resource_exhausted_and_recovers(models) -> N
         assert _code(exc) == grpc.StatusCode.RESOURCE_EXHAUSTED and "limit 4" in exc.value.details()
         assert _upload(stub, 0, _images(3)).accepted == 3  # the refused sequence is still free
         assert run.server.service.stats().edges["e1"].samples == 3
+        assert dict(exc.value.trailing_metadata())["retry-after-ms"] == "500"  # the hint: retry_after_s
+
+
+def test_an_edge_waits_as_long_as_the_cloud_asks_before_retrying(models) -> None:
+    """RESOURCE_EXHAUSTED carries retry-after-ms; the edge's backoff waits at least that long."""
+    from edge.client import CloudClient, RetriesExhausted, RetryPolicy
+
+    with _Running(models, _config(max_backlog=4, retry_after_s=0.3)) as run:
+        sleeps: list[float] = []
+        policy = RetryPolicy(max_attempts=3, initial_backoff_s=0.01, max_backoff_s=0.02, max_total_s=5.0)
+        with CloudClient(f"127.0.0.1:{run.server.port}", "e1", retry=policy, sleep=sleeps.append) as client:
+            client.call("register", client.stub.Register, pb.RegisterRequest(edge_id="e1"), wait_for_ready=True)
+            with pytest.raises(RetriesExhausted):
+                client.upload(_images(6), np.full(6, 0.5, np.float32), 0)  # always over the backlog bound
+        assert len(sleeps) == 2 and all(s >= 0.3 for s in sleeps)
 
 
 def test_lockstep_acks_after_learning_with_the_resulting_version(models) -> None:
