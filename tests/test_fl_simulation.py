@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import logging
 from pathlib import Path
 
@@ -103,3 +104,45 @@ def test_stopped_and_resumed_equals_uninterrupted(tmp_path: Path, caplog: pytest
     for pid, state in final_a.client_state.items():
         for key, value in state.items():
             assert torch.equal(value, final_b.client_state[pid][key]), (pid, key)
+
+
+def test_a_client_failing_during_a_round_does_not_stop_the_run(tmp_path: Path) -> None:
+    """Issue 12: a client that dies in round 2 (its ClientApp raises) costs that round its update;
+    the server averages the other's, and the run goes on to the end with both clients."""
+    import warnings
+
+    from flwr.clientapp import ClientApp
+    from flwr.simulation import run_simulation
+
+    from client.app import handle_evaluate, handle_train_evaluating_received
+    from server.app import make_server_app
+    from simulations.fl_sim import FLOWER_ENV, backend_config
+
+    for key, value in FLOWER_ENV.items():
+        os.environ.setdefault(key, value)
+    cfg = FLConfig.from_run_config({**SMALL, "rounds": 3, "strategy": "fedbn", "out-dir": str(tmp_path),
+                                    "tensorboard": False})
+    overrides = cfg.to_run_config()
+    app = ClientApp()
+
+    @app.train()
+    def train(msg, context):  # the real handler, but partition 1 dies in round 2
+        if int(context.node_config["partition-id"]) == 1 and int(msg.content["config"]["server-round"]) == 2:
+            raise RuntimeError("client 1 dies in round 2")
+        return handle_train_evaluating_received(msg, context, FLConfig.from_run_config(overrides))
+
+    @app.evaluate()
+    def evaluate(msg, context):
+        return handle_evaluate(msg, context, FLConfig.from_run_config(overrides))
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        run_simulation(server_app=make_server_app(overrides), client_app=app, num_supernodes=2,
+                       backend_config=backend_config(2, 1))
+    result = FLResult.read(tmp_path / "results.json")
+    assert result.complete and [h.round for h in result.history] == [1, 2, 3]
+    round2 = result.history[1].clients  # round 2: only the living client's update was averaged
+    assert round2["mnist"].train_loss is not None
+    assert "inverse" not in round2 or round2["inverse"].train_loss is None
+    assert set(result.per_client_accuracy) == {"mnist", "inverse"}  # both are back by the end
+    assert all(v is not None for v in result.per_client_accuracy.values())
