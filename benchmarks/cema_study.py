@@ -37,6 +37,7 @@ import logging
 import math
 import os
 import shutil
+import signal
 import statistics
 import sys
 import time
@@ -404,6 +405,8 @@ def _wait_while_paused(flag: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # SIGTERM unwinds like Ctrl-C, so the cell's cloud and edge processes are stopped, not orphaned
+    signal.signal(signal.SIGTERM, lambda signum, _frame: sys.exit(128 + signum))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     args = parse_args(argv)
     out_dir = Path(args.out_dir)

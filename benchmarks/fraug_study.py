@@ -35,6 +35,7 @@ import argparse
 import json
 import logging
 import math
+import signal
 import statistics
 import sys
 import time
@@ -289,6 +290,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # SIGTERM unwinds like Ctrl-C, so the cell's cloud and edge processes are stopped, not orphaned
+    signal.signal(signal.SIGTERM, lambda signum, _frame: sys.exit(128 + signum))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     args = parse_args(argv)
     if not prefix_exact(MAX_ROUNDS):
