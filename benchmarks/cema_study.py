@@ -32,12 +32,10 @@ The corruption subset is one per ImageNet-C family (noise, blur, weather, digita
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import math
 import os
 import shutil
-import signal
 import statistics
 import sys
 import time
@@ -46,6 +44,8 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.study_cells import load_done, save_cell, unwind_on_sigterm  # noqa: E402
 
 log = logging.getLogger("bench.cema_study")
 
@@ -229,8 +229,6 @@ def _code_version() -> str:
     return head + ("+dirty" if dirty else "")
 
 
-def load_done(out_dir: Path) -> dict[str, dict]:
-    return {json.loads(p.read_text())["key"]: json.loads(p.read_text()) for p in sorted(out_dir.glob("*.json"))}
 
 
 # ------------------------------------------------------------------------------------ summary
@@ -405,8 +403,7 @@ def _wait_while_paused(flag: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    # SIGTERM unwinds like Ctrl-C, so the cell's cloud and edge processes are stopped, not orphaned
-    signal.signal(signal.SIGTERM, lambda signum, _frame: sys.exit(128 + signum))
+    unwind_on_sigterm()  # the cell's cloud / edge / Flower processes are stopped, not orphaned
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     args = parse_args(argv)
     out_dir = Path(args.out_dir)
@@ -424,9 +421,7 @@ def main(argv: list[str] | None = None) -> int:
             t0 = time.monotonic()
             result = run_cell(cell, args, done)
             done[cell.key] = result
-            tmp = out_dir / f".{cell.key}.json.tmp"
-            tmp.write_text(json.dumps(result, indent=1, sort_keys=True))
-            tmp.replace(out_dir / f"{cell.key}.json")
+            save_cell(out_dir, cell.key, result)
             log.info("[%d/%d] %s: accuracy %.2f%%, uploads %.1f%%, edge BN stats %.2f%% (%.0f s)", i, len(todo),
                      cell.key, 100 * result["accuracy"], 100 * result["upload_rate"], 100 * result["bn_stats"],
                      time.monotonic() - t0)

@@ -32,10 +32,8 @@ Stages:
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import math
-import signal
 import statistics
 import sys
 import time
@@ -44,6 +42,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.study_cells import load_done, save_cell, unwind_on_sigterm  # noqa: E402
 
 log = logging.getLogger("bench.fraug_study")
 
@@ -164,12 +164,6 @@ def run_cell(cell: Cell, args: argparse.Namespace, done: dict[str, dict]) -> dic
             "config": result.config, "command": f"python benchmarks/fraug_study.py  (cell {cell.key})"}
 
 
-def load_done(out_dir: Path) -> dict[str, dict]:
-    out = {}
-    for p in sorted(out_dir.glob("*.json")):
-        data = json.loads(p.read_text())
-        out[data["key"]] = data
-    return out
 
 
 # ------------------------------------------------------------------------------------ summary
@@ -290,8 +284,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    # SIGTERM unwinds like Ctrl-C, so the cell's cloud and edge processes are stopped, not orphaned
-    signal.signal(signal.SIGTERM, lambda signum, _frame: sys.exit(128 + signum))
+    unwind_on_sigterm()  # the cell's cloud / edge / Flower processes are stopped, not orphaned
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     args = parse_args(argv)
     if not prefix_exact(MAX_ROUNDS):
@@ -306,9 +299,7 @@ def main(argv: list[str] | None = None) -> int:
             t0 = time.monotonic()
             result = run_cell(cell, args, done)
             done[cell.key] = result
-            tmp = out_dir / f".{cell.key}.json.tmp"
-            tmp.write_text(json.dumps(result, indent=1, sort_keys=True))
-            tmp.replace(out_dir / f"{cell.key}.json")
+            save_cell(out_dir, cell.key, result)
             last = result["report"][str(cell.rounds)]
             log.info("[%d/%d] %s: test %.1f%% (best-val rounds %.1f%%) in %.0f s", i, len(todo), cell.key,
                      100 * (last["final"]["mean_accuracy"] or math.nan),

@@ -71,7 +71,8 @@ def augment_batch(x: torch.Tensor, rng: np.random.Generator, spec: CropColour = 
     """A new tensor: every image of ``x`` (float NCHW in [0, 1]) cropped, jittered, maybe greyed.
 
     Batched (one op per transform for the whole batch, per-image parameters): a Python loop of
-    torchvision calls per image cost ~15 ms per 64-image batch, more than the training step. The
+    torchvision calls per image cost several times the batched version (measured by hand while
+    writing it: ~15 vs ~3 ms per 64-image batch on this machine), more than the training step. The
     crop resamples bilinearly with torchvision's pixel-centre convention (``resized_crop`` without
     antialiasing: the crops are >= half the image, so they are upsampled); brightness, contrast
     and saturation are torchvision's blends, clamped after each as torchvision does; the hue shift

@@ -208,7 +208,7 @@ class CemaConfig:
     gamma: float = option(1.0, "weight of the CE-to-teacher-argmax term")
     temperature: float = option(1.0, "distillation temperature")
     channels_last: bool = option(True, "run the cloud's convolutions in channels-last memory format (the "
-                                 "same maths; ~1.35x faster per step on this machine's CPU)")
+                                 "same maths, faster on CPU: benchmarks/cloud_edge.py --only-learning)")
     e0_factor: float = option(0.4, "E0 = factor·ln C in the EATA sample weights")
     seed: int = option(0, "seed of the learners (replay sampling)")
 

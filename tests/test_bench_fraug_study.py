@@ -60,3 +60,14 @@ def test_prefix_reports_and_paired_differences(study) -> None:
     assert study.paired(done, "digits", 30, "fraug", "fedbn", 4, "best_val") == pytest.approx([0.02])
     assert study.paired(done, "digits", 30, "fraug", "fedbn", 4, "final") == pytest.approx([0.05])
     assert study.paired(done, "digits", 100, "fraug", "fedbn", 4, "final") == []
+
+
+def test_study_cells_round_trip(tmp_path) -> None:
+    from benchmarks.study_cells import load_done, save_cell
+
+    save_cell(tmp_path, "a-seed0", {"key": "a-seed0", "accuracy": 0.5})
+    save_cell(tmp_path, "b-seed1", {"key": "b-seed1", "accuracy": 0.25})
+    save_cell(tmp_path, "a-seed0", {"key": "a-seed0", "accuracy": 0.75})  # rewritten, not duplicated
+    assert load_done(tmp_path) == {"a-seed0": {"key": "a-seed0", "accuracy": 0.75},
+                                   "b-seed1": {"key": "b-seed1", "accuracy": 0.25}}
+    assert not list(tmp_path.glob(".*.tmp"))
