@@ -59,6 +59,14 @@ class CloudConfig:
                                   "retrying (trailing metadata retry-after-ms; edges wait at least that long)")
     max_edges: int = option(1024, "edges the cloud serves at most (each has a learner); a new one beyond gets "
                             "RESOURCE_EXHAUSTED")
+    # durability (server.checkpoint): a snapshot plus a journal of every acknowledged change
+    checkpoint_dir: str = option("", "keep the cloud's state in this folder (a snapshot + a journal of every "
+                                 "acknowledged change) and resume from it at start: a killed cloud loses no "
+                                 "acknowledged upload (default: no checkpoints)")
+    checkpoint_every_s: float = option(30.0, "seconds between snapshots while anything changed (bounds the journal "
+                                       "and a restart's replay; one is also taken at shutdown)")
+    journal_fsync: bool = option(False, "fsync each journal record before acknowledging it: survives a power loss, "
+                                 "not only a killed process (one fsync per upload)")
     # simulation lockstep: an Upload is answered only after its learner has processed it (every
     # step it enabled), with the resulting version, so a run is reproducible from its seed; a
     # deployed cloud answers at once and learns in the background
@@ -71,6 +79,8 @@ class CloudConfig:
             raise ValueError(f"image_size must be >= 1 and in_chans 1 or 3, got {self.image_size}, {self.in_chans}")
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port must be in 0..65535, got {self.port}")
+        if self.checkpoint_every_s < 0:
+            raise ValueError(f"checkpoint_every_s must be >= 0 (0: only at shutdown), got {self.checkpoint_every_s}")
         if self.retry_after_s < 0:
             raise ValueError(f"retry_after_s must be >= 0, got {self.retry_after_s}")
         if self.max_backlog < 1 or self.max_edges < 1:
