@@ -189,3 +189,41 @@ def test_journal_records_rotation_and_torn_tails(tmp_path: Path) -> None:
     assert [k for k, _ in read_journal(tmp_path, 3)] == [Kind.CEILING]
     remove_journals_before(tmp_path, 4)
     assert journal_generations(tmp_path) == [4]
+
+
+def test_a_restarted_edge_resumes_with_the_newest_parameters_and_its_next_sequence(models, tmp_path: Path) -> None:
+    """An edge keeps no state of its own: a new process (a fresh runtime from the same file)
+    registering under the same id continues the cloud's sequence and receives its newest version."""
+    from core.export import export_onnx
+    from edge.client import CloudClient
+    from edge.node import EdgeNode, NodeConfig
+    from edge.runtime import EdgeRuntime
+    from edge.selection import EntropySelector, SelectionConfig
+    from edge.sources import EdgeBatch
+
+    path = tmp_path / "edge.onnx"
+    export_onnx(models[0], path, (3, SIZE, SIZE), model_name="edge_cnn", batch_stats=True)
+    rng = np.random.default_rng(0)
+    batches = [EdgeBatch(rng.integers(0, 256, (8, SIZE, SIZE, 3), dtype=np.uint8), None, "fog", 5, False)
+               for _ in range(10)]
+
+    def run_edge(address: str, part: list) -> tuple:
+        runtime = EdgeRuntime(path)
+        selector = EntropySelector(SelectionConfig(num_classes=10, method="all"))
+        with CloudClient(address, "e1", TOKEN) as client:
+            node = EdgeNode(runtime, part, client, selector, config=NodeConfig(sync_timeout_s=20))
+            return node.run(), runtime
+
+    with _Cloud(models, _config(tmp_path / "ckpt", lockstep=True)) as cloud:
+        address = f"127.0.0.1:{cloud.server.port}"
+        first, _ = run_edge(address, batches[:6])
+        assert cloud.server.service.wait_idle(60)
+        version = cloud.server.service.stats().learners["e1"].version
+        assert first.uploads == 6 and version == first.final_version == 12  # 48 samples, steps of 4
+        second, runtime = run_edge(address, batches[6:])  # the edge process restarted
+        stats = cloud.server.service.stats()
+    assert second.duplicates == 0 and second.uploads == 4  # sequences 6..9: its next ones, none re-used
+    assert stats.edges["e1"].uploads == 10 and stats.edges["e1"].samples == 80
+    # its first prediction may still use the file's parameters; from the first update on, the newest
+    assert second.updates.stale_ignored == 0 and min(v for v in second.timeline.version if v) >= version
+    assert runtime.version == second.final_version == stats.learners["e1"].version == 20
