@@ -34,7 +34,7 @@ from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Callable, Mapping
 
 import grpc
 import numpy as np
@@ -54,7 +54,7 @@ from server.checkpoint import (VERSION_BLOCK, Journal, Kind, journal_generations
                                remove_journals_before, write_snapshot)
 from server.config import CloudConfig
 from server.stats import CloudStats, EdgeStats, LearnerStats
-from server.wire import RateLimitedLog, add_edge_service
+from server.wire import AsyncServer, Call, RateLimitedLog, add_edge_service
 
 __all__ = ["CloudConfig", "CloudServer", "CloudService"]
 
@@ -104,7 +104,7 @@ class _Sequences:
 
 class _Slot:
     """One learner and what it published. ``lock`` serialises learner access (worker steps, Reset);
-    ``cond`` guards the published fields and wakes the Subscribe streams."""
+    ``cond`` guards the published fields and the watchers, which wake the Subscribe streams."""
 
     def __init__(self, name: str, learner: CemaLearner, template_sha256: str = "") -> None:
         self.name = name
@@ -112,6 +112,7 @@ class _Slot:
         self.template_sha256 = template_sha256  # the edge model file its student started from ("": the cloud's)
         self.lock = threading.Lock()
         self.cond = threading.Condition()
+        self.watchers: set[Callable[[], None]] = set()  # Subscribe streams waiting for a newer version
         self.version = 0
         self.tensors: list[pb.Tensor] = encode_state(learner.norm_state())
         self.created_unix = time.time()
@@ -136,6 +137,21 @@ class _Slot:
         self.steps, self.episode, self.errors = int(state["steps"]), int(state["episode"]), int(state["errors"])
         self.learned_samples = int(state["learned_samples"])
         self.tensors = encode_state(self.learner.norm_state())
+
+    def watch(self, wake: Callable[[], None]) -> None:
+        with self.cond:
+            self.watchers.add(wake)
+
+    def unwatch(self, wake: Callable[[], None]) -> None:
+        with self.cond:
+            self.watchers.discard(wake)
+
+    def wake_watchers(self) -> None:
+        """Tell every subscription a newer version (or the end) may be there (any thread)."""
+        with self.cond:
+            watchers = list(self.watchers)
+        for wake in watchers:
+            wake()
 
     def update(self) -> pb.ParameterUpdate:
         """The newest publication as a message (caller holds ``cond``)."""
@@ -287,8 +303,7 @@ class CloudService(pb_grpc.EdgeServiceServicer):
             self._stopping = True
             self._work.notify_all()
         for slot in self._slots():
-            with slot.cond:
-                slot.cond.notify_all()
+            slot.wake_watchers()
 
     def close(self) -> None:
         """Join the worker, take the last snapshot, write the final stats and close the writer
@@ -353,7 +368,7 @@ class CloudService(pb_grpc.EdgeServiceServicer):
 
     # ---------------------------------------------------------------- RPCs
 
-    def Register(self, request: pb.RegisterRequest, context: grpc.ServicerContext) -> pb.RegisterReply:
+    def Register(self, request: pb.RegisterRequest, context: Call) -> pb.RegisterReply:
         self._authorize(request.edge_id, request.auth_token, context)
         if not request.edge_id:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "edge_id must not be empty")
@@ -377,7 +392,7 @@ class CloudService(pb_grpc.EdgeServiceServicer):
                                 max_message_bytes=MAX_MESSAGE_BYTES)
 
     def _register_edge(self, edge_id: str, model_id: str, model_sha256: str,
-                       context: grpc.ServicerContext | None = None) -> _Edge:
+                       context: Call | None = None) -> _Edge:
         """Add an edge (with its learner) or record its new model file; journalled (caller holds
         ``_journal_lock``; ``context`` None: replaying the journal)."""
         with self._lock:
@@ -408,7 +423,7 @@ class CloudService(pb_grpc.EdgeServiceServicer):
             log.info("edge %s re-registered", edge_id)
         return edge
 
-    def Upload(self, request: pb.UploadRequest, context: grpc.ServicerContext) -> pb.UploadReply:
+    def Upload(self, request: pb.UploadRequest, context: Call) -> pb.UploadReply:
         self._authorize(request.edge_id, request.auth_token, context)
         edge = self._edge(request.edge_id, context)
         seq = int(request.sequence)
@@ -495,27 +510,18 @@ class CloudService(pb_grpc.EdgeServiceServicer):
         """Samples queued but not yet learned from (caller holds ``_work``, not ``_lock``)."""
         return sum(len(i.images) for i in self._pending) + sum(s.learner.queue_size for s in self._slots())
 
-    def Subscribe(self, request: pb.SubscribeRequest, context: grpc.ServicerContext) -> Iterator[pb.ParameterUpdate]:
+    def Subscribe(self, request: pb.SubscribeRequest, context: Call) -> "_Subscription":
+        """A stream of the newest versions after ``after_version`` (the transport polls it; it costs
+        no thread while it waits)."""
         self._authorize(request.edge_id, request.auth_token, context)
-        slot = self._edge(request.edge_id, context).slot
+        return _Subscription(self, self._edge(request.edge_id, context).slot, int(request.after_version))
 
-        def wake() -> None:
-            with slot.cond:
-                slot.cond.notify_all()
+    @property
+    def stopping(self) -> bool:
+        with self._work:
+            return self._stopping
 
-        context.add_callback(wake)  # a cancelled stream stops waiting at once
-        last = int(request.after_version)
-        while True:
-            with slot.cond:
-                while slot.version <= last and not self._stopping and context.is_active():
-                    slot.cond.wait(timeout=1.0)
-                if self._stopping or not context.is_active():
-                    return
-                update = slot.update()  # the newest only: an edge that is behind skips the rest
-            last = update.version
-            yield update
-
-    def ReportMetrics(self, request: pb.MetricsReport, context: grpc.ServicerContext) -> pb.MetricsAck:
+    def ReportMetrics(self, request: pb.MetricsReport, context: Call) -> pb.MetricsAck:
         self._authorize(request.edge_id, request.auth_token, context)
         edge = self._edge(request.edge_id, context)
         values = dict(request.values)
@@ -527,7 +533,7 @@ class CloudService(pb_grpc.EdgeServiceServicer):
             self._scalar(f"edge/{request.edge_id}/{key}", value, int(request.step))
         return pb.MetricsAck()
 
-    def Reset(self, request: pb.ResetRequest, context: grpc.ServicerContext) -> pb.ResetReply:
+    def Reset(self, request: pb.ResetRequest, context: Call) -> pb.ResetReply:
         self._authorize(request.edge_id, request.auth_token, context)
         edge = self._edge(request.edge_id, context)
         episode = int(request.episode)
@@ -703,14 +709,14 @@ class CloudService(pb_grpc.EdgeServiceServicer):
 
     # ---------------------------------------------------------------- helpers
 
-    def _authorize(self, edge_id: str, token: str, context: grpc.ServicerContext) -> None:
+    def _authorize(self, edge_id: str, token: str, context: Call) -> None:
         """Every RPC's first line: :class:`server.auth.Authenticator`'s rules, as a gRPC status."""
         try:
             self.auth.check(edge_id, token, peer_common_name(context))
         except AuthError as exc:
             context.abort(exc.code, str(exc))
 
-    def _edge(self, edge_id: str, context: grpc.ServicerContext) -> _Edge:
+    def _edge(self, edge_id: str, context: Call) -> _Edge:
         with self._lock:
             edge = self._edges.get(edge_id)
         if edge is None:
@@ -766,7 +772,7 @@ class CloudService(pb_grpc.EdgeServiceServicer):
             slot.version += 1
             slot.tensors = tensors
             slot.created_unix = time.time()
-            slot.cond.notify_all()
+        slot.wake_watchers()
         with self._lock:
             self._versions += 1
             self._changes += 1
@@ -871,11 +877,43 @@ class CloudService(pb_grpc.EdgeServiceServicer):
                 self._writer.add_scalar(tag, float(value), step)
 
 
+class _Subscription:
+    """One edge's Subscribe stream (:class:`server.wire.UpdateStream`): the newest version after the
+    last one sent; an edge that is behind gets the newest only and skips the rest."""
+
+    def __init__(self, service: CloudService, slot: _Slot, after_version: int) -> None:
+        self._service, self._slot, self._last = service, slot, after_version
+        self._wake: Callable[[], None] | None = None
+
+    def poll(self) -> pb.ParameterUpdate | None:
+        with self._slot.cond:
+            if self._slot.version <= self._last:
+                return None
+            update = self._slot.update()
+        self._last = update.version
+        return update
+
+    @property
+    def ended(self) -> bool:
+        return self._service.stopping
+
+    def watch(self, wake: Callable[[], None]) -> None:
+        self._wake = wake
+        self._slot.watch(wake)
+
+    def close(self) -> None:
+        if self._wake is not None:
+            self._slot.unwatch(self._wake)
+
+
 class CloudServer:
     """A gRPC server hosting :class:`CloudService` on ``host:port`` (``port`` 0: a free one).
 
     ``with CloudServer(...) as server:`` starts it and stops it cleanly (worker joined, RPC threads
-    shut down, TensorBoard writer closed).
+    shut down, TensorBoard writer closed). The server is ``grpc.aio`` on a loop thread of its own
+    (:class:`server.wire.AsyncServer`): subscriptions cost no thread; unary calls run on
+    ``max_workers`` pool threads; at most ``max_edges + max_inflight_rpcs`` calls are open at once
+    (grpc answers more with RESOURCE_EXHAUSTED), which bounds the memory held by requests.
     """
 
     def __init__(self, student: nn.Module, teacher: nn.Module | None, config: CloudConfig,
@@ -888,17 +926,19 @@ class CloudServer:
                                     edge_model_sha256=edge_model_sha256, edge_states=edge_states,
                                     run_info=run_info, authenticator=authenticator)
         self._executor = ThreadPoolExecutor(max_workers=config.max_workers, thread_name_prefix="cloud-rpc")
-        self._server = grpc.server(self._executor, options=GRPC_OPTIONS)
+        self._server = AsyncServer(GRPC_OPTIONS, maximum_concurrent_rpcs=config.max_edges + config.max_inflight_rpcs)
         self.undecodable = RateLimitedLog("undecodable requests")
-        add_edge_service(self._server, self.service, self.undecodable)  # our decoding: garbage -> INVALID_ARGUMENT
+        # our decoding: garbage -> INVALID_ARGUMENT
+        self._server.call(lambda: add_edge_service(self._server.server, self.service, self.undecodable,
+                                                   self._executor))
         host = f"[{config.host}]" if ":" in config.host and not config.host.startswith("[") else config.host
         try:
-            self.port = self._bind(f"{host}:{config.port}")
+            self.port = self._server.call(lambda: self._bind(f"{host}:{config.port}"))
         except RuntimeError as exc:
-            self._executor.shutdown(wait=False)
+            self._release()
             raise OSError(f"cannot bind {host}:{config.port}: {exc}") from exc
         if self.port == 0:
-            self._executor.shutdown(wait=False)
+            self._release()
             raise OSError(f"cannot bind {host}:{config.port}")
         self.address = f"{host}:{self.port}"
         self._started = False
@@ -921,12 +961,22 @@ class CloudServer:
 
     def _bind(self, address: str) -> int:
         if self._credentials is not None:
-            return self._server.add_secure_port(address, self._credentials)
-        return self._server.add_insecure_port(address)
+            return self._server.server.add_secure_port(address, self._credentials)
+        return self._server.server.add_insecure_port(address)
+
+    def _release(self) -> None:
+        """Free the loop thread and the pool of a server that is not serving (idempotent)."""
+        self._server.close()
+        self._executor.shutdown(wait=False)
 
     def start(self) -> "CloudServer":
-        self.service.start()
-        self._server.start()
+        try:
+            self.service.start()  # restores a checkpoint first: may refuse
+            self._server.start()
+        except BaseException:
+            self.service.close()
+            self._release()
+            raise
         self._started = True
         log.info("cloud listening on %s (%s, authentication: %s; method %s, %s students)", self.address,
                  self.transport, self.service.auth.mode, self.config.cema.method,
@@ -942,17 +992,19 @@ class CloudServer:
         """End subscriptions, stop accepting RPCs (in-flight ones get ``grace`` seconds), then
         join the worker and close the writer. Idempotent."""
         if not self._started:
+            self._release()
             return
         self._started = False
         self.service.begin_stop()
-        self._server.stop(grace).wait()
+        self._server.stop(grace)
         self._executor.shutdown(wait=True)
+        self._server.close()
         self.service.close()
         log.info("cloud on %s stopped", self.address)
 
     def wait(self, timeout: float | None = None) -> bool:
         """Block until the server terminates (or ``timeout``); True if it did."""
-        return self._server.wait_for_termination(timeout)
+        return self._server.wait(timeout)
 
     def __enter__(self) -> "CloudServer":
         return self.start()

@@ -50,7 +50,10 @@ class CloudConfig:
                                           "gets a student that starts from that file's normalization state")
     threads: int = option(1, "torch CPU threads")
     # serving
-    max_workers: int = option(32, "RPC threads (each subscribed edge holds one)")
+    max_workers: int = option(8, "threads running unary RPCs (register, upload, metrics, reset); subscriptions "
+                              "hold none")
+    max_inflight_rpcs: int = option(256, "unary RPCs open at once beyond one subscription per edge (max_edges); "
+                                    "grpc answers more with RESOURCE_EXHAUSTED, so requests cannot pile up in memory")
     rate_interval_s: float = option(5.0, "window of the logged version / upload rates, seconds")
     # backpressure: uploads are refused with RESOURCE_EXHAUSTED (edges retry with backoff) while
     # this many samples wait for the learners, so a flood cannot grow memory without bound
@@ -85,8 +88,9 @@ class CloudConfig:
             raise ValueError(f"retry_after_s must be >= 0, got {self.retry_after_s}")
         if self.max_backlog < 1 or self.max_edges < 1:
             raise ValueError(f"max_backlog and max_edges must be >= 1, got {self.max_backlog}, {self.max_edges}")
-        if self.max_workers < 2:
-            raise ValueError("max_workers must be >= 2 (Subscribe streams each hold a thread)")
+        if self.max_workers < 1 or self.max_inflight_rpcs < 1:
+            raise ValueError(f"max_workers and max_inflight_rpcs must be >= 1, got {self.max_workers}, "
+                             f"{self.max_inflight_rpcs}")
         if self.num_classes < 2:
             raise ValueError(f"num_classes must be >= 2, got {self.num_classes}")
         if bool(self.tls_cert) != bool(self.tls_key):
