@@ -21,7 +21,7 @@ the buffer's bound ``max_buffered_samples`` while the cloud was unreachable), ``
 acknowledged, though the one in flight may have reached the cloud), ``upload_pending`` (queued or
 being sent when the summary was built; 0 in a finished run's summary), ``upload_outages`` (times
 the cloud became unreachable for the sender), ``uploads`` / ``upload_errors`` (requests
-acknowledged / refused), ``upload_retries`` (failed attempts sent again), ``bytes_up``
+acknowledged / refused), ``upload_retries`` (attempts that failed transiently), ``bytes_up``
 (serialized UploadRequest sizes, once per acknowledged request), ``bytes_down`` (ParameterUpdate
 sizes received), ``versions_applied`` (subscriber + reset states put in force),
 ``update_latency_s`` (cloud step done → applied here). Accuracy is online: each batch is scored

@@ -19,9 +19,10 @@ Rules (each upload ends in exactly one of ``acked``, ``failed``, ``dropped``, ``
 - **Transient failures** (``RETRYABLE`` codes, :class:`edge.client.RetriesExhausted`) never drop
   an upload: it stays at the head and is sent again after a backoff from ``backoff`` (the
   client's :class:`~edge.client.RetryPolicy`: exponential with jitter, capped at its
-  ``max_backoff_s``), between rounds of the client's own retries. Every failed attempt that is
-  sent again counts in ``upload_retries``. One warning when an outage starts (``upload_outages``
-  counts them) and one line when it ends; during it the client's per-attempt lines drop to debug.
+  ``max_backoff_s``), between rounds of the client's own retries. Every transiently failed attempt
+  counts in ``upload_retries``. One warning when an outage starts (``upload_outages`` counts them)
+  and one when the cloud answers again (an ack or a refusal); during it the client's per-attempt
+  lines drop to debug level.
 - **"Not registered"** (:func:`edge.client.not_registered`: the cloud restarted): the sender calls
   ``on_not_registered`` (the node registers again, serialized with its own register and reset
   calls) and re-sends the same upload under the same sequence. A registration that fails
@@ -372,11 +373,14 @@ class Uploader:
             self._cloud_version = int(res.reply.latest_version)
             if item.tag is not None:
                 self._acked_by_tag[item.tag] = self._acked_by_tag.get(item.tag, 0) + item.samples
-            since, self._outage_since = self._outage_since, None
-            pending = len(self._queue), self._pending
-        if since is not None:
+            self._answered()
+
+    def _answered(self) -> None:
+        """The cloud answered (an ack or a refusal): an outage, if any, is over (caller holds the lock)."""
+        if self._outage_since is not None:
             log.warning("uploads: the cloud is reachable again after %.1f s; %d upload(s) (%d samples) still "
-                        "buffered", time.monotonic() - since, *pending)
+                        "buffered", time.monotonic() - self._outage_since, len(self._queue), self._pending)
+            self._outage_since = None
 
     def _transient(self, item: QueuedUpload, attempts: int, why: str) -> None:
         with self._cond:
@@ -389,8 +393,8 @@ class Uploader:
                 self._counts["upload_outages"] += 1
             pending = len(self._queue), self._pending
         if start:
-            log.warning("uploads: the cloud is unreachable (upload #%d: %s); buffering up to %d samples and "
-                        "retrying (%d upload(s), %d samples queued)", item.sequence, why,
+            log.warning("uploads: the cloud is unreachable or busy (upload #%d: %s); buffering up to %d samples "
+                        "and retrying (%d upload(s), %d samples queued)", item.sequence, why,
                         self.config.max_buffered_samples, *pending)
 
     def _refused(self, item: QueuedUpload, why: str) -> None:
@@ -399,6 +403,7 @@ class Uploader:
                 return
             self._counts["upload_failed"] += item.samples
             self._counts["upload_errors"] += 1
+            self._answered()
         log.error("upload #%d of %d samples refused, dropped: %s", item.sequence, item.samples, why)
 
     def _fatal(self, item: QueuedUpload | None, exc: BaseException) -> None:
