@@ -83,7 +83,7 @@ def test_kill9_of_the_cloud_mid_stream_loses_no_upload_and_the_edge_carries_on(t
         retry = RetryPolicy(max_attempts=1000, initial_backoff_s=0.05, max_backoff_s=0.5, max_total_s=120)
         client = CloudClient(f"127.0.0.1:{port}", "e0", retry=retry, connect_timeout=60)
         selector = EntropySelector(SelectionConfig(num_classes=10, method="all"))
-        node = EdgeNode(runtime, _SlowSource(60, 8, 0.05), client, selector, config=NodeConfig(log_every_s=1.0))
+        node = EdgeNode(runtime, _SlowSource(60, 8, 0.05), client, selector, config=NodeConfig(log_every_s=1.0, flush_timeout_s=120))
         result: dict = {}
         edge = threading.Thread(target=lambda: result.update(summary=node.run()), daemon=True)
         edge.start()
