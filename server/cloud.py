@@ -352,9 +352,13 @@ class CloudService(pb_grpc.EdgeServiceServicer):
                                           stale_samples=e.stale_samples, seen=e.seen, episode=e.episode,
                                           learner=e.slot.name, metrics=dict(e.metrics))
                      for e in self._edges.values()}
+        pending: dict[str, int] = {}
+        with self._work:
+            for item in self._pending:
+                pending[item.slot.name] = pending.get(item.slot.name, 0) + len(item.images)
         learners = {s.name: LearnerStats(version=s.version, steps=s.steps, episode=s.episode, errors=s.errors,
                                          queue=s.learner.queue_size, replay=len(s.learner.replay),
-                                         learned_samples=s.learned_samples)
+                                         learned_samples=s.learned_samples, pending_samples=pending.get(s.name, 0))
                     for s in self._slots()}
         return CloudStats(edges=edges, learners=learners, uptime_s=round(time.time() - self._started, 2),
                           checkpoints=self._checkpoints, restored_records=self._restored_records, **totals)
@@ -624,6 +628,10 @@ class CloudService(pb_grpc.EdgeServiceServicer):
                 log.error("checkpoint %s: journal record (%s) not replayed: %s", directory, kind.name, exc)
                 continue
             self._restored_records += 1
+        with self._work:  # the replayed uploads go to their learners now (the worker starts after)
+            items = list(self._pending)
+            self._pending.clear()
+        self._feed(items)
         self._journal = Journal(directory, max([first - 1, *generations]) + 1, fsync=self.config.journal_fsync)
         for slot in self._slots():
             with slot.lock:
@@ -656,10 +664,8 @@ class CloudService(pb_grpc.EdgeServiceServicer):
                 self._edges[state["edge_id"]] = _Edge.from_state(state, slots[state["slot"]])
             self._totals = {k: int(v) for k, v in snapshot["totals"].items()}
             self._versions = int(snapshot["versions"])
-        with self._work:
-            for item in snapshot["pending"]:
-                self._pending.append(_Item(slots[item["slot"]], item["edge_id"], int(item["episode"]),
-                                           item["images"], item["labels"].numpy()))
+        self._feed([_Item(slots[item["slot"]], item["edge_id"], int(item["episode"]), item["images"],
+                          item["labels"].numpy()) for item in snapshot["pending"]])
 
     def _replay(self, kind: Kind, payload: bytes, ceilings: dict[str, int]) -> None:
         """Apply one journal record through the same paths as the RPC that wrote it (no journal
@@ -782,7 +788,8 @@ class CloudService(pb_grpc.EdgeServiceServicer):
     def _run(self) -> None:
         """The learner loop: feed queued uploads to their learners, then step the learners round-robin
         (one step each per pass, so no edge waits behind another's backlog), publishing after each."""
-        active: dict[int, _Slot] = {}
+        # every learner gets a first look: a restored one may hold queued samples to learn from
+        active: dict[int, _Slot] = {id(slot): slot for slot in self._slots()}
         waiting: dict[int, list[_Item]] = {}  # items whose learner has not gone idle since
         while True:
             with self._work:

@@ -40,6 +40,7 @@ class LearnerStats:
     queue: int = 0
     replay: int = 0
     learned_samples: int = 0  # samples handed to the learner (accepted ones of its current episodes)
+    pending_samples: int = 0  # accepted samples not yet handed to it (a shutdown's snapshot keeps them)
 
 
 @dataclass(frozen=True)

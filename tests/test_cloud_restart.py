@@ -113,6 +113,7 @@ def test_a_cleanly_stopped_cloud_restarts_where_it_stood(models, tmp_path: Path)
         after = cloud.server.service.stats()
         assert _counters(after) == _counters(before) and after.restored_records == 0
         assert (after.uploads, after.samples) == (before.uploads, before.samples) == (10, 47)
+        assert after.learners["e2"].queue == before.learners["e2"].queue == 3  # 15 samples, steps of 4
         learner = cloud.server.service.learner("e1")
         for name, value in state.items():
             np.testing.assert_array_equal(learner.norm_state()[name], value)
