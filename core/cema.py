@@ -28,8 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from core.norm import configure_norm_adaptation, get_norm_state
-from core.renorm import EDGE_NORMS, RUNNING_INITS, learning_mode, prepare_student, start_episode
+from core.norm import configure_norm_adaptation, get_norm_state, load_norm_module_state, norm_module_state
+from core.renorm import EDGE_NORMS, RUNNING_INITS, RenormBatchNorm, learning_mode, prepare_student, start_episode
 from protos.config import option
 
 log = logging.getLogger(__name__)
@@ -163,6 +163,23 @@ class ReplayBuffer:
         """Empty the buffer and restart its sampling stream (reset-per-shift)."""
         self._next = self._size = 0
         self._rng = np.random.default_rng(self.seed)
+
+    def state_dict(self) -> dict:
+        """The held samples (oldest first, on the CPU) and the sampling stream's state: loading it
+        into a buffer of the same capacity makes it draw exactly what this one would."""
+        return {"capacity": self.capacity, "samples": self.contents().cpu().clone(),
+                "rng": copy.deepcopy(self._rng.bit_generator.state)}
+
+    def load_state_dict(self, state: dict, device: str | torch.device = "cpu") -> None:
+        if int(state["capacity"]) != self.capacity:
+            raise ValueError(f"replay state holds capacity {state['capacity']}, this buffer {self.capacity}")
+        samples = state["samples"]
+        self._data = None
+        self._next = self._size = 0
+        if len(samples):
+            self.add(samples.to(device))  # oldest first: the same logical order, from ring position 0
+        self._rng = np.random.default_rng()
+        self._rng.bit_generator.state = copy.deepcopy(state["rng"])
 
 
 # --------------------------------------------------------------------------------------------
@@ -398,6 +415,49 @@ class CemaLearner:
 
     # ---------------------------------------------------------------- state
 
+    def state_dict(self) -> dict:
+        """Everything :meth:`step` depends on, copied to the CPU: the adapted normalization layers of
+        student and teacher (nothing else ever changes), both optimizers' momentum, the queue, the
+        replay and its sampling stream, the counters. A learner built from the same templates and
+        config that loads it continues exactly as this one would (a cloud checkpoint)."""
+        images = (torch.stack([x for x, _ in self._queue]).cpu() if self._queue
+                  else torch.empty((0,), dtype=torch.float32))
+        return {
+            "student": norm_module_state(self.student),
+            "pending_init": [bool(m.pending_init) for m in self.student.modules() if isinstance(m, RenormBatchNorm)],
+            "teacher": norm_module_state(self.teacher) if self.teacher is not None else None,
+            "student_opt": _cpu_copy(self.student_opt.state_dict()),
+            "teacher_opt": _cpu_copy(self.teacher_opt.state_dict()) if self.teacher_opt is not None else None,
+            "queue_images": images, "queue_labels": torch.tensor([y for _, y in self._queue], dtype=torch.int64),
+            "added_since_batch": self._added_since_batch,
+            "student_steps": self.student_steps, "teacher_steps": self.teacher_steps,
+            "replay": self.replay.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from :meth:`state_dict` (the initial weights kept for :meth:`reset` stay this
+        learner's own, i.e. its templates')."""
+        if (state["teacher"] is None) != (self.teacher is None):
+            raise ValueError("the learner state was saved with" + ("out" if state["teacher"] is None else "")
+                             + " a teacher; this learner differs")
+        load_norm_module_state(self.student, state["student"])
+        renorms = [m for m in self.student.modules() if isinstance(m, RenormBatchNorm)]
+        if len(renorms) != len(state["pending_init"]):
+            raise ValueError("the learner state was saved under another edge normalization")
+        for m, flag in zip(renorms, state["pending_init"]):
+            m.pending_init = bool(flag)
+        if self.teacher is not None:
+            load_norm_module_state(self.teacher, state["teacher"])
+        self._setup()  # fresh optimizers over the same parameters, then their saved momentum
+        self.student_opt.load_state_dict(state["student_opt"])
+        if self.teacher_opt is not None:
+            self.teacher_opt.load_state_dict(state["teacher_opt"])
+        images = state["queue_images"].to(self.device, torch.float32)
+        self._queue.extend(zip(images, (int(v) for v in state["queue_labels"])))
+        self._added_since_batch = bool(state["added_since_batch"])
+        self.student_steps, self.teacher_steps = int(state["student_steps"]), int(state["teacher_steps"])
+        self.replay.load_state_dict(state["replay"], self.device)
+
     def norm_state(self) -> dict[str, np.ndarray]:
         """The student's normalization state to publish: γ, β, running mean and var per layer."""
         return get_norm_state(self.student)
@@ -411,3 +471,14 @@ class CemaLearner:
         if self.config.edge_norm == "running":
             start_episode(self.student, self.config.running_init)
         self._setup()
+
+
+def _cpu_copy(obj):
+    """A deep copy with every tensor moved to the CPU (optimizer states for a checkpoint)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu().clone()
+    if isinstance(obj, dict):
+        return {k: _cpu_copy(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_cpu_copy(v) for v in obj)
+    return copy.deepcopy(obj)

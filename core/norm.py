@@ -76,6 +76,25 @@ def set_norm_state(model: nn.Module, state: Mapping[str, np.ndarray], *, strict:
             target.copy_(torch.from_numpy(np.ascontiguousarray(array)).to(target.dtype))
 
 
+def norm_module_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """A copy (on the CPU) of every normalization layer's whole ``state_dict``, counters included.
+
+    Adapting a model through :func:`configure_norm_adaptation` changes these tensors and nothing
+    else, so they are what a checkpoint of an adapted model needs (unlike :func:`get_norm_state`,
+    which drops ``num_batches_tracked`` and converts to float32 for the wire)."""
+    return {(f"{name}.{key}" if name else key): value.detach().cpu().clone()
+            for name, m in norm_modules(model) for key, value in m.state_dict().items()}
+
+
+def load_norm_module_state(model: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
+    """Load what :func:`norm_module_state` returned (same model architecture) in place."""
+    for name, m in norm_modules(model):
+        prefix = f"{name}." if name else ""
+        own = {key[len(prefix):]: value for key, value in state.items()
+               if key.startswith(prefix) and "." not in key[len(prefix):]}
+        m.load_state_dict(own, strict=True)
+
+
 def norm_affine_parameters(model: nn.Module) -> list[nn.Parameter]:
     """The affine γ/β parameters of every normalization layer (what Tent/EATA/CEMA adapt)."""
     return [p for _, m in norm_modules(model) for p in (getattr(m, "weight", None), getattr(m, "bias", None))

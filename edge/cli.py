@@ -2,9 +2,9 @@
 
 Settings come from ``--config edge.toml`` and flags (:class:`edge.config.EdgeConfig`). Everything
 heavy is imported inside :func:`run`, so the dispatcher stays instant. SIGTERM and Ctrl-C stop
-the node at the next batch boundary (at once if it is waiting for input), stop the subscriber,
-close the channel and write the summary; the exit status is then 0 and the summary says
-``stopped_early``. A run that fails once the node is running still writes its summary, with
+the node at the next batch boundary (at once if it is waiting for input), flush the upload buffer
+(up to ``node.flush_timeout_s``), stop the subscriber, close the channel and write the summary;
+the exit status is then 0 and the summary says ``stopped_early``. A run that fails once the node is running still writes its summary, with
 ``error`` set; a model, source or setting that cannot be opened is reported at once (exit 2).
 """
 

@@ -4,6 +4,7 @@ Why retries live here: an edge on a flaky link must neither lose nor double-coun
 Transient failures (``UNAVAILABLE``, ``DEADLINE_EXCEEDED``, ``RESOURCE_EXHAUSTED``) are retried
 with exponential backoff and jitter, bounded in attempts and total time, re-sending the *same*
 sequence number so the cloud acknowledges a repeat as a duplicate instead of queueing it twice.
+Beyond that bound the edge's upload buffer (:mod:`edge.uploader`) keeps the upload and tries again.
 Anything else (``INVALID_ARGUMENT``, ``UNAUTHENTICATED``, ...) is a bug or a misconfiguration and
 raises at once.
 
@@ -60,7 +61,7 @@ def _retry_after(exc: grpc.RpcError) -> float:
 def not_registered(exc: BaseException) -> bool:
     """The cloud answered that it does not know this edge: it restarted (or forgot it); the
     edge registers again and carries on."""
-    return (isinstance(exc, grpc.RpcError) and _code(exc) == grpc.StatusCode.FAILED_PRECONDITION
+    return (isinstance(exc, grpc.RpcError) and status_code(exc) == grpc.StatusCode.FAILED_PRECONDITION
             and "not registered" in _details(exc))
 
 
@@ -103,7 +104,8 @@ class UploadResult:
     attempts: int
 
 
-def _code(exc: grpc.RpcError) -> grpc.StatusCode:
+def status_code(exc: BaseException) -> grpc.StatusCode:
+    """The gRPC status of a failed call (``UNKNOWN`` when it carries none)."""
     code = exc.code() if hasattr(exc, "code") else None
     return code if isinstance(code, grpc.StatusCode) else grpc.StatusCode.UNKNOWN
 
@@ -134,8 +136,9 @@ class CloudClient:
     # ---------------------------------------------------------------- plumbing
 
     def call(self, what: str, fn: Callable[..., R], request: object, *, timeout: float | None = None,
-             wait_for_ready: bool = False) -> tuple[R, int]:
-        """Call a unary RPC with the retry policy; returns (reply, attempts)."""
+             wait_for_ready: bool = False, log_level: int = logging.WARNING) -> tuple[R, int]:
+        """Call a unary RPC with the retry policy; returns (reply, attempts). Each retry is logged at
+        ``log_level`` (the upload buffer lowers it during an outage it already reported)."""
         start = time.monotonic()
         attempt = 0
         while True:
@@ -144,13 +147,13 @@ class CloudClient:
                 reply = fn(request, timeout=timeout or self.timeout, wait_for_ready=wait_for_ready)
                 return reply, attempt
             except grpc.RpcError as exc:
-                code = _code(exc)
+                code = status_code(exc)
                 if code not in RETRYABLE:
                     raise
                 delay = max(self.retry.delay(attempt - 1, self._rng), _retry_after(exc))
                 if attempt >= self.retry.max_attempts or time.monotonic() - start + delay > self.retry.max_total_s:
                     raise RetriesExhausted(what, code, attempt, _details(exc)) from exc
-                log.warning("%s: %s (%s), retry %d in %.2fs", what, code.name, _details(exc), attempt, delay)
+                log.log(log_level, "%s: %s (%s), retry %d in %.2fs", what, code.name, _details(exc), attempt, delay)
                 self._sleep(delay)
 
     # ---------------------------------------------------------------- RPCs
@@ -173,8 +176,9 @@ class CloudClient:
 
     def upload(self, images: np.ndarray, entropies: np.ndarray, sequence: int, *,
                labels: np.ndarray | None = None, edge_version: int = 0, seen: int = 0,
-               episode: int = 0) -> UploadResult:
-        """Upload one batch of selected uint8 images under ``sequence`` (re-sent unchanged on retry)."""
+               episode: int = 0, quiet: bool = False) -> UploadResult:
+        """Upload one batch of selected uint8 images under ``sequence`` (re-sent unchanged on retry);
+        ``quiet`` logs the retries at debug level only."""
         images = np.asarray(images)
         if images.dtype != np.uint8 or images.ndim != 4:
             raise ValueError(f"uploads are uint8 (N, H, W, C), got {images.dtype} {images.shape}")
@@ -193,7 +197,8 @@ class CloudClient:
         if limit and size > limit:
             raise ValueError(f"upload of {n} samples is {size} bytes, over the server's limit of {limit}: "
                              "lower the batch size")
-        reply, attempts = self.call(f"upload #{sequence}", self.stub.Upload, request)
+        reply, attempts = self.call(f"upload #{sequence}", self.stub.Upload, request,
+                                    log_level=logging.DEBUG if quiet else logging.WARNING)
         if reply.duplicate:
             log.info("upload #%d was already received by the cloud (acknowledged as duplicate)", sequence)
         return UploadResult(reply, size, attempts)
@@ -294,7 +299,7 @@ class Subscriber(threading.Thread):
                     self._handle(update)
                 code, details = grpc.StatusCode.OK, "stream ended"
             except grpc.RpcError as exc:
-                code, details = _code(exc), _details(exc)
+                code, details = status_code(exc), _details(exc)
             if self._stop_event.is_set():
                 break
             if code == grpc.StatusCode.FAILED_PRECONDITION and "not registered" in details:

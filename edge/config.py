@@ -29,6 +29,15 @@ class NodeConfig:
     sync_timeout_s: float = option(0.0, "simulation lockstep: after each upload wait up to this many seconds "
                                    "for the version its ack names (pair with a lockstep cloud; 0: never wait)",
                                    flag="sync")
+    # the offline upload buffer (edge.uploader): uploads wait here, oldest sent first, while the
+    # cloud is unreachable; memory is up to this many H x W x C uint8 images (8192 at 32x32x3 is
+    # 25 MB, at 224x224x3 1.2 GB: lower it on a small board with a large input)
+    max_buffered_samples: int = option(8192, "upload buffer bound, in samples: while the cloud is unreachable "
+                                       "the edge keeps predicting and queues its uploads; beyond this many "
+                                       "the oldest are dropped (counted as upload_dropped)", flag="max-buffered")
+    flush_timeout_s: float = option(10.0, "seconds the edge waits for its buffered uploads to be acknowledged "
+                                    "before a reset and at the end of the run (what is left then is counted "
+                                    "as upload_unsent)", flag="flush-timeout")
 
     def __post_init__(self) -> None:
         if self.limit is not None and self.limit < 0:
@@ -37,6 +46,10 @@ class NodeConfig:
             raise ValueError(f"metrics_every must be >= 0, got {self.metrics_every}")
         if self.sync_timeout_s < 0:
             raise ValueError(f"sync_timeout_s must be >= 0, got {self.sync_timeout_s}")
+        if self.max_buffered_samples < 1:
+            raise ValueError(f"max_buffered_samples must be >= 1, got {self.max_buffered_samples}")
+        if self.flush_timeout_s < 0:
+            raise ValueError(f"flush_timeout_s must be >= 0, got {self.flush_timeout_s}")
 
 
 @dataclass(frozen=True)

@@ -2,14 +2,26 @@
 
 Why this order: CEMA's timing is "predict first, adapt after" — each batch is predicted with the
 parameters in force when it arrives (applied in the background by :class:`edge.client.Subscriber`),
-so the edge never waits for the cloud — unless a simulation asks for a bounded lockstep with
-``NodeConfig.sync_timeout_s`` (an edge reading a file is far faster than the cloud's steps, and
-CEMA's protocol predicts batch t with the cloud's step on batch t-1): after each upload it waits
-for the version the cloud's ack names, which a ``--lockstep`` cloud sends after learning from it. A ``reset`` batch
-(reset-per-shift protocol) first starts a new episode at the cloud and puts the edge's start-up
-normalization state back in force under the version the cloud returns. With ``client=None`` the node runs forward-only without a cloud (the
-"no adaptation" and "edge BN statistics" baselines); selection still runs and is counted as
-``kept``, but nothing is uploaded.
+and its kept samples are queued to the offline upload buffer (:class:`edge.uploader.Uploader`,
+sent oldest first by its own thread, each under the sequence number it got when queued), so the
+edge never waits for the cloud, and keeps predicting while the cloud is unreachable — unless a
+simulation asks for a bounded lockstep with ``NodeConfig.sync_timeout_s`` (an edge reading a file
+is far faster than the cloud's steps, and CEMA's protocol predicts batch t with the cloud's step
+on batch t-1): after each upload it waits until that upload is acknowledged (up to the client's
+retry policy's total time plus one RPC deadline) and then for the version the ack names, which a
+``--lockstep`` cloud sends after learning from it. A ``reset`` batch (reset-per-shift protocol)
+first waits (up to ``flush_timeout_s``) for the buffered uploads of the episode it ends, then
+starts a new episode at the cloud and puts the edge's start-up normalization state back in force
+under the version the cloud returns. At the end of a run the buffer is flushed for up to
+``flush_timeout_s``; what is left is counted as ``upload_unsent``. A fatal upload error
+(``UNAUTHENTICATED``, ...) met by the sender is raised at the node's next step. With
+``client=None`` the node runs forward-only without a cloud (the "no adaptation" and "edge BN
+statistics" baselines); selection still runs and is counted as ``kept``, but nothing is uploaded.
+
+Threads: the main loop, the subscriber and the uploader's sender. Register and reset calls are
+serialized by one lock (the sender registers again when the cloud forgot the edge); sequence
+numbers are handed out under another lock that is never held during an RPC, so queueing an
+upload never waits for the cloud.
 
 The summary is an :class:`edge.summary.EdgeSummary` (its fields and invariants are documented
 there); :meth:`EdgeNode.run` checks the invariants by building it.
@@ -22,17 +34,18 @@ import math
 import threading
 import time
 from collections import defaultdict
-from dataclasses import dataclass, field
-from typing import Iterator
+from collections.abc import Iterator
+from dataclasses import dataclass, field, replace
 
 import grpc
 import numpy as np
 
-from edge.client import CloudClient, RetriesExhausted, Subscriber, not_registered
+from edge.client import CloudClient, Subscriber, not_registered
 from edge.config import NodeConfig
 from edge.selection import EntropySelector, Selection
 from edge.sources import EdgeBatch, Source
 from edge.summary import TIMELINE_KEYS, EdgeSummary, Excluded, ModelRef, ShiftStats, SubscriberStats, Timeline
+from edge.uploader import Outcome, QueuedUpload, Uploader, UploaderConfig, UploaderStats
 
 __all__ = ["EdgeNode", "NodeConfig", "TIMELINE_KEYS"]
 
@@ -47,14 +60,7 @@ class _Counters:
     low_informative: int = 0
     redundant: int = 0
     skipped: int = 0
-    uploaded: int = 0
-    upload_failed: int = 0
-    uploads: int = 0
-    upload_errors: int = 0
-    upload_retries: int = 0
     reregistrations: int = 0
-    duplicates: int = 0
-    bytes_up: int = 0
     labelled: int = 0
     correct: int = 0
     resets: int = 0
@@ -65,10 +71,11 @@ class _Counters:
     sync_timeouts: int = 0
     sync_wait_s: float = 0.0
     e_max: float | None = None
-    cloud_version: int | None = None
+    # without ``uploaded``: acks are attributed back to their batch when a summary is built
     per_corruption: dict[str, ShiftStats] = field(default_factory=lambda: defaultdict(ShiftStats))
     per_shift: dict[str, ShiftStats] = field(default_factory=lambda: defaultdict(ShiftStats))
-    timeline: dict[str, list] = field(default_factory=lambda: {k: [] for k in TIMELINE_KEYS})
+    shift_of_batch: list[tuple[str, str]] = field(default_factory=list)  # (corruption, corruption@severity)
+    timeline: dict[str, list] = field(default_factory=lambda: {k: [] for k in TIMELINE_KEYS if k != "uploaded"})
 
 
 class EdgeNode:
@@ -83,9 +90,12 @@ class EdgeNode:
         self._stop = stop_event or threading.Event()
         self._initial_state = runtime.norm_state()  # what a reset puts back in force
         self._initial_version = runtime.version
-        self._episode = 0
-        self._sequence = 0
+        self._episode = 0  # written by the main thread only, under _cloud_lock
+        self._sequence = 0  # under _sequence_lock
+        self._cloud_lock = threading.RLock()  # one register / reset call at a time (main and sender threads)
+        self._sequence_lock = threading.Lock()  # never held during an RPC
         self._subscriber: Subscriber | None = None
+        self._uploader: Uploader | None = None
         self._c = _Counters()
         self._start = time.monotonic()
         self._wall = 0.0
@@ -109,13 +119,19 @@ class EdgeNode:
         return self._subscriber
 
     def run(self) -> EdgeSummary:
-        """Process the whole source (or up to the limit / a stop); returns :meth:`summary`."""
+        """Process the whole source (or up to the limit / a stop), flush the upload buffer (bounded);
+        returns :meth:`summary`."""
         self._start = self._last_log = time.monotonic()
         try:
             if self.client is not None:
                 self._connect()
             self._loop()
+            if self._uploader is not None:
+                self._uploader.flush(self.config.flush_timeout_s)
+                self._uploader.check()
         finally:
+            if self._uploader is not None:
+                self._uploader.close()  # what is still buffered is counted as upload_unsent
             self._wall = time.monotonic() - self._start
             if self._subscriber is not None:
                 self._subscriber.close()
@@ -129,20 +145,28 @@ class EdgeNode:
 
     def _connect(self) -> None:
         assert self.client is not None
-        reply = self.client.register(self.runtime)
-        self._sequence = int(reply.next_sequence)
+        with self._cloud_lock:
+            reply = self.client.register(self.runtime)
+        with self._sequence_lock:
+            self._sequence = int(reply.next_sequence)
         self._subscriber = self.client.subscribe(self.runtime, episode=self._episode)
+        retry = self.client.retry
+        self._uploader = Uploader(self.client, UploaderConfig(self.config.max_buffered_samples, backoff=retry),
+                                  on_not_registered=self._register_again, name=f"uploader-{self.edge_id}").start()
 
     def _register_again(self, sync_episode: bool = True) -> None:
         """The cloud does not know this edge (it restarted): register again and go on; sequence
-        numbers only move forward, and the parameters in force stay until a newer version comes."""
+        numbers only move forward, and the parameters in force stay until a newer version comes.
+        Called by the main thread (a reset) and by the uploader's sender (an upload)."""
         assert self.client is not None
-        log.warning("the cloud does not know edge %s (restarted?): registering again", self.edge_id)
-        reply = self.client.register(self.runtime)
-        self._sequence = max(self._sequence, int(reply.next_sequence))
-        self._c.reregistrations += 1
-        if sync_episode and self._episode:  # the restarted cloud starts at episode 0: bring it to ours
-            self.client.reset(self._episode)
+        with self._cloud_lock:
+            log.warning("the cloud does not know edge %s (restarted?): registering again", self.edge_id)
+            reply = self.client.register(self.runtime)
+            with self._sequence_lock:
+                self._sequence = max(self._sequence, int(reply.next_sequence))
+            self._c.reregistrations += 1
+            if sync_episode and self._episode:  # the restarted cloud starts at episode 0: bring it to ours
+                self.client.reset(self._episode)
 
     def _batches(self) -> Iterator[EdgeBatch]:
         """The source's batches, cut at the limit; an interrupt while blocked on input ends them."""
@@ -180,6 +204,8 @@ class EdgeNode:
                 log.info("%s", self._progress_line())
 
     def _step(self, batch: EdgeBatch) -> None:
+        if self._uploader is not None:
+            self._uploader.check()  # a fatal upload error ends the run here
         if batch.reset:
             self._reset()
         logits, version = self.runtime.predict_versioned(batch.images)  # version that produced them
@@ -187,16 +213,34 @@ class EdgeNode:
         correct = None
         if batch.labels is not None:
             correct = int((logits.argmax(axis=1) == batch.labels).sum())
-        uploaded = self._upload(batch, sel, version) if self.client is not None else 0
-        self._count(batch, sel, correct, uploaded, version)
-        if uploaded and self.config.sync_timeout_s > 0:
+        queued = self._upload(batch, sel, version) if self._uploader is not None else None
+        self._count(batch, sel, correct, version)
+        if queued is not None and self.config.sync_timeout_s > 0:
+            self._await_ack(queued)
+
+    def _await_ack(self, upload: QueuedUpload) -> None:
+        """Lockstep: wait until the upload is acknowledged (bounded by the longest one upload call
+        may take: the retry policy's total plus one deadline), then for the version its ack named.
+        A wait that runs out counts as a sync timeout; the upload stays buffered."""
+        assert self._uploader is not None and self.client is not None
+        bound = self.client.retry.max_total_s + self.client.timeout
+        t0 = time.monotonic()
+        outcome = self._uploader.wait(upload, bound)
+        if outcome is Outcome.ACKED:
             self._sync()
+        elif outcome is None:
+            c = self._c
+            c.sync_waits += 1
+            c.sync_timeouts += 1
+            c.sync_wait_s += time.monotonic() - t0
+            log.warning("lockstep: upload #%d not acknowledged within %.1f s; going on (it stays buffered)",
+                        upload.sequence, bound)
 
     def _sync(self) -> None:
         """Lockstep (simulation only): wait, bounded, until the version the upload's ack named is in
         force. A cloud started with ``--lockstep`` acks after learning from the upload, so that is
         the version its steps on it produced; nothing to wait for when they produced none."""
-        target = self._c.cloud_version
+        target = self._uploader.cloud_version if self._uploader is not None else None
         if self._subscriber is None or target is None or self.runtime.version >= target:
             return
         t0 = time.monotonic()
@@ -208,19 +252,27 @@ class EdgeNode:
 
     def _reset(self) -> None:
         """Start the next episode: at the cloud, then locally with the version it returned; the
-        selector's thresholds start afresh too (the authors rebuild both filters per corruption)."""
+        selector's thresholds start afresh too (the authors rebuild both filters per corruption).
+        The episode's buffered uploads go first (bounded): a reset never overtakes them."""
         new = self._episode + 1
         self.selector.reset()
         if self.client is not None:
+            if self._uploader is not None and not self._uploader.flush(self.config.flush_timeout_s):
+                self._uploader.check()
+                log.warning("reset to episode %d: uploads of episode %d still buffered after %.1f s; resetting "
+                            "anyway (the cloud acknowledges them as stale)", new, self._episode,
+                            self.config.flush_timeout_s)
             if self._subscriber is not None:
                 self._subscriber.episode = new  # from now on, older-episode updates are stale
-            try:
-                reply = self.client.reset(new)
-            except grpc.RpcError as exc:
-                if not not_registered(exc):
-                    raise
-                self._register_again(sync_episode=False)
-                reply = self.client.reset(new)
+            with self._cloud_lock:
+                try:
+                    reply = self.client.reset(new)
+                except grpc.RpcError as exc:
+                    if not not_registered(exc):
+                        raise
+                    self._register_again(sync_episode=False)
+                    reply = self.client.reset(new)
+                self._episode = new  # with the reset, under the lock: a re-registering sender sees both or neither
             if reply.episode and reply.episode != new:
                 log.warning("cloud answered reset to episode %d with episode %d", new, reply.episode)
             if self.runtime.apply(self._initial_state, int(reply.version)):
@@ -229,40 +281,21 @@ class EdgeNode:
         self._c.resets += 1
         log.debug("episode %d", new)
 
-    def _upload(self, batch: EdgeBatch, sel: Selection, version: int) -> int:
-        """Upload the kept samples under the next sequence number; returns how many were acked."""
-        assert self.client is not None
+    def _upload(self, batch: EdgeBatch, sel: Selection, version: int) -> QueuedUpload | None:
+        """Queue the kept samples under the next sequence number (assigned here, once: a sequence
+        is never reused); returns at once with the queued upload (None: nothing kept)."""
+        assert self._uploader is not None
         idx = np.flatnonzero(sel.mask)
         if idx.size == 0:
-            return 0
-        seq = self._sequence
-        self._sequence += 1  # used once, whatever happens: a failed sequence is never reused
+            return None
+        with self._sequence_lock:
+            seq = self._sequence
+            self._sequence += 1
         labels = None if batch.labels is None else batch.labels[idx]
-        c = self._c
-        try:
-            try:
-                res = self.client.upload(batch.images[idx], sel.entropies[idx], seq, labels=labels,
-                                         edge_version=version, seen=c.seen + len(batch), episode=self._episode)
-            except grpc.RpcError as exc:
-                if not not_registered(exc):
-                    raise
-                self._register_again()  # the cloud restarted: same upload, same sequence, once more
-                res = self.client.upload(batch.images[idx], sel.entropies[idx], seq, labels=labels,
-                                         edge_version=version, seen=c.seen + len(batch), episode=self._episode)
-        except RetriesExhausted as exc:
-            c.upload_failed += int(idx.size)
-            c.upload_errors += 1
-            log.error("upload #%d of %d samples dropped: %s", seq, idx.size, exc)
-            return 0
-        c.uploads += 1
-        c.uploaded += int(idx.size)
-        c.bytes_up += res.request_bytes
-        c.upload_retries += res.attempts - 1
-        c.duplicates += int(res.reply.duplicate)
-        c.cloud_version = int(res.reply.latest_version)
-        return int(idx.size)
+        return self._uploader.put(seq, batch.images[idx], sel.entropies[idx], labels=labels, edge_version=version,
+                                  seen=self._c.seen + len(batch), episode=self._episode, tag=self._c.batches)
 
-    def _count(self, batch: EdgeBatch, sel: Selection, correct: int | None, uploaded: int, version: int) -> None:
+    def _count(self, batch: EdgeBatch, sel: Selection, correct: int | None, version: int) -> None:
         c, n = self._c, len(batch)
         c.seen += n
         c.batches += 1
@@ -275,25 +308,31 @@ class EdgeNode:
         if correct is not None:
             c.labelled += n
             c.correct += correct
-        for table, key in ((c.per_corruption, batch.corruption), (c.per_shift, f"{batch.corruption}@{batch.severity}")):
-            table[key] = table[key].plus(n, sel.kept, uploaded, correct)
-        row = {"seen": c.seen, "n": n, "kept": sel.kept, "uploaded": uploaded, "correct": correct,
+        shift = f"{batch.corruption}@{batch.severity}"
+        for table, key in ((c.per_corruption, batch.corruption), (c.per_shift, shift)):
+            table[key] = table[key].plus(n, sel.kept, 0, correct)
+        c.shift_of_batch.append((batch.corruption, shift))
+        row = {"seen": c.seen, "n": n, "kept": sel.kept, "correct": correct,
                "e_max": sel.e_max, "mean_entropy": _finite(sel.mean_entropy), "version": version,
                "episode": self._episode, "corruption": batch.corruption,
                "time_s": round(time.monotonic() - self._start, 4)}
-        for k in TIMELINE_KEYS:
-            c.timeline[k].append(row[k])
+        for k, column in c.timeline.items():
+            column.append(row[k])
 
     # ---------------------------------------------------------------- reporting
 
     def _sub_stats(self) -> SubscriberStats:
         return SubscriberStats() if self._subscriber is None else self._subscriber.stats()
 
+    def _up_stats(self) -> UploaderStats:
+        return UploaderStats() if self._uploader is None else self._uploader.stats()
+
     def _report_metrics(self, final: bool = False) -> None:
         """Best-effort ReportMetrics: failures are counted, never fatal."""
         assert self.client is not None
         s = self.summary(timeline=False)
         keys = ("seen", "kept", "uploaded", "upload_rate", "kept_rate", "bytes_up", "bytes_down",
+                "upload_failed", "upload_dropped", "upload_pending", "upload_unsent", "upload_outages",
                 "versions_applied", "accuracy", "e_max_final", "mean_entropy", "final_version", "episode")
         values = {k: float(v) for k in keys
                   if isinstance(v := getattr(s, k), (int, float)) and math.isfinite(v)}
@@ -306,19 +345,34 @@ class EdgeNode:
             log.warning("report_metrics failed: %s", exc.code() if hasattr(exc, "code") else exc)
 
     def _progress_line(self) -> str:
-        c = self._c
+        c, u = self._c, self._up_stats()
         acc = f"{100 * c.correct / c.labelled:.1f}%" if c.labelled else "n/a"
         e_max = f"{c.e_max:.3f}" if c.e_max is not None else "-"
         rate = 100 * c.kept / c.seen if c.seen else 0.0
-        return (f"seen {c.seen}, acc {acc}, kept {c.kept} ({rate:.1f}%), uploaded {c.uploaded}, "
-                f"version {self.runtime.version}, episode {self._episode}, E_max {e_max}")
+        lost = "".join(f", {name} {n}" for name, n in (("failed", u.upload_failed), ("dropped", u.upload_dropped),
+                                                       ("unsent", u.upload_unsent)) if n)
+        return (f"seen {c.seen}, acc {acc}, kept {c.kept} ({rate:.1f}%), uploaded {u.uploaded}, "
+                f"buffered {u.upload_pending}{lost}, version {self.runtime.version}, episode {self._episode}, "
+                f"E_max {e_max}")
 
     def summary(self, timeline: bool = True) -> EdgeSummary:
         """The counters so far as an :class:`EdgeSummary` (raises if they are inconsistent)."""
-        c = self._c
+        c, u = self._c, self._up_stats()
         wall = self._wall or (time.monotonic() - self._start)
         sel_cfg = self.selector.config
         rt = self.runtime
+        per_corruption, per_shift = dict(c.per_corruption), dict(c.per_shift)
+        acked_corruption: dict[str, int] = defaultdict(int)
+        acked_shift: dict[str, int] = defaultdict(int)
+        for batch, n in u.acked_by_tag.items():  # acks attributed back to the batch they came from
+            corruption, shift = c.shift_of_batch[batch]
+            acked_corruption[corruption] += n
+            acked_shift[shift] += n
+        for table, acked in ((per_corruption, acked_corruption), (per_shift, acked_shift)):
+            for key, n in acked.items():
+                table[key] = replace(table[key], uploaded=n)
+        columns = {k: tuple(v) for k, v in c.timeline.items()}
+        columns["uploaded"] = tuple(u.acked_by_tag.get(j, 0) for j in range(c.batches))
         return EdgeSummary(
             edge_id=self.edge_id, server=self.client.address if self.client is not None else None,
             method=sel_cfg.method, selection=sel_cfg,
@@ -326,18 +380,20 @@ class EdgeNode:
                            input_shape=tuple(rt.input_shape)),
             seen=c.seen, batches=c.batches, kept=c.kept,
             excluded=Excluded(c.unreliable, c.low_informative, c.redundant, c.skipped),
-            uploaded=c.uploaded, upload_failed=c.upload_failed, uploads=c.uploads, upload_errors=c.upload_errors,
-            upload_retries=c.upload_retries, reregistrations=c.reregistrations, duplicates=c.duplicates,
-            bytes_up=c.bytes_up,
+            uploaded=u.uploaded, upload_failed=u.upload_failed, upload_dropped=u.upload_dropped,
+            uploads_dropped=u.uploads_dropped, upload_unsent=u.upload_unsent, upload_pending=u.upload_pending,
+            upload_outages=u.upload_outages, uploads=u.uploads, upload_errors=u.upload_errors,
+            upload_retries=u.upload_retries, reregistrations=c.reregistrations, duplicates=u.duplicates,
+            bytes_up=u.bytes_up,
             updates=self._sub_stats(), reset_versions_applied=c.reset_versions_applied,
-            initial_version=self._initial_version, final_version=rt.version, cloud_version=c.cloud_version,
+            initial_version=self._initial_version, final_version=rt.version, cloud_version=u.cloud_version,
             resets=c.resets, episode=self._episode, labelled=c.labelled, correct=c.correct,
-            per_corruption=dict(c.per_corruption), per_shift=dict(c.per_shift),
+            per_corruption=per_corruption, per_shift=per_shift,
             mean_entropy=_finite(self.selector.mean_entropy), e_max_final=c.e_max,
             metrics_reports=c.metrics_reports, metrics_errors=c.metrics_errors, sync_waits=c.sync_waits,
             sync_timeouts=c.sync_timeouts, sync_wait_s=c.sync_wait_s, wall_s=wall,
             stopped_early=self._stopped_early,
-            timeline=Timeline(**{k: tuple(v) for k, v in c.timeline.items()}) if timeline else Timeline(),
+            timeline=Timeline(**columns) if timeline else Timeline(),
         )
 
 

@@ -5,18 +5,34 @@ with ``.get(k) or 0`` turned a renamed key into a silent zero. The invariants ar
 here, whenever a summary is built or loaded:
 
 - every sample is counted once: ``seen == kept + sum(excluded)``, and per corruption / shift
-  ``kept <= seen``, ``uploaded <= kept``, ``correct <= labelled <= seen``, their ``seen`` summing
-  to the total;
-- with a cloud every kept sample was acknowledged or counted as failed
-  (``uploaded + upload_failed == kept``); without one nothing was uploaded;
+  ``kept <= seen``, ``uploaded <= kept``, ``correct <= labelled <= seen``, their ``seen`` and
+  ``uploaded`` summing to the totals;
+- with a cloud every kept sample is in exactly one upload state: ``uploaded + upload_failed +
+  upload_dropped + upload_unsent + upload_pending == kept``; at the end of a run nothing is
+  pending (what the end flush did not deliver is ``upload_unsent``), so there ``uploaded +
+  upload_failed + upload_dropped + upload_unsent == kept``; without a cloud nothing was uploaded;
 - the timeline has one entry per batch in every column.
 
-Counters: ``uploaded`` (samples acknowledged, each sequence counted once), ``upload_failed``
-(samples whose upload outlasted the retry policy), ``uploads`` / ``upload_errors`` (requests),
-``bytes_up`` (serialized UploadRequest sizes, once per acknowledged request), ``bytes_down``
-(ParameterUpdate sizes received), ``versions_applied`` (subscriber + reset states put in force),
+Counters (samples unless named as requests; the rules are :mod:`edge.uploader`'s): ``uploaded``
+(acknowledged, each sequence counted once), ``upload_failed`` (refused by the cloud: not
+retryable), ``upload_dropped`` / ``uploads_dropped`` (samples / requests dropped, oldest first, by
+the buffer's bound ``max_buffered_samples`` while the cloud was unreachable), ``upload_unsent``
+(still buffered when the run ended: the end flush timed out or the run failed; never
+acknowledged, though the one in flight may have reached the cloud), ``upload_pending`` (queued or
+being sent when the summary was built; 0 in a finished run's summary), ``upload_outages`` (times
+the cloud became unreachable for the sender), ``uploads`` / ``upload_errors`` (requests
+acknowledged / refused), ``upload_retries`` (attempts that failed transiently), ``bytes_up``
+(serialized UploadRequest sizes, once per acknowledged request), ``bytes_down`` (ParameterUpdate
+sizes received), ``versions_applied`` (subscriber + reset states put in force),
 ``update_latency_s`` (cloud step done → applied here). Accuracy is online: each batch is scored
 with the parameters in force before any adaptation on it.
+
+``uploaded`` per corruption / shift and in the timeline means *acknowledged samples attributed
+back to the batch they were selected from*: uploads are sent in the background, so an ack may
+arrive batches later (or, after an outage, much later); it is counted in the row of the batch
+whose samples it carried, not in the row where it arrived. So these columns sum to ``uploaded``
+and, in a finished run, say how much of each shift reached the cloud; a timeline row's
+``uploaded`` is final only once the run has ended (lockstep runs ack each batch before the next).
 """
 
 from __future__ import annotations
@@ -144,6 +160,11 @@ class EdgeSummary(Record):
     excluded: Excluded = field(default_factory=Excluded)
     uploaded: int = 0
     upload_failed: int = 0
+    upload_dropped: int = 0
+    uploads_dropped: int = 0
+    upload_unsent: int = 0
+    upload_pending: int = 0
+    upload_outages: int = 0
     uploads: int = 0
     upload_errors: int = 0
     upload_retries: int = 0
@@ -176,15 +197,20 @@ class EdgeSummary(Record):
     def __post_init__(self) -> None:
         if self.kept + self.excluded.total != self.seen:
             raise ValueError(f"counts: kept {self.kept} + excluded {self.excluded.total} != seen {self.seen}")
-        if self.server is not None and self.uploaded + self.upload_failed != self.kept:
-            raise ValueError(f"counts: uploaded {self.uploaded} + failed {self.upload_failed} != kept {self.kept}")
-        if self.server is None and self.uploaded:
+        lost = self.upload_dropped + self.upload_unsent + self.upload_pending
+        if self.server is not None and self.uploaded + self.upload_failed + lost != self.kept:
+            raise ValueError(f"counts: uploaded {self.uploaded} + failed {self.upload_failed} != kept {self.kept} - "
+                             f"(dropped {self.upload_dropped} + unsent {self.upload_unsent} + pending "
+                             f"{self.upload_pending})")
+        if self.server is None and (self.uploaded or self.upload_failed or lost):
             raise ValueError("counts: uploads without a cloud")
         if not 0 <= self.correct <= self.labelled <= self.seen:
             raise ValueError(f"counts: correct {self.correct}, labelled {self.labelled}, seen {self.seen}")
         for name, table in (("per_corruption", self.per_corruption), ("per_shift", self.per_shift)):
             if table and sum(s.seen for s in table.values()) != self.seen:
                 raise ValueError(f"counts: {name} seen does not sum to {self.seen}")
+            if table and sum(s.uploaded for s in table.values()) != self.uploaded:
+                raise ValueError(f"counts: {name} uploaded does not sum to {self.uploaded}")
         if len(self.timeline) not in (0, self.batches):
             raise ValueError(f"timeline has {len(self.timeline)} entries for {self.batches} batches")
 

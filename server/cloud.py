@@ -17,7 +17,9 @@ normalization-state updates and report metrics (``protos/fedshift/v1/edge.proto`
   upload rates, and each edge's reported metrics under ``edge/<id>/…``.
 
 Versions are per learner, start at 0 (the state the edges' ONNX files carry) and grow by one per
-publication; they restart at 0 when the cloud restarts.
+publication. Without ``checkpoint_dir`` they restart at 0 with the cloud; with it every
+acknowledged state change is journalled first and a restarted cloud resumes where the killed one
+stood, versions above any it published (:mod:`server.checkpoint`).
 """
 
 from __future__ import annotations
@@ -32,11 +34,12 @@ from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Callable, Mapping
 
 import grpc
 import numpy as np
 import torch
+from google.protobuf.message import DecodeError
 from torch import nn
 
 from core.cema import CemaLearner
@@ -47,9 +50,11 @@ from protos.codec import GRPC_OPTIONS, MAX_MESSAGE_BYTES, RETRY_AFTER_KEY, decod
 from protos.fedshift.v1 import edge_pb2 as pb
 from protos.fedshift.v1 import edge_pb2_grpc as pb_grpc
 from server.auth import Authenticator, AuthError, peer_common_name
+from server.checkpoint import (VERSION_BLOCK, Journal, Kind, journal_generations, read_journal, read_snapshot,
+                               remove_journals_before, write_snapshot)
 from server.config import CloudConfig
 from server.stats import CloudStats, EdgeStats, LearnerStats
-from server.wire import RateLimitedLog, add_edge_service
+from server.wire import AsyncServer, Call, RateLimitedLog, add_edge_service
 
 __all__ = ["CloudConfig", "CloudServer", "CloudService"]
 
@@ -87,22 +92,66 @@ class _Sequences:
         """The number after the highest accepted one (where a restarted edge resumes)."""
         return self._max + 1
 
+    def state(self) -> dict[str, Any]:
+        return {"low": self._low, "above": sorted(self._above), "max": self._max}
+
+    @classmethod
+    def from_state(cls, state: Mapping[str, Any]) -> "_Sequences":
+        seqs = cls()
+        seqs._low, seqs._above, seqs._max = int(state["low"]), {int(v) for v in state["above"]}, int(state["max"])
+        return seqs
+
 
 class _Slot:
     """One learner and what it published. ``lock`` serialises learner access (worker steps, Reset);
-    ``cond`` guards the published fields and wakes the Subscribe streams."""
+    ``cond`` guards the published fields and the watchers, which wake the Subscribe streams."""
 
-    def __init__(self, name: str, learner: CemaLearner) -> None:
+    def __init__(self, name: str, learner: CemaLearner, template_sha256: str = "") -> None:
         self.name = name
         self.learner = learner
+        self.template_sha256 = template_sha256  # the edge model file its student started from ("": the cloud's)
         self.lock = threading.Lock()
         self.cond = threading.Condition()
+        self.watchers: set[Callable[[], None]] = set()  # Subscribe streams waiting for a newer version
         self.version = 0
         self.tensors: list[pb.Tensor] = encode_state(learner.norm_state())
         self.created_unix = time.time()
         self.steps = 0  # student steps over the slot's life (not reset by Reset)
         self.episode = 0
         self.errors = 0
+        self.learned_samples = 0  # samples handed to the learner over the slot's life
+        self.ceiling = 0  # with a journal: versions up to this one are reserved (server.checkpoint)
+
+    def state(self, final: bool = False) -> dict[str, Any]:
+        """Everything to rebuild this slot (caller holds ``lock``); ``final``: nothing will be
+        published after it (shutdown), so the version itself is the ceiling."""
+        with self.cond:
+            version = self.version
+        return {"version": version, "ceiling": version if final else max(self.ceiling, version), "steps": self.steps,
+                "episode": self.episode, "errors": self.errors, "learned_samples": self.learned_samples,
+                "template_sha256": self.template_sha256, "learner": self.learner.state_dict()}
+
+    def load(self, state: Mapping[str, Any]) -> None:
+        self.learner.load_state_dict(state["learner"])
+        self.version, self.ceiling = int(state["version"]), int(state["ceiling"])
+        self.steps, self.episode, self.errors = int(state["steps"]), int(state["episode"]), int(state["errors"])
+        self.learned_samples = int(state["learned_samples"])
+        self.tensors = encode_state(self.learner.norm_state())
+
+    def watch(self, wake: Callable[[], None]) -> None:
+        with self.cond:
+            self.watchers.add(wake)
+
+    def unwatch(self, wake: Callable[[], None]) -> None:
+        with self.cond:
+            self.watchers.discard(wake)
+
+    def wake_watchers(self) -> None:
+        """Tell every subscription a newer version (or the end) may be there (any thread)."""
+        with self.cond:
+            watchers = list(self.watchers)
+        for wake in watchers:
+            wake()
 
     def update(self) -> pb.ParameterUpdate:
         """The newest publication as a message (caller holds ``cond``)."""
@@ -127,6 +176,20 @@ class _Edge:
     seen: int = 0
     metrics: dict[str, float] = field(default_factory=dict)
 
+    _COUNTERS = ("episode", "uploads", "samples", "duplicates", "stale_samples", "seen")
+
+    def state(self) -> dict[str, Any]:
+        return {"edge_id": self.edge_id, "model_id": self.model_id, "model_sha256": self.model_sha256,
+                "slot": self.slot.name, "sequences": self.sequences.state(), "metrics": dict(self.metrics),
+                **{k: getattr(self, k) for k in self._COUNTERS}}
+
+    @classmethod
+    def from_state(cls, state: Mapping[str, Any], slot: _Slot) -> "_Edge":
+        return cls(state["edge_id"], state["model_id"], state["model_sha256"], slot,
+                   sequences=_Sequences.from_state(state["sequences"]),
+                   metrics={k: float(v) for k, v in state["metrics"].items()},
+                   **{k: int(state[k]) for k in cls._COUNTERS})
+
 
 @dataclass
 class _Item:
@@ -138,6 +201,10 @@ class _Item:
     images: torch.Tensor  # float NCHW, preprocessed
     labels: np.ndarray  # (N,) or (0,)
     done: threading.Event = field(default_factory=threading.Event)  # set when its learner went idle
+
+    def state(self) -> dict[str, Any]:
+        return {"slot": self.slot.name, "edge_id": self.edge_id, "episode": self.episode,
+                "images": self.images.detach().cpu().clone(), "labels": torch.from_numpy(np.asarray(self.labels))}
 
 
 def _num_classes(model: nn.Module, image_shape: tuple[int, int, int]) -> int:
@@ -196,13 +263,26 @@ class CloudService(pb_grpc.EdgeServiceServicer):
         self._rate = {"t": time.monotonic(), "versions": 0, "uploads": 0, "samples": 0}
         self._totals = {"uploads": 0, "samples": 0}
         self._started = time.time()
+        # durability (server.checkpoint): every acknowledged state change is journalled under
+        # _journal_lock, which a snapshot holds too; lock order: _journal_lock -> slot.lock -> _lock/_work
+        self._journal_lock = threading.Lock()
+        self._journal: Journal | None = None
+        self._snapshot_lock = threading.Lock()  # one snapshot at a time
+        self._changes = 0  # state changes (journal records, publications) since the last snapshot
+        self._checkpoints = 0
+        self._restored_records = 0
+        self._periodic: threading.Thread | None = None
+        self._periodic_stop = threading.Event()
 
     # ---------------------------------------------------------------- lifecycle
 
     def start(self) -> None:
-        """Open the TensorBoard writer and start the worker thread."""
+        """Restore from the checkpoint folder (if any), open the TensorBoard writer and start the
+        worker thread (and the periodic snapshots)."""
         if self._worker is not None:
             return
+        if self.config.checkpoint_dir:
+            self._restore(Path(self.config.checkpoint_dir))
         if self.config.out_dir:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -213,6 +293,9 @@ class CloudService(pb_grpc.EdgeServiceServicer):
             self._writer = SummaryWriter(log_dir=str(log_dir))
         self._worker = threading.Thread(target=self._run, name="cloud-learner", daemon=True)
         self._worker.start()
+        if self._journal is not None and self.config.checkpoint_every_s > 0:
+            self._periodic = threading.Thread(target=self._checkpoint_loop, name="cloud-checkpoint", daemon=True)
+            self._periodic.start()
 
     def begin_stop(self) -> None:
         """Refuse new work and end every Subscribe stream cleanly (before the server stops)."""
@@ -220,15 +303,25 @@ class CloudService(pb_grpc.EdgeServiceServicer):
             self._stopping = True
             self._work.notify_all()
         for slot in self._slots():
-            with slot.cond:
-                slot.cond.notify_all()
+            slot.wake_watchers()
 
     def close(self) -> None:
-        """Join the worker, write the final stats and close the writer (after the server stopped)."""
+        """Join the worker, take the last snapshot, write the final stats and close the writer
+        (after the server stopped)."""
         self.begin_stop()
+        self._periodic_stop.set()
+        if self._periodic is not None:
+            self._periodic.join()
+            self._periodic = None
         if self._worker is not None:
             self._worker.join()
             self._worker = None
+        if self._journal is not None:
+            try:
+                self.checkpoint(final=True)
+            finally:
+                self._journal.close()
+                self._journal = None
         if self.config.out_dir:
             path = Path(self.config.out_dir) / "cloud" / "stats.json"
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -259,10 +352,16 @@ class CloudService(pb_grpc.EdgeServiceServicer):
                                           stale_samples=e.stale_samples, seen=e.seen, episode=e.episode,
                                           learner=e.slot.name, metrics=dict(e.metrics))
                      for e in self._edges.values()}
+        pending: dict[str, int] = {}
+        with self._work:
+            for item in self._pending:
+                pending[item.slot.name] = pending.get(item.slot.name, 0) + len(item.images)
         learners = {s.name: LearnerStats(version=s.version, steps=s.steps, episode=s.episode, errors=s.errors,
-                                         queue=s.learner.queue_size, replay=len(s.learner.replay))
+                                         queue=s.learner.queue_size, replay=len(s.learner.replay),
+                                         learned_samples=s.learned_samples, pending_samples=pending.get(s.name, 0))
                     for s in self._slots()}
-        return CloudStats(edges=edges, learners=learners, uptime_s=round(time.time() - self._started, 2), **totals)
+        return CloudStats(edges=edges, learners=learners, uptime_s=round(time.time() - self._started, 2),
+                          checkpoints=self._checkpoints, restored_records=self._restored_records, **totals)
 
     def learner(self, edge_id: str) -> CemaLearner:
         """The learner serving ``edge_id`` (for tests and offline inspection; call when idle)."""
@@ -273,7 +372,7 @@ class CloudService(pb_grpc.EdgeServiceServicer):
 
     # ---------------------------------------------------------------- RPCs
 
-    def Register(self, request: pb.RegisterRequest, context: grpc.ServicerContext) -> pb.RegisterReply:
+    def Register(self, request: pb.RegisterRequest, context: Call) -> pb.RegisterReply:
         self._authorize(request.edge_id, request.auth_token, context)
         if not request.edge_id:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "edge_id must not be empty")
@@ -289,33 +388,46 @@ class CloudService(pb_grpc.EdgeServiceServicer):
             log.warning("edge %s runs a model file (sha256 %s…) other than the cloud's edge model (%s…): its uploads "
                         "are preprocessed with the cloud's file's metadata", request.edge_id,
                         request.model_sha256[:12], self.edge_model_sha256[:12])
-        with self._lock:
-            edge = self._edges.get(request.edge_id)
-        if edge is None:
+        with self._journal_lock:
+            edge = self._register_edge(request.edge_id, request.model_id, request.model_sha256, context)
             with self._lock:
-                full = len(self._edges) >= self.config.max_edges
-            if full:
-                context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                              f"the cloud serves at most {self.config.max_edges} edges (max_edges)")
-            slot = self._shared or self._new_slot(request.edge_id, self._edge_states.get(request.model_sha256))
-            with self._lock:
-                edge = self._edges.setdefault(request.edge_id, _Edge(request.edge_id, request.model_id,
-                                                                      request.model_sha256, slot))
-            log.info("edge %s registered (model %s, sha256 %s…, learner %s)", request.edge_id,
-                     request.model_id or "?", request.model_sha256[:12], edge.slot.name)
-        else:
-            if request.model_sha256 and edge.model_sha256 and request.model_sha256 != edge.model_sha256:
-                log.warning("edge %s re-registered with another model file (sha256 %s… → %s…)",
-                            request.edge_id, edge.model_sha256[:12], request.model_sha256[:12])
-            with self._lock:
-                edge.model_id, edge.model_sha256 = request.model_id, request.model_sha256
-            log.info("edge %s re-registered", request.edge_id)
-        with self._lock:
-            next_seq = edge.sequences.next
+                next_seq = edge.sequences.next
         return pb.RegisterReply(version=edge.slot.version, next_sequence=next_seq,
                                 max_message_bytes=MAX_MESSAGE_BYTES)
 
-    def Upload(self, request: pb.UploadRequest, context: grpc.ServicerContext) -> pb.UploadReply:
+    def _register_edge(self, edge_id: str, model_id: str, model_sha256: str,
+                       context: Call | None = None) -> _Edge:
+        """Add an edge (with its learner) or record its new model file; journalled (caller holds
+        ``_journal_lock``; ``context`` None: replaying the journal)."""
+        with self._lock:
+            edge = self._edges.get(edge_id)
+            full = edge is None and len(self._edges) >= self.config.max_edges
+        if full:
+            message = f"the cloud serves at most {self.config.max_edges} edges (max_edges)"
+            if context is None:
+                raise ValueError(message)
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, message)
+        changed = edge is None or (edge.model_id, edge.model_sha256) != (model_id, model_sha256)
+        if changed:
+            self._journal_json(Kind.REGISTER, {"edge_id": edge_id, "model_id": model_id, "model_sha256": model_sha256})
+        if edge is None:
+            slot = self._shared or self._new_slot(edge_id, model_sha256)
+            edge = _Edge(edge_id, model_id, model_sha256, slot)
+            with self._lock:
+                self._edges[edge_id] = edge
+            log.info("edge %s registered (model %s, sha256 %s…, learner %s)", edge_id, model_id or "?",
+                     model_sha256[:12], edge.slot.name)
+            return edge
+        if model_sha256 and edge.model_sha256 and model_sha256 != edge.model_sha256:
+            log.warning("edge %s re-registered with another model file (sha256 %s… → %s…)",
+                        edge_id, edge.model_sha256[:12], model_sha256[:12])
+        with self._lock:
+            edge.model_id, edge.model_sha256 = model_id, model_sha256
+        if context is not None:
+            log.info("edge %s re-registered", edge_id)
+        return edge
+
+    def Upload(self, request: pb.UploadRequest, context: Call) -> pb.UploadReply:
         self._authorize(request.edge_id, request.auth_token, context)
         edge = self._edge(request.edge_id, context)
         seq = int(request.sequence)
@@ -340,63 +452,80 @@ class CloudService(pb_grpc.EdgeServiceServicer):
             context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
                           f"upload {seq}: {backlog} samples already wait for the learners (limit "
                           f"{self.config.max_backlog}); retry later")
-        with self._lock:
-            if seq in edge.sequences:  # a concurrent retry of the same upload won the race
-                edge.duplicates += 1
-                return pb.UploadReply(sequence=seq, duplicate=True, accepted=0, latest_version=edge.slot.version)
-            current = edge.episode
-            if request.episode <= current:
-                edge.sequences.add(seq)
-                edge.seen = max(edge.seen, int(request.seen))
-                if request.episode < current:
-                    edge.stale_samples += n
-                else:
-                    edge.uploads += 1
-                    edge.samples += n
-                    self._totals["uploads"] += 1
-                    self._totals["samples"] += n
-        if request.episode > current:
+        tensor = to_tensor(images, self.preprocess)
+        with self._journal_lock:
+            outcome, current = self._admit(edge, request)
+            if outcome in ("stale", "accepted"):
+                self._journal_upload(request)
+            item = self._accept(edge, request, outcome, tensor, labels)
+        if outcome == "duplicate":  # a concurrent retry of the same upload won the race
+            return pb.UploadReply(sequence=seq, duplicate=True, accepted=0, latest_version=edge.slot.version)
+        if outcome == "future":
             context.abort(grpc.StatusCode.FAILED_PRECONDITION,
                           f"upload {seq} is for episode {request.episode} but this edge is in episode {current}; "
                           "call Reset first")
-        if request.episode < current:  # recorded (so a retry is a duplicate), acknowledged, not learned from
+        if outcome == "stale":  # recorded (so a retry is a duplicate), acknowledged, not learned from
             log.info("edge %s upload %d belongs to past episode %d (now %d): acknowledged, not queued",
                      request.edge_id, seq, request.episode, current)
             return pb.UploadReply(sequence=seq, duplicate=False, accepted=0, latest_version=edge.slot.version)
-        item = _Item(edge.slot, request.edge_id, int(request.episode), to_tensor(images, self.preprocess), labels)
-        with self._work:
-            self._pending.append(item)
-            self._work.notify_all()
+        assert item is not None
         if self.config.lockstep and not item.done.wait(self.config.lockstep_timeout_s):
             log.warning("edge %s upload %d: not processed within %.0f s (lockstep)", request.edge_id, seq,
                         self.config.lockstep_timeout_s)
         return pb.UploadReply(sequence=seq, duplicate=False, accepted=n, latest_version=edge.slot.version)
 
+    def _admit(self, edge: _Edge, request: pb.UploadRequest) -> tuple[str, int]:
+        """What a valid upload is: ``duplicate``, ``future`` (an episode the edge has not started),
+        ``stale`` (a past episode) or ``accepted``; and the edge's current episode."""
+        with self._lock:
+            current = edge.episode
+            if int(request.sequence) in edge.sequences:
+                return "duplicate", current
+        if request.episode > current:
+            return "future", current
+        return ("stale" if request.episode < current else "accepted"), current
+
+    def _accept(self, edge: _Edge, request: pb.UploadRequest, outcome: str, images: torch.Tensor,
+                labels: np.ndarray) -> _Item | None:
+        """Count an admitted upload and queue it for the learner (caller holds ``_journal_lock``,
+        the upload journalled); returns the queued item."""
+        n = len(images)
+        with self._lock:
+            if outcome == "duplicate":
+                edge.duplicates += 1
+            if outcome not in ("stale", "accepted"):
+                return None
+            edge.sequences.add(int(request.sequence))
+            edge.seen = max(edge.seen, int(request.seen))
+            if outcome == "stale":
+                edge.stale_samples += n
+                return None
+            edge.uploads += 1
+            edge.samples += n
+            self._totals["uploads"] += 1
+            self._totals["samples"] += n
+        item = _Item(edge.slot, edge.edge_id, int(request.episode), images, labels)
+        with self._work:
+            self._pending.append(item)
+            self._work.notify_all()
+        return item
+
     def _backlog(self) -> int:
         """Samples queued but not yet learned from (caller holds ``_work``, not ``_lock``)."""
         return sum(len(i.images) for i in self._pending) + sum(s.learner.queue_size for s in self._slots())
 
-    def Subscribe(self, request: pb.SubscribeRequest, context: grpc.ServicerContext) -> Iterator[pb.ParameterUpdate]:
+    def Subscribe(self, request: pb.SubscribeRequest, context: Call) -> "_Subscription":
+        """A stream of the newest versions after ``after_version`` (the transport polls it; it costs
+        no thread while it waits)."""
         self._authorize(request.edge_id, request.auth_token, context)
-        slot = self._edge(request.edge_id, context).slot
+        return _Subscription(self, self._edge(request.edge_id, context).slot, int(request.after_version))
 
-        def wake() -> None:
-            with slot.cond:
-                slot.cond.notify_all()
+    @property
+    def stopping(self) -> bool:
+        with self._work:
+            return self._stopping
 
-        context.add_callback(wake)  # a cancelled stream stops waiting at once
-        last = int(request.after_version)
-        while True:
-            with slot.cond:
-                while slot.version <= last and not self._stopping and context.is_active():
-                    slot.cond.wait(timeout=1.0)
-                if self._stopping or not context.is_active():
-                    return
-                update = slot.update()  # the newest only: an edge that is behind skips the rest
-            last = update.version
-            yield update
-
-    def ReportMetrics(self, request: pb.MetricsReport, context: grpc.ServicerContext) -> pb.MetricsAck:
+    def ReportMetrics(self, request: pb.MetricsReport, context: Call) -> pb.MetricsAck:
         self._authorize(request.edge_id, request.auth_token, context)
         edge = self._edge(request.edge_id, context)
         values = dict(request.values)
@@ -408,39 +537,192 @@ class CloudService(pb_grpc.EdgeServiceServicer):
             self._scalar(f"edge/{request.edge_id}/{key}", value, int(request.step))
         return pb.MetricsAck()
 
-    def Reset(self, request: pb.ResetRequest, context: grpc.ServicerContext) -> pb.ResetReply:
+    def Reset(self, request: pb.ResetRequest, context: Call) -> pb.ResetReply:
         self._authorize(request.edge_id, request.auth_token, context)
         edge = self._edge(request.edge_id, context)
         episode = int(request.episode)
-        with self._lock:
-            current = edge.episode
+        version = edge.slot.version  # equal episodes: a retried Reset (its reply was lost), nothing to redo
+        with self._journal_lock:
+            with self._lock:
+                current = edge.episode
             if episode > current:
-                edge.episode = episode
+                self._journal_json(Kind.RESET, {"edge_id": edge.edge_id, "episode": episode})
+                version = self._start_episode(edge, episode)
         if episode < current:
             context.abort(grpc.StatusCode.FAILED_PRECONDITION,
                           f"episode {episode} is older than this edge's current episode {current}")
+        return pb.ResetReply(version=version, episode=episode)
+
+    def _start_episode(self, edge: _Edge, episode: int) -> int:
+        """Move an edge to a newer episode; the first edge entering it resets the learner and
+        publishes its initial state (caller holds ``_journal_lock``, the change journalled)."""
+        with self._lock:
+            edge.episode = episode
         slot = edge.slot
-        if episode == current:  # a retried Reset (its reply was lost): nothing to redo
-            return pb.ResetReply(version=slot.version, episode=episode)
         with slot.lock:  # waits for a running step
-            if episode > slot.episode:  # shared: the first edge entering an episode resets the learner
+            if episode > slot.episode:
                 slot.learner.reset()
                 slot.episode = episode
                 self._publish(slot)
                 log.info("learner %s reset for episode %d (version %d)", slot.name, episode, slot.version)
-            version = slot.version
-        return pb.ResetReply(version=version, episode=episode)
+            return slot.version
+
+    # ---------------------------------------------------------------- durability (server.checkpoint)
+
+    def checkpoint(self, final: bool = False) -> Path | None:
+        """Write a snapshot of the whole service state and drop the journal it covers; ``None``
+        without ``checkpoint_dir``. Safe at any time; RPCs wait for at most one learner step.
+        ``final`` (shutdown, after the worker stopped): a restart resumes at the next version."""
+        if self._journal is None:
+            return None
+        directory = Path(self.config.checkpoint_dir)
+        with self._snapshot_lock:
+            t0 = time.perf_counter()
+            with self._journal_lock:
+                state = self._capture(final)
+                with self._lock:
+                    self._changes = 0
+                generation = self._journal.rotate()
+            state["journal_generation"] = generation
+            path = write_snapshot(directory, state)
+            remove_journals_before(directory, generation)
+            self._checkpoints += 1
+        log.info("checkpoint %d: %d edges, %d learners, %.0f ms (%s)", self._checkpoints, len(state["edges"]),
+                 len(state["slots"]), 1000 * (time.perf_counter() - t0), path)
+        return path
+
+    def _fingerprint(self) -> dict[str, Any]:
+        """What a checkpoint must agree on with the cloud restoring it."""
+        cema = self.config.cema
+        return {"norm_names": list(self.norm_names), "num_classes": self.num_classes, "shared": self.config.shared,
+                "image_shape": list(self.config.image_shape), "method": cema.method, "edge_norm": cema.edge_norm,
+                "teacher": self._teacher is not None}
+
+    def _capture(self, final: bool = False) -> dict[str, Any]:
+        """The service state as plain values and tensors (caller holds ``_journal_lock``)."""
+        with self._lock:
+            edges = [e.state() for e in self._edges.values()]
+            totals, versions = dict(self._totals), self._versions
+        slots = {}
+        for slot in self._slots():
+            with slot.lock:  # waits for a running step
+                slots[slot.name] = slot.state(final)
+        with self._work:
+            pending = [item.state() for item in self._pending]
+        return {"fingerprint": self._fingerprint(), "edges": edges, "slots": slots, "pending": pending,
+                "totals": totals, "versions": versions}
+
+    def _restore(self, directory: Path) -> None:
+        """Load the snapshot, replay the journal after it, resume every learner's versions above the
+        last reserved ceiling, then open a new journal generation and take a fresh snapshot."""
+        snapshot = read_snapshot(directory)
+        generations = journal_generations(directory)
+        first = int(snapshot["journal_generation"]) if snapshot is not None else (generations[0] if generations else 0)
+        ceilings: dict[str, int] = {}
+        if snapshot is not None:
+            self._load(snapshot, directory)
+        for kind, payload in read_journal(directory, first):
+            try:
+                self._replay(kind, payload, ceilings)
+            except (ValueError, KeyError, DecodeError) as exc:
+                log.error("checkpoint %s: journal record (%s) not replayed: %s", directory, kind.name, exc)
+                continue
+            self._restored_records += 1
+        with self._work:  # the replayed uploads go to their learners now (the worker starts after)
+            items = list(self._pending)
+            self._pending.clear()
+        self._feed(items)
+        self._journal = Journal(directory, max([first - 1, *generations]) + 1, fsync=self.config.journal_fsync)
+        for slot in self._slots():
+            with slot.lock:
+                slot.version = max(slot.version, slot.ceiling, ceilings.get(slot.name, 0))
+                slot.ceiling = slot.version
+                if snapshot is not None or self._restored_records:
+                    self._publish(slot)  # above every version published before the restart
+        if snapshot is not None or self._restored_records:
+            with self._lock:
+                samples = self._totals["samples"]
+            log.info("restored from %s: %d edges, %d accepted samples, %d journal records replayed", directory,
+                     len(self._edges), samples, self._restored_records)
+            self.checkpoint()
+        else:
+            log.info("checkpoints go to %s (nothing to restore)", directory)
+
+    def _load(self, snapshot: Mapping[str, Any], directory: Path) -> None:
+        if (theirs := snapshot["fingerprint"]) != (ours := self._fingerprint()):
+            differ = sorted(k for k in ours if theirs.get(k) != ours[k])
+            raise ValueError(f"checkpoint {directory} was written by a cloud set up differently ({', '.join(differ)} "
+                             "differ): restart with that setup, or give another checkpoint_dir")
+        slots: dict[str, _Slot] = {}
+        for name, state in snapshot["slots"].items():
+            slot = self._shared if (self._shared is not None and name == SHARED) else \
+                self._new_slot(name, state["template_sha256"])
+            slot.load(state)
+            slots[name] = slot
+        with self._lock:
+            for state in snapshot["edges"]:
+                self._edges[state["edge_id"]] = _Edge.from_state(state, slots[state["slot"]])
+            self._totals = {k: int(v) for k, v in snapshot["totals"].items()}
+            self._versions = int(snapshot["versions"])
+        self._feed([_Item(slots[item["slot"]], item["edge_id"], int(item["episode"]), item["images"],
+                          item["labels"].numpy()) for item in snapshot["pending"]])
+
+    def _replay(self, kind: Kind, payload: bytes, ceilings: dict[str, int]) -> None:
+        """Apply one journal record through the same paths as the RPC that wrote it (no journal
+        is open yet, so nothing is written again)."""
+        if kind == Kind.CEILING:
+            value = json.loads(payload)
+            ceilings[value["slot"]] = max(ceilings.get(value["slot"], 0), int(value["version"]))
+        elif kind == Kind.REGISTER:
+            value = json.loads(payload)
+            self._register_edge(value["edge_id"], value["model_id"], value["model_sha256"])
+        elif kind == Kind.RESET:
+            value = json.loads(payload)
+            self._start_episode(self._edges[value["edge_id"]], int(value["episode"]))
+        elif kind == Kind.UPLOAD:
+            request = pb.UploadRequest.FromString(payload)
+            edge = self._edges[request.edge_id]
+            images, labels = self._validate_upload(request)
+            outcome, _ = self._admit(edge, request)
+            self._accept(edge, request, outcome, to_tensor(images, self.preprocess), labels)
+
+    def _journal_json(self, kind: Kind, value: dict[str, Any]) -> None:
+        if self._journal is not None:
+            self._journal.append_json(kind, value)
+            with self._lock:
+                self._changes += 1
+
+    def _journal_upload(self, request: pb.UploadRequest) -> None:
+        if self._journal is not None:
+            record = pb.UploadRequest()
+            record.CopyFrom(request)
+            record.auth_token = ""  # secrets never reach the disk
+            self._journal.append(Kind.UPLOAD, record.SerializeToString())
+            with self._lock:
+                self._changes += 1
+
+    def _checkpoint_loop(self) -> None:
+        """Snapshot every ``checkpoint_every_s`` while anything changed (bounds the journal)."""
+        while not self._periodic_stop.wait(self.config.checkpoint_every_s):
+            with self._lock:
+                changed = self._changes
+            if changed:
+                try:
+                    self.checkpoint()
+                except Exception:  # the journal still holds everything; retried next time
+                    log.exception("checkpoint failed (the journal keeps every change; retrying in %.0f s)",
+                                  self.config.checkpoint_every_s)
 
     # ---------------------------------------------------------------- helpers
 
-    def _authorize(self, edge_id: str, token: str, context: grpc.ServicerContext) -> None:
+    def _authorize(self, edge_id: str, token: str, context: Call) -> None:
         """Every RPC's first line: :class:`server.auth.Authenticator`'s rules, as a gRPC status."""
         try:
             self.auth.check(edge_id, token, peer_common_name(context))
         except AuthError as exc:
             context.abort(exc.code, str(exc))
 
-    def _edge(self, edge_id: str, context: grpc.ServicerContext) -> _Edge:
+    def _edge(self, edge_id: str, context: Call) -> _Edge:
         with self._lock:
             edge = self._edges.get(edge_id)
         if edge is None:
@@ -467,16 +749,18 @@ class CloudService(pb_grpc.EdgeServiceServicer):
             raise ValueError(f"labels must lie in 0..{self.num_classes - 1}")
         return images, labels
 
-    def _new_slot(self, name: str, norm_state: Mapping[str, np.ndarray] | None = None) -> _Slot:
-        """A learner whose student starts from the template, or from ``norm_state`` (its edge's file)."""
+    def _new_slot(self, name: str, model_sha256: str = "") -> _Slot:
+        """A learner whose student starts from the template, or from the normalization state of the
+        edge's own model file when the cloud was given it (``edge_models``)."""
         student = copy.deepcopy(self._student)
+        norm_state = self._edge_states.get(model_sha256)
         if norm_state is not None:
             set_norm_state(student, norm_state)
             log.info("learner %s starts from its edge's own model file", name)
         learner = CemaLearner(student,
                               copy.deepcopy(self._teacher) if self._teacher is not None else None,
                               self.config.cema, num_classes=self.num_classes, device=self.config.device)
-        return _Slot(name, learner)
+        return _Slot(name, learner, model_sha256 if norm_state is not None else "")
 
     def _slots(self) -> list[_Slot]:
         if self._shared is not None:
@@ -487,37 +771,44 @@ class CloudService(pb_grpc.EdgeServiceServicer):
     def _publish(self, slot: _Slot) -> None:
         """Make the learner's normalization state the slot's next version (caller holds ``slot.lock``)."""
         tensors = encode_state(slot.learner.norm_state())
+        if self._journal is not None and slot.version + 1 > slot.ceiling:  # reserve before publishing
+            slot.ceiling = slot.version + VERSION_BLOCK
+            self._journal_json(Kind.CEILING, {"slot": slot.name, "version": slot.ceiling})
         with slot.cond:
             slot.version += 1
             slot.tensors = tensors
             slot.created_unix = time.time()
-            slot.cond.notify_all()
+        slot.wake_watchers()
         with self._lock:
             self._versions += 1
+            self._changes += 1
 
     # ---------------------------------------------------------------- worker
 
     def _run(self) -> None:
         """The learner loop: feed queued uploads to their learners, then step the learners round-robin
         (one step each per pass, so no edge waits behind another's backlog), publishing after each."""
-        active: dict[int, _Slot] = {}
+        # every learner gets a first look: a restored one may hold queued samples to learn from
+        active: dict[int, _Slot] = {id(slot): slot for slot in self._slots()}
         waiting: dict[int, list[_Item]] = {}  # items whose learner has not gone idle since
         while True:
             with self._work:
                 while not self._pending and not active and not self._stopping:
                     self._work.wait()
-                if self._stopping:
+                if self._stopping:  # what is still pending stays there, for the last snapshot
                     for item in [*self._pending, *(i for items in waiting.values() for i in items)]:
                         item.done.set()
                     return
-                items = list(self._pending)
-                self._pending.clear()
                 self._busy = True
             try:
+                with self._journal_lock:  # a snapshot sees each item pending or fed, never in between
+                    with self._work:
+                        items = list(self._pending)
+                        self._pending.clear()
+                    self._feed(items)
                 for item in items:
                     active.setdefault(id(item.slot), item.slot)
                     waiting.setdefault(id(item.slot), []).append(item)
-                self._feed(items)
                 for key, slot in list(active.items()):
                     if self._stopping or not self._step_once(slot):
                         del active[key]
@@ -540,6 +831,7 @@ class CloudService(pb_grpc.EdgeServiceServicer):
                     self._scalar(f"cloud/{slot.name}/stale_samples", len(item.images), slot.steps)
                     continue
                 slot.learner.add(item.images, item.labels)
+                slot.learned_samples += len(item.images)
 
     def _step_once(self, slot: _Slot) -> bool:
         """One learner step and its publication; False when the learner has nothing to do.
@@ -592,11 +884,43 @@ class CloudService(pb_grpc.EdgeServiceServicer):
                 self._writer.add_scalar(tag, float(value), step)
 
 
+class _Subscription:
+    """One edge's Subscribe stream (:class:`server.wire.UpdateStream`): the newest version after the
+    last one sent; an edge that is behind gets the newest only and skips the rest."""
+
+    def __init__(self, service: CloudService, slot: _Slot, after_version: int) -> None:
+        self._service, self._slot, self._last = service, slot, after_version
+        self._wake: Callable[[], None] | None = None
+
+    def poll(self) -> pb.ParameterUpdate | None:
+        with self._slot.cond:
+            if self._slot.version <= self._last:
+                return None
+            update = self._slot.update()
+        self._last = update.version
+        return update
+
+    @property
+    def ended(self) -> bool:
+        return self._service.stopping
+
+    def watch(self, wake: Callable[[], None]) -> None:
+        self._wake = wake
+        self._slot.watch(wake)
+
+    def close(self) -> None:
+        if self._wake is not None:
+            self._slot.unwatch(self._wake)
+
+
 class CloudServer:
     """A gRPC server hosting :class:`CloudService` on ``host:port`` (``port`` 0: a free one).
 
     ``with CloudServer(...) as server:`` starts it and stops it cleanly (worker joined, RPC threads
-    shut down, TensorBoard writer closed).
+    shut down, TensorBoard writer closed). The server is ``grpc.aio`` on a loop thread of its own
+    (:class:`server.wire.AsyncServer`): subscriptions cost no thread; unary calls run on
+    ``max_workers`` pool threads; at most ``max_edges + max_inflight_rpcs`` calls are open at once
+    (grpc answers more with RESOURCE_EXHAUSTED), which bounds the memory held by requests.
     """
 
     def __init__(self, student: nn.Module, teacher: nn.Module | None, config: CloudConfig,
@@ -609,17 +933,19 @@ class CloudServer:
                                     edge_model_sha256=edge_model_sha256, edge_states=edge_states,
                                     run_info=run_info, authenticator=authenticator)
         self._executor = ThreadPoolExecutor(max_workers=config.max_workers, thread_name_prefix="cloud-rpc")
-        self._server = grpc.server(self._executor, options=GRPC_OPTIONS)
+        self._server = AsyncServer(GRPC_OPTIONS, maximum_concurrent_rpcs=config.max_edges + config.max_inflight_rpcs)
         self.undecodable = RateLimitedLog("undecodable requests")
-        add_edge_service(self._server, self.service, self.undecodable)  # our decoding: garbage -> INVALID_ARGUMENT
+        # our decoding: garbage -> INVALID_ARGUMENT
+        self._server.call(lambda: add_edge_service(self._server.server, self.service, self.undecodable,
+                                                   self._executor))
         host = f"[{config.host}]" if ":" in config.host and not config.host.startswith("[") else config.host
         try:
-            self.port = self._bind(f"{host}:{config.port}")
+            self.port = self._server.call(lambda: self._bind(f"{host}:{config.port}"))
         except RuntimeError as exc:
-            self._executor.shutdown(wait=False)
+            self._release()
             raise OSError(f"cannot bind {host}:{config.port}: {exc}") from exc
         if self.port == 0:
-            self._executor.shutdown(wait=False)
+            self._release()
             raise OSError(f"cannot bind {host}:{config.port}")
         self.address = f"{host}:{self.port}"
         self._started = False
@@ -642,12 +968,22 @@ class CloudServer:
 
     def _bind(self, address: str) -> int:
         if self._credentials is not None:
-            return self._server.add_secure_port(address, self._credentials)
-        return self._server.add_insecure_port(address)
+            return self._server.server.add_secure_port(address, self._credentials)
+        return self._server.server.add_insecure_port(address)
+
+    def _release(self) -> None:
+        """Free the loop thread and the pool of a server that is not serving (idempotent)."""
+        self._server.close()
+        self._executor.shutdown(wait=False)
 
     def start(self) -> "CloudServer":
-        self.service.start()
-        self._server.start()
+        try:
+            self.service.start()  # restores a checkpoint first: may refuse
+            self._server.start()
+        except BaseException:
+            self.service.close()
+            self._release()
+            raise
         self._started = True
         log.info("cloud listening on %s (%s, authentication: %s; method %s, %s students)", self.address,
                  self.transport, self.service.auth.mode, self.config.cema.method,
@@ -663,17 +999,19 @@ class CloudServer:
         """End subscriptions, stop accepting RPCs (in-flight ones get ``grace`` seconds), then
         join the worker and close the writer. Idempotent."""
         if not self._started:
+            self._release()
             return
         self._started = False
         self.service.begin_stop()
-        self._server.stop(grace).wait()
+        self._server.stop(grace)
         self._executor.shutdown(wait=True)
+        self._server.close()
         self.service.close()
         log.info("cloud on %s stopped", self.address)
 
     def wait(self, timeout: float | None = None) -> bool:
         """Block until the server terminates (or ``timeout``); True if it did."""
-        return self._server.wait_for_termination(timeout)
+        return self._server.wait(timeout)
 
     def __enter__(self) -> "CloudServer":
         return self.start()

@@ -50,7 +50,10 @@ class CloudConfig:
                                           "gets a student that starts from that file's normalization state")
     threads: int = option(1, "torch CPU threads")
     # serving
-    max_workers: int = option(32, "RPC threads (each subscribed edge holds one)")
+    max_workers: int = option(8, "threads running unary RPCs (register, upload, metrics, reset); subscriptions "
+                              "hold none")
+    max_inflight_rpcs: int = option(256, "unary RPCs open at once beyond one subscription per edge (max_edges); "
+                                    "grpc answers more with RESOURCE_EXHAUSTED, so requests cannot pile up in memory")
     rate_interval_s: float = option(5.0, "window of the logged version / upload rates, seconds")
     # backpressure: uploads are refused with RESOURCE_EXHAUSTED (edges retry with backoff) while
     # this many samples wait for the learners, so a flood cannot grow memory without bound
@@ -59,6 +62,14 @@ class CloudConfig:
                                   "retrying (trailing metadata retry-after-ms; edges wait at least that long)")
     max_edges: int = option(1024, "edges the cloud serves at most (each has a learner); a new one beyond gets "
                             "RESOURCE_EXHAUSTED")
+    # durability (server.checkpoint): a snapshot plus a journal of every acknowledged change
+    checkpoint_dir: str = option("", "keep the cloud's state in this folder (a snapshot + a journal of every "
+                                 "acknowledged change) and resume from it at start: a killed cloud loses no "
+                                 "acknowledged upload (default: no checkpoints)")
+    checkpoint_every_s: float = option(30.0, "seconds between snapshots while anything changed (bounds the journal "
+                                       "and a restart's replay; one is also taken at shutdown)")
+    journal_fsync: bool = option(False, "fsync each journal record before acknowledging it: survives a power loss, "
+                                 "not only a killed process (one fsync per upload)")
     # simulation lockstep: an Upload is answered only after its learner has processed it (every
     # step it enabled), with the resulting version, so a run is reproducible from its seed; a
     # deployed cloud answers at once and learns in the background
@@ -71,12 +82,15 @@ class CloudConfig:
             raise ValueError(f"image_size must be >= 1 and in_chans 1 or 3, got {self.image_size}, {self.in_chans}")
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port must be in 0..65535, got {self.port}")
+        if self.checkpoint_every_s < 0:
+            raise ValueError(f"checkpoint_every_s must be >= 0 (0: only at shutdown), got {self.checkpoint_every_s}")
         if self.retry_after_s < 0:
             raise ValueError(f"retry_after_s must be >= 0, got {self.retry_after_s}")
         if self.max_backlog < 1 or self.max_edges < 1:
             raise ValueError(f"max_backlog and max_edges must be >= 1, got {self.max_backlog}, {self.max_edges}")
-        if self.max_workers < 2:
-            raise ValueError("max_workers must be >= 2 (Subscribe streams each hold a thread)")
+        if self.max_workers < 1 or self.max_inflight_rpcs < 1:
+            raise ValueError(f"max_workers and max_inflight_rpcs must be >= 1, got {self.max_workers}, "
+                             f"{self.max_inflight_rpcs}")
         if self.num_classes < 2:
             raise ValueError(f"num_classes must be >= 2, got {self.num_classes}")
         if bool(self.tls_cert) != bool(self.tls_key):

@@ -39,6 +39,8 @@ class LearnerStats:
     errors: int = 0
     queue: int = 0
     replay: int = 0
+    learned_samples: int = 0  # samples handed to the learner (accepted ones of its current episodes)
+    pending_samples: int = 0  # accepted samples not yet handed to it (a shutdown's snapshot keeps them)
 
 
 @dataclass(frozen=True)
@@ -51,6 +53,8 @@ class CloudStats(Record):
     versions_published: int = 0
     uploads: int = 0
     samples: int = 0
+    checkpoints: int = 0  # snapshots this process wrote (checkpoint_dir)
+    restored_records: int = 0  # journal records replayed at start (0: a fresh start or a clean shutdown)
 
     def __post_init__(self) -> None:
         if sum(e.uploads for e in self.edges.values()) != self.uploads:

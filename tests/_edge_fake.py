@@ -47,6 +47,7 @@ class FakeCloud(pb_grpc.EdgeServiceServicer):
         self.step_delay_s = 0.05
         self.known: set[str] = set()  # registered edges; forget() empties it, as a restart does
         self.require_registration = False  # True: uploads / resets of unknown edges are refused, as the cloud does
+        self.unregistered_uploads: list[int] = []  # sequences refused because the edge was unknown
 
     def forget(self) -> None:
         """A cloud restart without state: every edge must register again."""
@@ -54,9 +55,11 @@ class FakeCloud(pb_grpc.EdgeServiceServicer):
             self.known.clear()
             self.require_registration = True
 
-    def _registered(self, edge_id: str, context) -> None:
+    def _registered(self, edge_id: str, context, sequence: int | None = None) -> None:
         with self.lock:
             unknown = self.require_registration and edge_id not in self.known
+            if unknown and sequence is not None:
+                self.unregistered_uploads.append(sequence)
         if unknown:
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"edge {edge_id!r} is not registered; call Register first")
 
@@ -74,7 +77,7 @@ class FakeCloud(pb_grpc.EdgeServiceServicer):
 
     def Upload(self, request, context):  # noqa: N802
         self._auth(request.auth_token, context)
-        self._registered(request.edge_id, context)
+        self._registered(request.edge_id, context, request.sequence)
         try:
             images = decode_images(request.images)
         except ValueError as exc:

@@ -263,3 +263,42 @@ def test_channels_last_is_the_same_learner(edge_norm: str) -> None:
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
     conv = next(m for m in learner.student.modules() if isinstance(m, torch.nn.Conv2d))
     assert conv.weight.is_contiguous(memory_format=torch.channels_last)  # the knob did act
+
+
+@pytest.mark.parametrize("edge_norm", ["batch", "running"])
+def test_learner_state_round_trip_continues_exactly(tmp_path, edge_norm: str) -> None:
+    """A learner saved mid-stream (queue, replay ring wrapped, momentum, pending running init) and
+    loaded into a fresh one from the same templates steps exactly as the original."""
+    cfg = CemaConfig(batch_size=4, replay_start=8, replay_capacity=10, edge_norm=edge_norm)
+
+    def fresh() -> CemaLearner:
+        return CemaLearner(*_models(), cfg, num_classes=10)
+
+    learner = fresh()
+    learner.add(_images(14), np.arange(14) % 10)
+    for _ in range(3):
+        learner.step()
+    assert learner.queue_size == 2 and len(learner.replay) == 10  # the ring wrapped
+    path = tmp_path / "learner.pt"
+    torch.save(learner.state_dict(), path)
+    copy_ = fresh()
+    copy_.load_state_dict(torch.load(path, weights_only=True))
+    if edge_norm == "running":  # the episode's first batch set the statistics: not pending any more
+        assert not any(m.pending_init for m in copy_.student.modules() if hasattr(m, "pending_init"))
+    for one in (learner, copy_):
+        one.add(_images(9, 5))
+    for _ in range(4):
+        a, b = learner.step(), copy_.step()
+        assert a == b
+    for name, value in learner.norm_state().items():
+        np.testing.assert_array_equal(value, copy_.norm_state()[name])
+    assert learner.replay.contents().equal(copy_.replay.contents())
+    assert (learner.student_steps, learner.teacher_steps) == (copy_.student_steps, copy_.teacher_steps)
+
+
+def test_learner_state_refuses_another_setup() -> None:
+    state = CemaLearner(*_models(), CemaConfig(batch_size=4, edge_norm="running"), num_classes=10).state_dict()
+    with pytest.raises(ValueError, match="edge normalization"):
+        CemaLearner(*_models(), CemaConfig(batch_size=4), num_classes=10).load_state_dict(state)
+    with pytest.raises(ValueError, match="teacher"):
+        CemaLearner(_models()[0], None, CemaConfig(method="tent", batch_size=4), num_classes=10).load_state_dict(state)

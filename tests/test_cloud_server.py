@@ -268,6 +268,26 @@ def test_shared_student_serves_all_edges(models) -> None:
         assert stub.Reset(pb.ResetRequest(edge_id="b", episode=1), timeout=10).version == 2
 
 
+def test_subscriptions_hold_no_thread_and_every_one_gets_the_update(models) -> None:
+    """200 open Subscribe streams on a cloud with 2 RPC threads: the process gains no thread per
+    stream, and one publication reaches all of them."""
+    with _Running(models, _config(shared=True, max_workers=2)) as run:
+        stub = run.stub
+        for i in range(200):
+            stub.Register(pb.RegisterRequest(edge_id=f"e{i}"), timeout=10)
+        before = threading.active_count()
+        streams = [stub.Subscribe(pb.SubscribeRequest(edge_id=f"e{i}")) for i in range(200)]
+        _upload(stub, 0, _images(4), edge="e0")  # one cloud step of the shared student: version 1
+        first = [next(call).version for call in streams]
+        during = threading.active_count()  # 200 streams open, each waiting for a newer version
+        _upload(stub, 1, _images(4, seed=1), edge="e0")
+        second = [next(call).version for call in streams]  # one publication fans out to all
+        for call in streams:
+            call.cancel()
+    assert first == [1] * 200 and second == [2] * 200
+    assert during - before < 10, f"{during - before} threads more with 200 open subscriptions"
+
+
 def test_metrics_tensorboard_and_clean_shutdown(models, tmp_path: Path) -> None:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

@@ -26,7 +26,8 @@ ROOT = Path(__file__).resolve().parents[1]
 FAST = RetryPolicy(max_attempts=5, initial_backoff_s=0.01, max_backoff_s=0.05, max_total_s=5.0)
 SUMMARY_KEYS = {  # the JSON a summary file holds (edge.summary.EdgeSummary)
     "schema", "edge_id", "server", "method", "selection", "model", "seen", "batches", "kept", "excluded",
-    "uploaded", "upload_failed", "uploads", "upload_errors", "upload_retries", "reregistrations", "duplicates",
+    "uploaded", "upload_failed", "upload_dropped", "uploads_dropped", "upload_unsent", "upload_pending",
+    "upload_outages", "uploads", "upload_errors", "upload_retries", "reregistrations", "duplicates",
     "bytes_up", "updates",
     "reset_versions_applied", "initial_version", "final_version", "cloud_version", "resets", "episode",
     "labelled", "correct", "per_corruption", "per_shift", "mean_entropy", "e_max_final", "metrics_reports",
@@ -131,15 +132,18 @@ def test_updates_apply_between_batches_with_cema_selection(cloud, model_path, tm
     assert summary.accuracy is None and summary.labelled == 0
 
 
-def test_failed_uploads_are_counted_not_hidden(cloud, model_path, stream_path) -> None:
+def test_an_upload_that_outlasts_the_retry_policy_stays_buffered_and_is_sent(cloud, model_path,
+                                                                              stream_path) -> None:
+    """Before the upload buffer this upload was dropped (``upload_failed``); now a transient failure
+    never drops one: the sender keeps it at the head and sends it again, under the same sequence."""
     fake, address = cloud
     fake.fail_uploads = 2  # the first upload outlasts a 2-attempt policy
-    policy = RetryPolicy(max_attempts=2, initial_backoff_s=0.01, max_total_s=1.0)
+    policy = RetryPolicy(max_attempts=2, initial_backoff_s=0.01, max_backoff_s=0.02, max_total_s=1.0)
     with CloudClient(address, "edge-3", retry=policy) as client:
         summary = _node(EdgeRuntime(model_path), NpzSource(stream_path, 8), client, limit=16).run()
-    assert summary.seen == 16 and summary.upload_failed == 8 and summary.upload_errors == 1
-    assert summary.uploaded == 8 and summary.uploaded + summary.upload_failed == summary.kept
-    assert sorted(seq for _, seq in fake.accepted) == [2]  # sequence 1 is never reused
+    assert summary.seen == 16 and summary.upload_failed == 0 and summary.upload_errors == 0
+    assert summary.uploaded == summary.kept == 16 and summary.upload_retries == 2 and summary.upload_outages == 1
+    assert list(fake.accepted) == [("edge-3", 1), ("edge-3", 2)]  # oldest first, each sequence once
 
 
 class _ForgettingSource:

@@ -95,7 +95,7 @@ def test_resolved_config_keeps_validation() -> None:
     parser = argparse.ArgumentParser()
     add_config_flags(parser, CloudConfig)
     with pytest.raises(ValueError, match="max_workers"):
-        resolve(CloudConfig, parser.parse_args(["--max-workers", "1"]))
+        resolve(CloudConfig, parser.parse_args(["--max-workers", "0"]))
     cfg = resolve(CloudConfig, parser.parse_args(["--image-size", "16", "--in-chans", "1"]))
     assert cfg.image_shape == (16, 16, 1)
     assert "token" in to_toml(cfg) and CloudConfig().to_dict()["token"] == ""
