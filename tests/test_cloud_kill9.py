@@ -30,10 +30,11 @@ SIZE = 16
 
 
 class _SlowSource:
-    """A stream that takes a while (so the cloud can die in the middle of it)."""
+    """A stream that takes a while (so the cloud can die in the middle of it) and, after its last
+    batch, holds the edge open until ``hold`` is set (so that it outlives the restart)."""
 
-    def __init__(self, batches: int, batch_size: int, delay_s: float) -> None:
-        self.batches, self.batch_size, self.delay_s = batches, batch_size, delay_s
+    def __init__(self, batches: int, batch_size: int, delay_s: float, hold: threading.Event) -> None:
+        self.batches, self.batch_size, self.delay_s, self.hold = batches, batch_size, delay_s, hold
 
     def __iter__(self):
         rng = np.random.default_rng(0)
@@ -41,6 +42,7 @@ class _SlowSource:
             time.sleep(self.delay_s)
             images = rng.integers(0, 256, (self.batch_size, SIZE, SIZE, 3), dtype=np.uint8)
             yield EdgeBatch(images, rng.integers(0, 10, self.batch_size), "gaussian_noise", 5, False)
+        self.hold.wait(120)
 
 
 def _cloud(tmp_path: Path, weights: Path, model: Path, port: int, out: str) -> tuple[subprocess.Popen, int]:
@@ -83,7 +85,8 @@ def test_kill9_of_the_cloud_mid_stream_loses_no_upload_and_the_edge_carries_on(t
         retry = RetryPolicy(max_attempts=1000, initial_backoff_s=0.05, max_backoff_s=0.5, max_total_s=120)
         client = CloudClient(f"127.0.0.1:{port}", "e0", retry=retry, connect_timeout=60)
         selector = EntropySelector(SelectionConfig(num_classes=10, method="all"))
-        node = EdgeNode(runtime, _SlowSource(60, 8, 0.05), client, selector, config=NodeConfig(log_every_s=1.0, flush_timeout_s=120))
+        hold = threading.Event()
+        node = EdgeNode(runtime, _SlowSource(60, 8, 0.05, hold), client, selector, config=NodeConfig(log_every_s=1.0, flush_timeout_s=120))
         result: dict = {}
         edge = threading.Thread(target=lambda: result.update(summary=node.run()), daemon=True)
         edge.start()
@@ -98,6 +101,9 @@ def test_kill9_of_the_cloud_mid_stream_loses_no_upload_and_the_edge_carries_on(t
         assert "checkpoint 1:" in first_output  # a periodic snapshot happened: restore = snapshot + journal
         second, port2 = _cloud(tmp_path, weights, model, port, "after")
         assert port2 == port
+        # the edge, still running, gets the restarted cloud's versions: above every earlier one
+        assert node.subscriber is not None and node.subscriber.wait_for_version(VERSION_BLOCK + 1, 120)
+        hold.set()
         edge.join(180)
         assert not edge.is_alive()
         client.close()
