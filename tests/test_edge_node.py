@@ -279,6 +279,45 @@ def test_sigterm_while_waiting_on_stdin_writes_summary(model_path, tmp_path) -> 
     assert summary.stopped_early and summary.seen == 4 and summary.batches == 2
 
 
+def test_sigterm_with_the_cloud_unreachable_flushes_bounded_and_exits_0(cloud, model_path, tmp_path) -> None:
+    """Graceful shutdown of an edge whose cloud stopped answering: SIGTERM ends the loop at a batch
+    boundary, the buffered uploads get ``--flush-timeout`` seconds, what is left is counted as
+    unsent, the summary is written and the exit code is 0, within a bounded time."""
+    fake, address = cloud
+    fake.fail_uploads = 10**9  # UNAVAILABLE, for ever
+    out = tmp_path / "summary.json"
+    cmd = [sys.executable, "-m", "simulations.cli", "edge", "--server", address, "--model", str(model_path),
+           "--source", "stdin:8x8x3", "--batch-size", "2", "--method", "all", "--log-every", "0",
+           "--flush-timeout", "1", "--insecure", "--out", str(out)]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdin=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        proc.stdin.write(np.zeros((6, 8, 8, 3), np.uint8).tobytes())
+        proc.stdin.flush()
+        deadline = time.monotonic() + 30
+        lines = []
+        while time.monotonic() < deadline:
+            line = proc.stderr.readline().decode()
+            lines.append(line)
+            if "seen 6," in line or not line:
+                break
+        assert any("seen 6," in ln for ln in lines), "".join(lines)
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        rc = proc.wait(timeout=30)
+        took = time.monotonic() - t0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stdin.close()
+        proc.stderr.close()
+    assert rc == 0 and took < 30
+    summary = EdgeSummary.read(out)
+    assert summary.stopped_early and summary.seen == summary.kept == 6
+    assert summary.uploaded == 0 and summary.upload_unsent == 6 and summary.upload_outages == 1
+    assert not fake.accepted
+
+
 def test_stop_from_another_thread_during_a_blocking_source_is_graceful(model_path) -> None:
     gate = threading.Event()
 
