@@ -1,4 +1,6 @@
-"""``fedshift edge``: run one forward-only edge node against a cloud (or none).
+"""``fedshift edge``: run one forward-only edge node against a cloud (or none); ``fedshift edge
+check`` tries the setup once (:mod:`edge.check`); ``fedshift edge status`` reads a running edge's
+state file (:mod:`edge.health`).
 
 Settings come from ``--config edge.toml`` and flags (:class:`edge.config.EdgeConfig`). Everything
 heavy is imported inside :func:`run`, so the dispatcher stays instant. SIGTERM and Ctrl-C stop
@@ -17,9 +19,11 @@ import signal
 import socket
 import sys
 import threading
+import time
 from dataclasses import replace
 
 from edge.config import TOKEN_ENV, EdgeConfig
+from edge.logs import configure_logging
 from protos.config import add_config_flags, resolve_or_print
 
 log = logging.getLogger("edge")
@@ -29,8 +33,17 @@ DESCRIPTION = ("Run a forward-only edge node: predict each batch with the ONNX m
                "Settings: --config FILE and/or the flags below (flags win); --print-config shows the result.")
 
 
+ACTIONS = ("run", "check", "status")
+
+
 def configure(parser: argparse.ArgumentParser) -> None:
-    parser.description = DESCRIPTION
+    parser.description = DESCRIPTION + (" `fedshift edge check --config FILE` tries every part of the setup once "
+                                        "and says what to fix; `fedshift edge status --config FILE` reads the "
+                                        "running edge's state file (exit 0: healthy).")
+    parser.add_argument("action", nargs="?", choices=ACTIONS, default="run",
+                        help="run (default) the edge; check its setup; or show a running edge's status")
+    parser.add_argument("--max-age", type=float, default=60.0, metavar="S",
+                        help="status: a state file older than this means the edge is stuck (default 60)")
     add_config_flags(parser, EdgeConfig, title="edge")
 
 
@@ -38,9 +51,48 @@ def run(args: argparse.Namespace) -> int:
     cfg = resolve_or_print(EdgeConfig, args)
     if cfg is None:
         return 0
+    configure_logging("debug" if getattr(args, "verbose", False) else cfg.log_level, cfg.log_format)
+    if args.action == "check":
+        return run_check(cfg)
+    if args.action == "status":
+        return show_status(cfg, args.max_age)
     if missing := cfg.missing():
         raise ValueError(f"missing setting(s) {', '.join(missing)}: give --{missing[0]} or set it in --config")
     return run_edge(cfg)
+
+
+def run_check(cfg: EdgeConfig) -> int:
+    """Print one line per part of the setup; 0 when every part is ok."""
+    from edge.check import check
+
+    findings = check(cfg)
+    for finding in findings:
+        print(finding.line())
+    bad = sum(not f.ok for f in findings)
+    print(f"{bad} problem(s)" if bad else "the setup works", flush=True)
+    return 1 if bad else 0
+
+
+def show_status(cfg: EdgeConfig, max_age_s: float) -> int:
+    """One line of status and one per problem; 0 healthy, 1 not, 2 no state file."""
+    from edge.health import problems, read_state
+
+    if not cfg.node.state_file:
+        print("fedshift edge status: no state_file in the config ([node] state_file = ...)", file=sys.stderr)
+        return 2
+    try:
+        state = read_state(cfg.node.state_file)
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"fedshift edge status: {exc}", file=sys.stderr)
+        return 2
+    found = problems(state, max_age_s=max_age_s)
+    cloud = {None: "no cloud", True: "reachable", False: "UNREACHABLE"}[state.cloud_reachable]
+    print(f"edge {state.edge_id} (pid {state.pid}) {'running' if state.running else 'stopped'}: version "
+          f"{state.version}, seen {state.seen}, uploaded {state.uploaded}, cloud {cloud}, buffer "
+          f"{state.buffered_samples}/{state.buffer_bound}, state {time.time() - state.written_unix:.0f} s old")
+    for line in found:
+        print(f"problem: {line}")
+    return 1 if found else 0
 
 
 def run_edge(cfg: EdgeConfig) -> int:

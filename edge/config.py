@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from edge.logs import FORMATS, LEVELS
 from edge.selection import SelectionConfig
 from protos.config import option, section
 
@@ -38,6 +39,11 @@ class NodeConfig:
     flush_timeout_s: float = option(10.0, "seconds the edge waits for its buffered uploads to be acknowledged "
                                     "before a reset and at the end of the run (what is left then is counted "
                                     "as upload_unsent)", flag="flush-timeout")
+    # the health signal (edge.health): `fedshift edge status` reads this file
+    state_file: str = option("", "keep a small JSON health file here (version in force, last upload, cloud "
+                             "reachable, buffer fill), rewritten every state_every_s; `fedshift edge status` "
+                             "reads it (default: none)")
+    state_every_s: float = option(5.0, "seconds between rewrites of the state file")
 
     def __post_init__(self) -> None:
         if self.limit is not None and self.limit < 0:
@@ -46,6 +52,8 @@ class NodeConfig:
             raise ValueError(f"metrics_every must be >= 0, got {self.metrics_every}")
         if self.sync_timeout_s < 0:
             raise ValueError(f"sync_timeout_s must be >= 0, got {self.sync_timeout_s}")
+        if not self.state_every_s > 0:
+            raise ValueError(f"state_every_s must be > 0, got {self.state_every_s}")
         if self.max_buffered_samples < 1:
             raise ValueError(f"max_buffered_samples must be >= 1, got {self.max_buffered_samples}")
         if self.flush_timeout_s < 0:
@@ -72,6 +80,9 @@ class EdgeConfig:
                                       flag="connect-timeout")
     out: str = option("", "write the run's summary (JSON) to this file")
     seed: int = option(0, "seed of the upload retries' jitter")
+    log_level: str = option("info", "log level: debug, info, warning, error", choices=LEVELS)
+    log_format: str = option("text", "log lines as text, or json (one object per line, for log collectors)",
+                             choices=FORMATS)
     node: NodeConfig = section(NodeConfig)
     selection: SelectionConfig = section(SelectionConfig)
 
@@ -86,6 +97,8 @@ class EdgeConfig:
             raise ValueError("mutual TLS needs both tls_cert and tls_key (or neither)")
         if self.tls_cert and not self.tls_ca:
             raise ValueError("tls_cert / tls_key need tls_ca (the CA that signed the cloud's certificate)")
+        if self.log_level not in LEVELS or self.log_format not in FORMATS:
+            raise ValueError(f"log_level must be one of {LEVELS} and log_format one of {FORMATS}")
         if self.insecure and self.tls_ca:
             raise ValueError("insecure (plaintext) and tls_ca contradict each other: give one")
 

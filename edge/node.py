@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import threading
 import time
 from collections import defaultdict
@@ -42,6 +43,7 @@ import numpy as np
 
 from edge.client import CloudClient, Subscriber, not_registered
 from edge.config import NodeConfig
+from edge.health import EdgeState, write_state
 from edge.selection import EntropySelector, Selection
 from edge.sources import EdgeBatch, Source
 from edge.summary import TIMELINE_KEYS, EdgeSummary, Excluded, ModelRef, ShiftStats, SubscriberStats, Timeline
@@ -102,6 +104,8 @@ class EdgeNode:
         self._waiting = False
         self._stopped_early = False
         self._last_log = 0.0
+        self._started_unix = time.time()
+        self._seen_version, self._version_unix = runtime.version, None  # when the version in force last changed
 
     # ---------------------------------------------------------------- control
 
@@ -122,6 +126,8 @@ class EdgeNode:
         """Process the whole source (or up to the limit / a stop), flush the upload buffer (bounded);
         returns :meth:`summary`."""
         self._start = self._last_log = time.monotonic()
+        self._started_unix = time.time()
+        health = _HealthWriter(self) if self.config.state_file else None
         try:
             if self.client is not None:
                 self._connect()
@@ -137,6 +143,8 @@ class EdgeNode:
                 self._subscriber.close()
             if self.client is not None:
                 self._report_metrics(final=True)
+            if health is not None:
+                health.close()  # the last write says the edge stopped
         summary = self.summary()  # building it checks that every sample was counted once
         log.info("done: %s", self._progress_line())
         return summary
@@ -344,6 +352,22 @@ class EdgeNode:
             self._c.metrics_errors += 1
             log.warning("report_metrics failed: %s", exc.code() if hasattr(exc, "code") else exc)
 
+    def health(self, running: bool = True) -> EdgeState:
+        """The node's health for the state file (:mod:`edge.health`); safe from any thread."""
+        c, u = self._c, self._up_stats()
+        version = self.runtime.version
+        if version != self._seen_version:
+            self._seen_version, self._version_unix = version, time.time()
+        return EdgeState(edge_id=str(self.edge_id), pid=os.getpid(), written_unix=time.time(),
+                         started_unix=self._started_unix, running=running,
+                         server=self.client.address if self.client is not None else None, seen=c.seen, kept=c.kept,
+                         uploaded=u.uploaded, version=version, last_version_unix=self._version_unix,
+                         last_upload_unix=u.last_ack_unix,
+                         cloud_reachable=(not u.in_outage) if self.client is not None else None,
+                         buffered_samples=u.upload_pending,
+                         buffer_bound=self.config.max_buffered_samples if self.client is not None else 0,
+                         dropped=u.upload_dropped, failed=u.upload_failed)
+
     def _progress_line(self) -> str:
         c, u = self._c, self._up_stats()
         acc = f"{100 * c.correct / c.labelled:.1f}%" if c.labelled else "n/a"
@@ -395,6 +419,34 @@ class EdgeNode:
             stopped_early=self._stopped_early,
             timeline=Timeline(**columns) if timeline else Timeline(),
         )
+
+
+class _HealthWriter:
+    """Rewrites the node's state file every ``state_every_s`` from its own thread (a source that
+    blocks, e.g. a camera or a watched folder, does not make a healthy edge look stuck)."""
+
+    def __init__(self, node: EdgeNode) -> None:
+        self._node, self._path = node, node.config.state_file
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="edge-health", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            self._write(running=True)
+            if self._stop.wait(self._node.config.state_every_s):
+                return
+
+    def _write(self, running: bool) -> None:
+        try:
+            write_state(self._path, self._node.health(running))
+        except OSError as exc:  # a full or read-only disk must not stop the edge
+            log.warning("cannot write the state file %s: %s", self._path, exc)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        self._write(running=False)
 
 
 def _finite(x: float | None) -> float | None:
