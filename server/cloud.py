@@ -28,6 +28,7 @@ import copy
 import json
 import logging
 import math
+import re
 import threading
 import time
 from collections import deque
@@ -61,6 +62,8 @@ __all__ = ["CloudConfig", "CloudServer", "CloudService"]
 log = logging.getLogger(__name__)
 
 SHARED = "shared"
+MAX_METRICS = 64  # metric names one edge may report (bounded memory and TensorBoard tags)
+_METRIC_NAME = re.compile(r"[A-Za-z0-9_.\-/]{1,64}")
 
 
 class _Sequences:
@@ -531,7 +534,12 @@ class CloudService(pb_grpc.EdgeServiceServicer):
         values = dict(request.values)
         if bad := sorted(k for k, v in values.items() if not math.isfinite(v)):
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"metrics must be finite numbers: {', '.join(bad)}")
+        if bad := sorted(k for k in values if not _METRIC_NAME.fullmatch(k))[:4]:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"metric names must match {_METRIC_NAME.pattern}: "
+                          f"{', '.join(repr(k[:80]) for k in bad)}")
         with self._lock:
+            if len(set(edge.metrics) | set(values)) > MAX_METRICS:  # each name is kept and becomes a TensorBoard tag
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"an edge reports at most {MAX_METRICS} metric names")
             edge.metrics.update(values)
         for key, value in values.items():
             self._scalar(f"edge/{request.edge_id}/{key}", value, int(request.step))

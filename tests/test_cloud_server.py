@@ -288,6 +288,22 @@ def test_subscriptions_hold_no_thread_and_every_one_gets_the_update(models) -> N
     assert during - before < 10, f"{during - before} threads more with 200 open subscriptions"
 
 
+def test_metric_names_are_bounded(models) -> None:
+    """An edge cannot grow the cloud's memory (or its TensorBoard tags) with endless metric names."""
+    with _Running(models, _config()) as run:
+        stub = run.stub
+        stub.Register(pb.RegisterRequest(edge_id="e1"), timeout=10)
+        stub.ReportMetrics(pb.MetricsReport(edge_id="e1", values={f"m{i}": 1.0 for i in range(64)}), timeout=10)
+        with pytest.raises(grpc.RpcError) as exc:
+            stub.ReportMetrics(pb.MetricsReport(edge_id="e1", values={"one_more": 1.0}), timeout=10)
+        assert _code(exc) == grpc.StatusCode.INVALID_ARGUMENT and "at most 64" in exc.value.details()
+        with pytest.raises(grpc.RpcError) as exc:
+            stub.ReportMetrics(pb.MetricsReport(edge_id="e1", values={"x" * 65: 1.0}), timeout=10)
+        assert _code(exc) == grpc.StatusCode.INVALID_ARGUMENT
+        stub.ReportMetrics(pb.MetricsReport(edge_id="e1", values={"m0": 2.0}), timeout=10)  # known names: fine
+        assert run.server.service.stats().edges["e1"].metrics["m0"] == 2.0
+
+
 def test_metrics_tensorboard_and_clean_shutdown(models, tmp_path: Path) -> None:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
