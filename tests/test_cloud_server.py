@@ -122,7 +122,8 @@ def test_auth_token(models) -> None:
                 stub.Register(pb.RegisterRequest(edge_id="e1", auth_token=token), timeout=10)
             assert _code(exc) == grpc.StatusCode.UNAUTHENTICATED
         reply = stub.Register(pb.RegisterRequest(edge_id="e1", auth_token=TOKEN), timeout=10)
-        assert reply.version == 0 and reply.next_sequence == 0 and reply.max_message_bytes >= 64 << 20
+        assert reply.version == 0 and reply.next_sequence == 0
+        assert reply.max_message_bytes == run.server.config.max_message_bytes == 1024 * (16 * 16 * 3 + 16) + 65536
         with pytest.raises(grpc.RpcError) as exc:
             _upload(stub, 0, _images(2), auth_token="wrong")
         assert _code(exc) == grpc.StatusCode.UNAUTHENTICATED
@@ -286,6 +287,21 @@ def test_subscriptions_hold_no_thread_and_every_one_gets_the_update(models) -> N
             call.cancel()
     assert first == [1] * 200 and second == [2] * 200
     assert during - before < 10, f"{during - before} threads more with 200 open subscriptions"
+
+
+def test_upload_size_is_bounded_by_the_configuration(models) -> None:
+    """max_upload_samples bounds one upload, and with the image shape the largest message gRPC
+    reads at all: more is refused before it is held in memory, and the cloud keeps serving."""
+    with _Running(models, _config(max_upload_samples=8)) as run:
+        stub = run.stub
+        assert stub.Register(pb.RegisterRequest(edge_id="e1"), timeout=10).max_message_bytes == 8 * 784 + 65536
+        with pytest.raises(grpc.RpcError) as exc:
+            _upload(stub, 0, _images(9))
+        assert _code(exc) == grpc.StatusCode.INVALID_ARGUMENT and "at most 8" in exc.value.details()
+        with pytest.raises(grpc.RpcError) as exc:
+            _upload(stub, 1, _images(200))  # 150 KB: over the message bound, refused by gRPC unread
+        assert _code(exc) == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert _upload(stub, 2, _images(8)).accepted == 8
 
 
 def test_metric_names_are_bounded(models) -> None:
