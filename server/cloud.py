@@ -62,6 +62,7 @@ __all__ = ["CloudConfig", "CloudServer", "CloudService"]
 log = logging.getLogger(__name__)
 
 SHARED = "shared"
+MAX_SEQUENCE = 2**63  # sequence numbers an edge may use
 MAX_METRICS = 64  # metric names one edge may report (bounded memory and TensorBoard tags)
 _METRIC_NAME = re.compile(r"[A-Za-z0-9_.\-/]{1,64}")
 
@@ -447,6 +448,8 @@ class CloudService(pb_grpc.EdgeServiceServicer):
         self._authorize(request.edge_id, request.auth_token, context)
         edge = self._edge(request.edge_id, context)
         seq = int(request.sequence)
+        if seq >= MAX_SEQUENCE:  # the next one must still fit the wire's uint64
+            context.abort(grpc.StatusCode.OUT_OF_RANGE, f"sequence {seq} is out of range (must be < 2^63)")
         with self._lock:
             duplicate = seq in edge.sequences
             if duplicate:

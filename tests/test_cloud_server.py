@@ -304,6 +304,19 @@ def test_upload_size_is_bounded_by_the_configuration(models) -> None:
         assert _upload(stub, 2, _images(8)).accepted == 8
 
 
+def test_a_sequence_number_out_of_range_is_refused(models) -> None:
+    """2^64 - 1 once broke the edge's next Register (the next sequence no longer fits uint64)."""
+    with _Running(models, _config()) as run:
+        stub = run.stub
+        stub.Register(pb.RegisterRequest(edge_id="e1"), timeout=10)
+        for seq in (2**63, 2**64 - 1):
+            with pytest.raises(grpc.RpcError) as exc:
+                _upload(stub, seq, _images(2))
+            assert _code(exc) == grpc.StatusCode.OUT_OF_RANGE
+        assert _upload(stub, 2**63 - 1, _images(2)).accepted == 2
+        assert stub.Register(pb.RegisterRequest(edge_id="e1"), timeout=10).next_sequence == 2**63
+
+
 def test_metric_names_are_bounded(models) -> None:
     """An edge cannot grow the cloud's memory (or its TensorBoard tags) with endless metric names."""
     with _Running(models, _config()) as run:
