@@ -299,7 +299,8 @@ def test_sigterm_with_the_cloud_unreachable_flushes_bounded_and_exits_0(cloud, m
     assert rc == 0 and took < 30
     summary = EdgeSummary.read(out)
     assert summary.stopped_early and summary.seen == summary.kept == 6
-    assert summary.uploaded == 0 and summary.upload_unsent == 6 and summary.upload_outages == 1
+    # (the sender may not have met the outage yet when SIGTERM came: a busy machine)
+    assert summary.uploaded == 0 and summary.upload_unsent == 6 and summary.upload_outages <= 1
     assert not fake.accepted
 
 
