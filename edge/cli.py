@@ -16,10 +16,12 @@ import os
 import signal
 import socket
 import sys
+import textwrap
 import threading
 from dataclasses import replace
 
 from edge.config import TOKEN_ENV, EdgeConfig
+from edge.sources import SOURCE_HELP
 from protos.config import add_config_flags, resolve_or_print
 
 log = logging.getLogger("edge")
@@ -30,7 +32,9 @@ DESCRIPTION = ("Run a forward-only edge node: predict each batch with the ONNX m
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    parser.description = DESCRIPTION
+    parser.description = textwrap.fill(DESCRIPTION, 79)
+    parser.epilog = SOURCE_HELP
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter  # keep the sources' table as written
     add_config_flags(parser, EdgeConfig, title="edge")
 
 
@@ -51,15 +55,16 @@ def run_edge(cfg: EdgeConfig) -> int:
     from edge.selection import EntropySelector
     from edge.sources import open_source
 
+    stop_event = threading.Event()  # the node's stop; it also ends the live sources (watch, camera)
     try:
         runtime = EdgeRuntime(cfg.model, threads=cfg.threads)
         selection = cfg.selection.for_classes(runtime.num_classes)
-        source = open_source(cfg.source, cfg.batch_size, runtime.input_shape, runtime.class_names)
+        source = open_source(cfg.source, cfg.batch_size, runtime.input_shape, runtime.class_names,
+                             stop=stop_event, poll_s=cfg.watch_poll_s)
     except ImportError as exc:
         print(f"fedshift edge: error: {exc}", file=sys.stderr)
         return 2
     edge_id = cfg.edge_id or f"{socket.gethostname()}-{os.getpid()}"
-    stop_event = threading.Event()
     client = None
     if cfg.with_cloud:
         try:
