@@ -18,12 +18,14 @@ import os
 import signal
 import socket
 import sys
+import textwrap
 import threading
 import time
 from dataclasses import replace
 
 from edge.config import TOKEN_ENV, EdgeConfig
 from edge.logs import configure_logging
+from edge.sources import SOURCE_HELP
 from protos.config import add_config_flags, resolve_or_print
 
 log = logging.getLogger("edge")
@@ -37,9 +39,11 @@ ACTIONS = ("run", "check", "status")
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    parser.description = DESCRIPTION + (" `fedshift edge check --config FILE` tries every part of the setup once "
-                                        "and says what to fix; `fedshift edge status --config FILE` reads the "
-                                        "running edge's state file (exit 0: healthy).")
+    parser.description = textwrap.fill(DESCRIPTION + " `fedshift edge check --config FILE` tries every part of the "
+                                       "setup once and says what to fix; `fedshift edge status --config FILE` reads "
+                                       "the running edge's state file (exit 0: healthy).", 79)
+    parser.epilog = SOURCE_HELP
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter  # keep the sources' table as written
     parser.add_argument("action", nargs="?", choices=ACTIONS, default="run",
                         help="run (default) the edge; check its setup; or show a running edge's status")
     parser.add_argument("--max-age", type=float, default=60.0, metavar="S",
@@ -103,15 +107,16 @@ def run_edge(cfg: EdgeConfig) -> int:
     from edge.selection import EntropySelector
     from edge.sources import open_source
 
+    stop_event = threading.Event()  # the node's stop; it also ends the live sources (watch, camera)
     try:
         runtime = EdgeRuntime(cfg.model, threads=cfg.threads)
         selection = cfg.selection.for_classes(runtime.num_classes)
-        source = open_source(cfg.source, cfg.batch_size, runtime.input_shape, runtime.class_names)
+        source = open_source(cfg.source, cfg.batch_size, runtime.input_shape, runtime.class_names,
+                             stop=stop_event, poll_s=cfg.watch_poll_s)
     except ImportError as exc:
         print(f"fedshift edge: error: {exc}", file=sys.stderr)
         return 2
     edge_id = cfg.edge_id or f"{socket.gethostname()}-{os.getpid()}"
-    stop_event = threading.Event()
     client = None
     if cfg.with_cloud:
         try:

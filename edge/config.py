@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from edge.logs import FORMATS, LEVELS
 from edge.selection import SelectionConfig
+from edge.sources import SOURCE_SPECS
 from protos.config import option, section
 
 TOKEN_ENV = "FEDSHIFT_TOKEN"
@@ -66,7 +67,9 @@ class EdgeConfig:
 
     server: str = option("", "cloud address HOST:PORT, or 'none' to run forward-only without a cloud")
     model: str = option("", "the exported edge model (.onnx written by `fedshift export` or `fedshift run`)")
-    source: str = option("", "input: npz:PATH | folder:DIR | stdin:HxWxC")
+    source: str = option("", f"input: {SOURCE_SPECS} (each is described below the flags)")
+    watch_poll_s: float = option(0.5, "watch:DIR: seconds between looks at the folder; a file is read once its size "
+                                 "and time are the same at two looks in a row", flag="watch-poll")
     edge_id: str = option("", "this edge's id (default: host name and process id)")
     token: str = option("", f"auth token (default: ${TOKEN_ENV})")
     tls_ca: str = option("", "verify the cloud's TLS certificate against this CA (PEM)")
@@ -91,6 +94,8 @@ class EdgeConfig:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
         if self.threads < 1:
             raise ValueError(f"threads must be >= 1, got {self.threads}")
+        if not self.watch_poll_s > 0:
+            raise ValueError(f"watch_poll_s must be > 0, got {self.watch_poll_s}")
         if self.timeout_s <= 0 or self.connect_timeout_s < 0:
             raise ValueError("timeout_s must be > 0 and connect_timeout_s >= 0")
         if bool(self.tls_cert) != bool(self.tls_key):

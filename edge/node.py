@@ -184,8 +184,8 @@ class EdgeNode:
             self._waiting = True
             try:
                 batch = next(it)
-            except StopIteration:
-                return
+            except StopIteration:  # the end of the source, or a live source that saw the stop
+                break
             except KeyboardInterrupt:
                 self._stopped_early = True
                 return

@@ -240,7 +240,8 @@ def _env() -> dict:
 
 def test_edge_imports_without_torch_or_core() -> None:
     code = ("import sys; sys.modules['torch'] = None; sys.modules['core'] = None; "
-            "import edge.node, edge.client, edge.selection, edge.sources, edge.cli, edge.runtime")
+            "import edge.node, edge.client, edge.selection, edge.sources, edge.cli, edge.runtime, edge.watch, "
+            "edge.camera, edge.images")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=_env(), capture_output=True, text=True,
                          timeout=60)
     assert out.returncode == 0, out.stderr
