@@ -78,6 +78,9 @@ class EdgeConfig:
     insecure: bool = option(False, "talk plaintext gRPC to the cloud (no TLS): only on a trusted network or loopback")
     batch_size: int = option(64, "samples per inference batch")
     threads: int = option(1, "ONNX Runtime intra-op threads")
+    providers: tuple[str, ...] = option(("cpu",), "ONNX Runtime execution providers in order of preference (cpu, "
+                                        "cuda, tensorrt, … or full names); those this onnxruntime lacks are dropped "
+                                        "with a warning, the CPU is always last")
     timeout_s: float = option(10.0, "per-RPC deadline, seconds", flag="timeout")
     connect_timeout_s: float = option(60.0, "how long registration waits for the cloud, seconds",
                                       flag="connect-timeout")
