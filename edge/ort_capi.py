@@ -6,7 +6,9 @@ to a background rebuild stalled 77 ms median per rebuild, 18 ms even when loadin
 An edge rebuilds its session for every normalization update, beside the thread that predicts,
 so those stalls would land in predictions. A foreign call made through :mod:`ctypes` releases
 the GIL for its whole duration: building, running and releasing a session here never stops
-another Python thread (measured: 7.5 ms, the same as an idle probe on this loaded machine).
+another Python thread (measured: 7.5 ms, the same as an idle probe on this loaded machine). Only
+those slow calls release it; the microsecond ones (creating a tensor view, reading a shape) keep
+it, which is cheaper than handing it over.
 
 The library is the ``libonnxruntime`` the ``onnxruntime`` wheel ships beside its Python binding
 (``onnxruntime/capi/``); it is found without importing the binding. Wheels that do not ship it
@@ -41,6 +43,9 @@ _ERROR = 3  # OrtLoggingLevel ORT_LOGGING_LEVEL_ERROR
 
 _P = c_void_p
 _PP = POINTER(c_void_p)
+# the calls that take milliseconds release the GIL (ctypes.CFUNCTYPE); the microsecond ones keep
+# it (ctypes.PYFUNCTYPE): releasing and re-taking it costs more than they do, ~10 of them per run
+_RELEASE_GIL = frozenset({"CreateSessionFromArray", "Run", "ReleaseSession", "CreateEnv", "ReleaseEnv"})
 # name: (index in OrtApi, restype, argtypes); a c_void_p restype is an OrtStatus* (NULL: success)
 _FUNCTIONS: dict[str, tuple[int, object, tuple]] = {
     "CreateStatus": (0, _P, (c_int, c_char_p)),
@@ -117,7 +122,8 @@ class OrtCApi:
             raise OrtError(f"{path}: ONNX Runtime {self.version} does not offer C API version {API_VERSION}")
         pointers = ctypes.cast(table, POINTER(c_void_p))
         self._lib = lib  # keeps the library loaded while the functions exist
-        self._fn = {name: ctypes.CFUNCTYPE(res, *args)(pointers[i]) for name, (i, res, args) in _FUNCTIONS.items()}
+        self._fn = {name: (ctypes.CFUNCTYPE if name in _RELEASE_GIL else ctypes.PYFUNCTYPE)(res, *args)(pointers[i])
+                    for name, (i, res, args) in _FUNCTIONS.items()}
         self._self_test()
         self.env: int = self.out("CreateEnv", _ERROR, b"fedshift-edge")
         self.memory: int = self.out("CreateCpuMemoryInfo", _ARENA, _MEM_DEFAULT)  # describes numpy buffers
@@ -225,6 +231,7 @@ class CApiSession:
         self.input_names: tuple[str, ...] = self._names("SessionGetInputCount", "SessionGetInputName")
         self.output_names: tuple[str, ...] = self._names("SessionGetOutputCount", "SessionGetOutputName")
         self._name_arrays: dict[tuple[str, ...], ctypes.Array] = {}
+        self._output_shapes: dict[tuple, tuple[int, ...]] = {}  # (output, *input shapes) -> its shape
 
     def _names(self, count_fn: str, name_fn: str) -> tuple[str, ...]:
         api, n = self._api, c_size_t()
@@ -261,21 +268,41 @@ class CApiSession:
         return BoundInputs(self._api, arrays)
 
     def run(self, feeds: Mapping[str, np.ndarray], output: str, bound: "BoundInputs | None" = None) -> np.ndarray:
-        """The named output (float32) for the float32 inputs ``feeds`` (plus ``bound``)."""
-        api = self._api
+        """The named output (float32) for the float32 inputs ``feeds`` (plus ``bound``).
+
+        Once a set of input shapes has been run, later runs with the same shapes hand ORT an
+        output array of the shape it produced, so ORT writes into it (no output conversion)."""
         names = tuple(feeds)
         arrays = [np.ascontiguousarray(feeds[n], dtype=np.float32) for n in names]
+        key = (output, *(a.shape for a in arrays))
+        shape = self._output_shapes.get(key)
+        if shape is not None:
+            try:
+                return self._run(names, arrays, output, bound, np.empty(shape, np.float32))
+            except OrtError:  # a shape that depends on the data, not only on the input shapes
+                self._output_shapes.pop(key, None)
+        result = self._run(names, arrays, output, bound, None)
+        if len(self._output_shapes) >= 16:  # an edge runs one or two batch sizes
+            self._output_shapes.clear()
+        self._output_shapes[key] = result.shape
+        return result
+
+    def _run(self, names: tuple[str, ...], arrays: list[np.ndarray], output: str, bound: "BoundInputs | None",
+             result: np.ndarray | None) -> np.ndarray:
+        api = self._api
         fresh: list[int] = []
         outputs = (c_void_p * 1)()
         try:
             for arr in arrays:
                 fresh.append(api.tensor(arr))
+            if result is not None:
+                outputs[0] = api.tensor(result)
             handles = fresh + (list(bound.values) if bound is not None else [])
             all_names = names + (bound.names if bound is not None else ())
             values = (c_void_p * len(handles))(*handles)
             api.call("Run", self._handle, None, self._name_array(all_names), values, len(handles),
                      self._name_array((output,)), 1, outputs)
-            return self._to_numpy(outputs[0])
+            return result if result is not None else self._to_numpy(outputs[0])
         finally:
             for v in (*fresh, outputs[0]):
                 api.release("ReleaseValue", v)
@@ -305,7 +332,7 @@ class CApiSession:
         count = int(np.prod(shape, dtype=np.int64))
         if count == 0:
             return np.zeros(shape, np.float32)
-        return np.ctypeslib.as_array(ctypes.cast(data, POINTER(ctypes.c_float)), shape=(count,)).reshape(shape).copy()
+        return np.frombuffer((ctypes.c_float * count).from_address(data), dtype=np.float32).reshape(shape).copy()
 
     def close(self) -> None:
         """Release the session now (idempotent); the GIL is free meanwhile."""
