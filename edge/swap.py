@@ -52,6 +52,7 @@ class SwapStats:
     failed: int = 0  # builds that raised (the value in force stays)
     last_build_s: float | None = None  # duration of the latest build
     max_swap_hold_s: float = 0.0  # longest the lock was held by a swap: the most a swap delays a prediction
+    total_swap_hold_s: float = 0.0  # summed over the swaps (mean: divide by ``built``)
 
 
 class _Entry(Generic[S, V]):
@@ -91,7 +92,7 @@ class VersionedSwap(Generic[S, V]):
         self._closed = False
         self._counts = {"accepted": 0, "built": 0, "superseded": 0, "failed": 0}
         self._last_build_s: float | None = None
-        self._max_hold_s = 0.0
+        self._max_hold_s = self._total_hold_s = 0.0
         self._last_error: BaseException | None = None
 
     # ---------------------------------------------------------------- reading
@@ -115,7 +116,8 @@ class VersionedSwap(Generic[S, V]):
 
     def stats(self) -> SwapStats:
         with self._cond:
-            return SwapStats(**self._counts, last_build_s=self._last_build_s, max_swap_hold_s=self._max_hold_s)
+            return SwapStats(**self._counts, last_build_s=self._last_build_s, max_swap_hold_s=self._max_hold_s,
+                             total_swap_hold_s=self._total_hold_s)
 
     def run(self, fn: Callable[[V], R]) -> tuple[R, int]:
         """``fn(value)`` with the value in force, and that value's version.
@@ -250,20 +252,21 @@ class VersionedSwap(Generic[S, V]):
                       exc, in_force.version)
             return exc
         built_s = time.perf_counter() - start
+        entry = _Entry(value, state, version)  # made before taking the lock: the swap is assignments only
         with self._cond:
             t0 = time.perf_counter()
             old = self._serving
             newer = version > old.version
             if newer:
-                self._serving = _Entry(value, state, version)
+                self._serving = entry
                 self._retired.append(old)
-                self._counts["built"] += 1
-            else:  # cannot happen with one builder at a time; never let a version go backwards
-                self._counts["superseded"] += 1
+                self._cond.notify_all()
+            self._counts["built" if newer else "superseded"] += 1  # not newer: impossible with one builder
             self._last_build_s = built_s
             listeners = tuple(self._listeners) if newer else ()
-            self._cond.notify_all()
-            self._max_hold_s = max(self._max_hold_s, time.perf_counter() - t0)
+            hold = time.perf_counter() - t0
+            self._max_hold_s = max(self._max_hold_s, hold)
+            self._total_hold_s += hold
         if not newer:
             self._release_all([value])
         for fn in listeners:
