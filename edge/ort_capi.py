@@ -129,6 +129,7 @@ class OrtCApi:
         self.memory: int = self.out("CreateCpuMemoryInfo", _ARENA, _MEM_DEFAULT)  # describes numpy buffers
         self.allocator: int = self.out("GetAllocatorWithDefaultOptions")  # owned by ORT: never freed
         self._finalizer = weakref.finalize(self, _release_api, self._fn, self.env, self.memory)
+        self._finalizer.atexit = False  # at exit a daemon builder may still be inside ORT: leave it to the OS
 
     @classmethod
     def load(cls) -> "OrtCApi | None":
@@ -228,6 +229,7 @@ class CApiSession:
         finally:
             api.release("ReleaseSessionOptions", options)
         self._finalizer = weakref.finalize(self, api.release, "ReleaseSession", self._handle)
+        self._finalizer.atexit = False
         self.input_names: tuple[str, ...] = self._names("SessionGetInputCount", "SessionGetInputName")
         self.output_names: tuple[str, ...] = self._names("SessionGetOutputCount", "SessionGetOutputName")
         self._name_arrays: dict[tuple[str, ...], ctypes.Array] = {}
@@ -347,6 +349,7 @@ class BoundInputs:
         self._arrays = [np.ascontiguousarray(arrays[n], dtype=np.float32) for n in self.names]  # kept alive
         self.values: tuple[int, ...] = tuple(api.tensor(a) for a in self._arrays)
         self._finalizer = weakref.finalize(self, _release_values, api, self.values)
+        self._finalizer.atexit = False
 
     def close(self) -> None:
         self._finalizer()
