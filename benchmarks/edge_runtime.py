@@ -187,9 +187,9 @@ def _overlaps(start: float, end: float, windows: list[tuple[float, float]]) -> b
 
 def _summary(values: list[float]) -> dict:
     if not values:
-        return {"median": None, "p95": None, "max": None, "n": 0}
-    return {"median": float(np.median(values)), "p95": float(np.percentile(values, 95)), "max": float(max(values)),
-            "n": len(values)}
+        return {"median": None, "p95": None, "p99": None, "max": None, "n": 0}
+    return {"median": float(np.median(values)), "p95": float(np.percentile(values, 95)),
+            "p99": float(np.percentile(values, 99)), "max": float(max(values)), "n": len(values)}
 
 
 def _round(runtime: EdgeRuntime, x: np.ndarray, base: dict, rng: np.random.Generator, first_version: int,
@@ -344,15 +344,18 @@ def tables(results: list[dict]) -> str:
             f"{t['fedshift_initializers']:,.0f} | {t['fedshift_initializers_pybind']:,.0f} | "
             f"{t['fedshift_inputs']:,.0f} | {s['fedshift_initializers']:.2f} | {s['fedshift_inputs']:.2f} |")
     lines += ["", "| model | update path | blocking ms (median / p95) | in force ms (median) | first prediction ms "
-              "(median) | prediction ms idle / during update (median) | probe gap ms idle / during (max) |",
-              "|---|---|---|---|---|---|---|"]
+              "(median) | prediction ms idle / during update (median) | probe gap ms p99 idle / during, max during | "
+              "swap lock hold ms mean / max |",
+              "|---|---|---|---|---|---|---|---|"]
     for r in results:
         for path, u in r["updates"].items():
             lines.append(
                 f"| {r['model']} | {path} | {_fmt(u['block_ms']['median'], 2)} / {_fmt(u['block_ms']['p95'], 2)} | "
                 f"{_fmt(u['in_force_ms']['median'])} | {_fmt(u['first_predict_ms']['median'])} | "
                 f"{_fmt(u['predict_ms_idle']['median'])} / {_fmt(u['predict_ms_during_update']['median'])} | "
-                f"{_fmt(u['probe_gap_ms_idle']['max'])} / {_fmt(u['probe_gap_ms_during_update']['max'])} |")
+                f"{_fmt(u['probe_gap_ms_idle']['p99'])} / {_fmt(u['probe_gap_ms_during_update']['p99'])}, "
+                f"{_fmt(u['probe_gap_ms_during_update']['max'])} | {_fmt(u['mean_swap_hold_ms'], 3)} / "
+                f"{_fmt(u['max_swap_hold_ms'], 3)} |")
     return "\n".join(lines)
 
 
