@@ -5,7 +5,9 @@ gives an eval model: BN folded away, no updates possible) vs fedshift's export i
 (``initializers``: fused at session creation, updated by rebuilding the session; ``inputs``: BN
 tensors fed per run), the initializers one both through ORT's C API (the runtime's default) and
 through the Python binding. Variants are timed round-robin within each repeat (the order rotating
-between repeats) so machine noise hits them alike; figures are medians over repeats.
+between repeats) so machine noise hits them alike; figures are medians over repeats, and the
+ratios to the fused export are given both as a ratio of medians and as the median of each
+repeat's own ratio (samples seconds apart, which cancels the slower drifts of a shared machine).
 
 **Updates.** Each update path runs with a thread predicting in a loop (as an edge does) and a
 pure-Python probe thread, and applies a new random normalization state every ``--update-settle-s``:
@@ -324,6 +326,9 @@ def bench_model(name: str, args: argparse.Namespace, workdir: Path) -> dict:
         "img_per_s": throughput,
         "img_per_s_samples": samples,
         "speed_vs_fused": {k: v / fused_ips for k, v in throughput.items()},
+        # the same repeat's samples are taken seconds apart: their ratio cancels the slower drifts of a shared machine
+        "speed_vs_fused_paired": {k: statistics.median(a / b for a, b in zip(v, samples["onnx_fused"]))
+                                  for k, v in samples.items()},
         "updates": updates,
         "session_options": options,
     }
@@ -335,14 +340,16 @@ def _fmt(x: float | None, digits: int = 1) -> str:
 
 def tables(results: list[dict]) -> str:
     lines = ["| model | params | torch eager img/s | ONNX fused img/s | ours (init., C API) img/s "
-             "| ours (init., Python binding) img/s | ours (inputs) img/s | ours/fused (init.) | ours/fused (inputs) |",
+             "| ours (init., Python binding) img/s | ours (inputs) img/s | ours/fused (init.): medians, paired "
+             "| ours/fused (inputs): medians, paired |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in results:
-        t, s = r["img_per_s"], r["speed_vs_fused"]
+        t, s, q = r["img_per_s"], r["speed_vs_fused"], r["speed_vs_fused_paired"]
         lines.append(
             f"| {r['model']} | {r['parameters']:,} | {t['torch_eager']:,.0f} | {t['onnx_fused']:,.0f} | "
             f"{t['fedshift_initializers']:,.0f} | {t['fedshift_initializers_pybind']:,.0f} | "
-            f"{t['fedshift_inputs']:,.0f} | {s['fedshift_initializers']:.2f} | {s['fedshift_inputs']:.2f} |")
+            f"{t['fedshift_inputs']:,.0f} | {s['fedshift_initializers']:.2f}, {q['fedshift_initializers']:.2f} | "
+            f"{s['fedshift_inputs']:.2f}, {q['fedshift_inputs']:.2f} |")
     lines += ["", "| model | update path | blocking ms (median / p95) | in force ms (median) | first prediction ms "
               "(median) | prediction ms idle / during update (median) | probe gap ms p99 idle / during, max during | "
               "swap lock hold ms mean / max |",

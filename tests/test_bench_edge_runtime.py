@@ -23,6 +23,7 @@ def test_edge_runtime_benchmark_runs_and_reports(tmp_path: Path) -> None:
     (r,) = report["results"]
     assert r["model"] == "edge_cnn" and r["image_size"] == 32
     assert set(r["speed_vs_fused"]) >= {"onnx_fused", "fedshift_initializers", "fedshift_inputs"}
+    assert set(r["speed_vs_fused_paired"]) == set(r["speed_vs_fused"])
     assert set(r["updates"]) == {"sync_python", "background_python", "background_capi", "inputs"}
     for path, u in r["updates"].items():
         assert u["block_ms"]["n"] == 2 and u["in_force_ms"]["median"] is not None, path
