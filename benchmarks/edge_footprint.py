@@ -31,6 +31,7 @@ import logging
 import os
 import platform
 import re
+import shlex
 import statistics
 import subprocess
 import sys
@@ -272,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
     install = install_size()
     report = {
         "benchmark": "edge_footprint",
-        "command": " ".join([Path(sys.argv[0]).as_posix(), *(argv if argv is not None else sys.argv[1:])]),
+        "command": shlex.join([Path(sys.argv[0]).as_posix(), *(argv if argv is not None else sys.argv[1:])]),
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
                     "onnxruntime": md.version("onnxruntime"), "load_average_1m_start": load_start[0],

@@ -39,6 +39,7 @@ import json
 import logging
 import os
 import platform
+import shlex
 import statistics
 import sys
 import tempfile
@@ -390,7 +391,7 @@ def main(argv: list[str] | None = None) -> int:
         results = [bench_model(name, args, Path(tmp)) for name in args.models]
     report = {
         "benchmark": "edge_runtime",
-        "command": " ".join([Path(sys.argv[0]).as_posix(), *(argv if argv is not None else sys.argv[1:])]),
+        "command": shlex.join([Path(sys.argv[0]).as_posix(), *(argv if argv is not None else sys.argv[1:])]),
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "definitions": {
             "block_ms": "how long EdgeRuntime.apply blocked its caller",
