@@ -50,7 +50,8 @@ WHEEL_PACKAGES = ("core", "edge", "protos", "server", "client", "simulations")  
 # The child: a fresh interpreter that imports only the edge runtime. It prints one JSON line.
 CHILD = r"""
 import json, os, sys, time
-root, model, threads, batch, predictions = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
+root, model = sys.argv[1], sys.argv[2]
+threads, batch, predictions = (int(a) for a in sys.argv[3:6])
 t0 = time.perf_counter()
 sys.path.insert(0, root)
 

@@ -13,8 +13,9 @@ retry policy's total time plus one RPC deadline) and then for the version the ac
 first waits (up to ``flush_timeout_s``) for the buffered uploads of the episode it ends, then
 starts a new episode at the cloud and puts the edge's start-up normalization state back in force
 under the version the cloud returns, waiting until it is in force (the runtime builds its session
-in the background), so the episode's first batch is predicted with it on every run alike. At the end of a run the buffer is flushed for up to
-``flush_timeout_s``; what is left is counted as ``upload_unsent``. A fatal upload error
+in the background), so the episode's first batch is predicted with it on every run alike. At the
+end of a run the buffer is flushed for up to ``flush_timeout_s``; what is left is counted as
+``upload_unsent``. A fatal upload error
 (``UNAUTHENTICATED``, ...) met by the sender is raised at the node's next step. With
 ``client=None`` the node runs forward-only without a cloud (the "no adaptation" and "edge BN
 statistics" baselines); selection still runs and is counted as ``kept``, but nothing is uploaded.

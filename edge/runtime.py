@@ -13,9 +13,10 @@ default that build runs on a background thread the runtime owns (:class:`edge.sw
 version in force, and the new session replaces it atomically once built — the version in force
 (``version``, and the one ``predict_versioned`` reports) only ever goes up, and
 ``wait_for_version`` waits for the swap. Sessions are built through ORT's C API where the wheel
-ships it (:mod:`edge.sessions`), so the build does not hold the GIL either. ``background_updates=False``
-builds inside ``apply`` instead (the caller blocks for the build; the version is in force when it
-returns). In ``inputs`` mode the tensors are fed with every run and an update is in force at once.
+ships it (:mod:`edge.sessions`), so the build does not hold the GIL either.
+``background_updates=False`` builds inside ``apply`` instead (the caller blocks for the build; the
+version is in force when it returns). In ``inputs`` mode the tensors are fed with every run and an
+update is in force at once.
 """
 
 from __future__ import annotations

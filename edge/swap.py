@@ -15,8 +15,9 @@ the update nor in the one that predicts. :class:`VersionedSwap` keeps:
   up: an older build can never land after a newer one;
 - at most one **pending** build: a single builder thread always builds the newest accepted state
   (started by the first offer, it waits ``linger_s`` for the next one before it ends: starting a
-  thread on a busy machine took up to 94 ms here, which ``offer`` must not pay each time), so a burst of updates costs one build, not one each
-  (the skipped versions count as ``superseded``; they were accepted but never in force).
+  thread on a busy machine took up to 94 ms here, which ``offer`` must not pay each time), so a
+  burst of updates costs one build, not one each (the skipped versions count as ``superseded``;
+  they were accepted but never in force).
 
 A version counts as in force once predictions use it: :meth:`wait_for_version` and the listeners
 (:meth:`add_listener`) fire at the swap, not when :meth:`offer` returns. Old values are released
