@@ -145,6 +145,7 @@ def run_edge(cfg: EdgeConfig) -> int:
         _restore_signal_handlers(previous)
         if client is not None:
             client.close()
+        runtime.close()  # a session build in progress finishes first: nothing runs in ORT at exit
     if cfg.out:
         summary.write(cfg.out)
         log.info("summary written to %s", cfg.out)

@@ -205,7 +205,7 @@ def test_published_state_matches_edge_runtime(models, tmp_path: Path) -> None:
         adapted = copy.deepcopy(service.learner("e1").student).eval()
     state = decode_state(update.tensors)
     assert update.version == 6  # 24 samples, batches of 4
-    assert runtime.apply(state, update.version)
+    assert runtime.apply(state, update.version) and runtime.wait_for_version(update.version, 60)  # in force
     images = _images(8, seed=99)
     with torch.no_grad():
         expected = adapted(to_tensor(images)).numpy()
