@@ -69,7 +69,7 @@ def _model(cfg: EdgeConfig):
     from edge.runtime import EdgeRuntime
 
     try:
-        runtime = EdgeRuntime(cfg.model, threads=cfg.threads)
+        runtime = EdgeRuntime(cfg.model, threads=cfg.threads, providers=cfg.providers)
     except FileNotFoundError:
         return None, Finding("model", False, f"{cfg.model} does not exist", "give the .onnx file `fedshift export` "
                                                                            "wrote (model = ...)")

@@ -109,7 +109,7 @@ def run_edge(cfg: EdgeConfig) -> int:
 
     stop_event = threading.Event()  # the node's stop; it also ends the live sources (watch, camera)
     try:
-        runtime = EdgeRuntime(cfg.model, threads=cfg.threads)
+        runtime = EdgeRuntime(cfg.model, threads=cfg.threads, providers=cfg.providers)
         selection = cfg.selection.for_classes(runtime.num_classes)
         source = open_source(cfg.source, cfg.batch_size, runtime.input_shape, runtime.class_names,
                              stop=stop_event, poll_s=cfg.watch_poll_s)

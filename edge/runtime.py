@@ -26,7 +26,7 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -71,14 +71,15 @@ class EdgeRuntime:
     """
 
     def __init__(self, path: str | os.PathLike, *, threads: int | None = None, background_updates: bool = True,
-                 backend: str = "auto") -> None:
+                 backend: str = "auto", providers: Sequence[str] = ("cpu",)) -> None:
         self.path = Path(path)
         if not self.path.is_file():
             raise FileNotFoundError(f"edge model not found: {self.path}")
         # the file's bytes, patched in place by each build (one build at a time)
         self._bytes = bytearray(self.path.read_bytes())
         self.sha256: str = hashlib.sha256(self._bytes).hexdigest()  # identifies the file to the cloud
-        self._sessions = SessionFactory(backend, threads)
+        self._sessions = SessionFactory(backend, threads, providers)
+        self.providers: list[str] = self._sessions.providers  # the execution providers in use
         session = self._sessions.build(self._bytes)
         self.metadata: dict[str, str] = session.metadata()
         try:

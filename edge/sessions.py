@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any, Mapping, Protocol
+from typing import Any, Mapping, Protocol, Sequence
 
 import numpy as np
 
 from edge.ort_capi import OrtCApi
+from edge.providers import CPU, provider_name, resolve_providers
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +42,7 @@ class Session(Protocol):
 class PythonSession:
     """An ``onnxruntime.InferenceSession`` (the fallback binding)."""
 
-    def __init__(self, model: bytes | bytearray, threads: int | None) -> None:
+    def __init__(self, model: bytes | bytearray, threads: int | None, providers: Sequence[str] = (CPU,)) -> None:
         os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
         import onnxruntime as ort  # only here: the C API path never loads the Python binding
 
@@ -49,7 +50,7 @@ class PythonSession:
         options.log_severity_level = 3  # errors only: batch-statistics exports leave tensors unused
         if threads:
             options.intra_op_num_threads = int(threads)
-        self._session = ort.InferenceSession(bytes(model), options, providers=["CPUExecutionProvider"])
+        self._session = ort.InferenceSession(bytes(model), options, providers=list(providers))
         self.input_names: tuple[str, ...] = tuple(i.name for i in self._session.get_inputs())
         self.output_names: tuple[str, ...] = tuple(o.name for o in self._session.get_outputs())
 
@@ -68,13 +69,24 @@ class PythonSession:
 
 
 class SessionFactory:
-    """Builds CPU sessions with one backend: ``"capi"``, ``"python"`` or ``"auto"`` (the C API
-    where the wheel ships it). :attr:`backend` names the one in use."""
+    """Builds sessions with one backend: ``"capi"``, ``"python"`` or ``"auto"`` (the C API where
+    the wheel ships it). :attr:`backend` names the one in use, :attr:`providers` the execution
+    providers (:mod:`edge.providers`: the CPU unless an accelerator the build has is asked for;
+    sessions on an accelerator go through the Python binding, which appends its providers)."""
 
-    def __init__(self, backend: str = "auto", threads: int | None = None) -> None:
+    def __init__(self, backend: str = "auto", threads: int | None = None, providers: Sequence[str] = ("cpu",)) -> None:
         if backend not in BACKENDS:
             raise ValueError(f"unknown session backend {backend!r} (one of {', '.join(BACKENDS)})")
         self.threads = threads
+        self.providers: list[str] = [CPU]
+        if any(provider_name(p) != CPU for p in providers):
+            import onnxruntime as ort
+
+            self.providers = resolve_providers(providers, ort.get_available_providers())
+            if len(self.providers) > 1:
+                if backend == "capi":
+                    raise ValueError(f"execution providers {self.providers[:-1]} need the python session backend")
+                backend = "python"
         self._api = OrtCApi.load() if backend in ("auto", "capi") else None
         if backend == "capi" and self._api is None:
             raise RuntimeError("the installed onnxruntime wheel ships no C library (onnxruntime/capi/libonnxruntime*)")
@@ -85,4 +97,4 @@ class SessionFactory:
         """A session for the serialized model (the C API reads ``model`` in place)."""
         if self._api is not None:
             return self._api.session(model, threads=self.threads)
-        return PythonSession(model, self.threads)
+        return PythonSession(model, self.threads, self.providers)
