@@ -8,8 +8,8 @@ Four measurements, one run (issue 4, item 6):
   a closed loop (the next upload leaves when the previous one is acknowledged, as
   ``edge.node`` does); requests/s and samples/s over a common time window;
 - **update latency**: cloud step done (``ParameterUpdate.created_unix``, stamped when the learner
-  published) → applied at the edge (:meth:`edge.runtime.EdgeRuntime.apply` returned inside
-  :class:`edge.client.Subscriber`), one version per 16-sample upload;
+  published) → in force at the edge (the new session swapped in after its background build, as
+  :class:`edge.client.Subscriber` times it), one version per 16-sample upload;
 - **bytes**: serialized ``UploadRequest`` size per sample as uint8 vs the same request carrying
   float32 images, and the serialized ``ParameterUpdate`` vs the whole model's fp32 parameter bytes
   (edge_cnn, and teacher_resnet as a larger student).
@@ -202,13 +202,14 @@ def _task_sustain(task: dict[str, Any], conn: Connection) -> dict[str, Any]:
 
 def _task_updates(task: dict[str, Any]) -> dict[str, Any]:
     """One real edge (EdgeRuntime + Subscriber): upload one cloud batch, wait until the version it
-    produced is applied, repeat. The latency is the Subscriber's own (publish stamp → apply done)."""
+    produced is in force, repeat. The latency is the Subscriber's own (publish stamp → in force)."""
     from edge.runtime import EdgeRuntime
 
     apply_s: list[float] = []
 
     class TimedRuntime(EdgeRuntime):
-        """Records how long each apply blocks (session rebuild), to split the update latency."""
+        """Records how long each apply blocks the subscriber (validation and hand-over; the session
+        is rebuilt after it returns), to split the update latency."""
 
         def apply(self, state: Mapping[str, np.ndarray], version: int) -> bool:
             start = time.perf_counter()
@@ -648,7 +649,7 @@ def _rpc_table(results: dict[str, Any], args: argparse.Namespace) -> list[str]:
         lines.append("| " + " | ".join(row) + " |")
     if upd is not None:
         u, a, rt = upd["update_latency"], upd["apply"], upd["upload_to_applied"]
-        title = f"Update latency (CloudServer step published → EdgeRuntime.apply done, {upd['updates']} updates)"
+        title = f"Update latency (CloudServer step published → in force at the edge, {upd['updates']} updates)"
         lines += ["", title, "",
                   "| median ms | p90 ms | of which apply (median ms) | upload sent → applied (median ms, incl. "
                   "cloud step) | bytes per update received |", "|---|---|---|---|---|",

@@ -117,6 +117,10 @@ class FLConfig:
     stop_at: int = option(0, "end this run after this round, as if stopped there (0: run all rounds); resume "
                           "it later from its checkpoint: a long run in parts, equal to one run")
     tensorboard: bool = option(True, "write TensorBoard event files")
+    # fault tolerance (deployment engine: a SuperNode can die)
+    min_clients: int = option(0, "clients a round needs (0: all of them); with fewer, a round goes on with the "
+                              "clients that answered within round-timeout-s, so a dead client does not stop the run")
+    round_timeout_s: float = option(3600.0, "seconds a round waits for its clients' replies (Flower's default)")
 
     def __post_init__(self) -> None:
         def bad(key: str, why: str) -> ValueError:
@@ -143,6 +147,10 @@ class FLConfig:
         for key in ("momentum", "fraug_momentum_aux"):
             if not 0.0 <= getattr(self, key) < 1.0:
                 raise bad(key, f"must lie in [0, 1), got {getattr(self, key)}")
+        if not 0 <= self.min_clients <= self.clients:
+            raise bad("min_clients", f"must lie in 0..clients ({self.clients}), got {self.min_clients}")
+        if not self.round_timeout_s > 0:
+            raise bad("round_timeout_s", f"must be > 0, got {self.round_timeout_s}")
         clients_per_domain(self.clients)  # raises on an impossible client count
         self.data  # noqa: B018 - validates the dataset settings
 

@@ -8,9 +8,10 @@ Beyond that bound the edge's upload buffer (:mod:`edge.uploader`) keeps the uplo
 Anything else (``INVALID_ARGUMENT``, ``UNAUTHENTICATED``, ...) is a bug or a misconfiguration and
 raises at once.
 
-:class:`Subscriber` is a daemon thread that consumes the ``Subscribe`` stream and puts each newer
-normalization state in force with ``EdgeRuntime.apply`` (an atomic swap), so inference never waits
-for the cloud. It reconnects with backoff, resuming after the version in force.
+:class:`Subscriber` is a daemon thread that consumes the ``Subscribe`` stream and hands each newer
+normalization state to ``EdgeRuntime.apply``, which returns at once and swaps the rebuilt session in
+atomically when it is ready, so inference never waits for the cloud. It reconnects with backoff,
+resuming after the newest version the runtime accepted.
 """
 
 from __future__ import annotations
@@ -235,7 +236,7 @@ class Subscriber(threading.Thread):
     """Consumes ``Subscribe`` and applies newer normalization states; stop with :meth:`close`.
 
     Updates of an episode older than :attr:`episode` (set by the node before it resets) are
-    ignored, as are versions not newer than the one in force. Counters are read with
+    ignored, as are versions not newer than the newest the runtime accepted. Counters are read with
     :meth:`stats` from any thread.
     """
 
@@ -253,7 +254,8 @@ class Subscriber(threading.Thread):
         self._counts = {"updates_received": 0, "versions_applied": 0, "stale_ignored": 0,
                         "episode_ignored": 0, "apply_errors": 0, "bytes_down": 0, "reconnects": 0}
         self._latencies: list[float] = []
-        self._applied_event = threading.Condition(self._lock)
+        self._created: dict[int, float] = {}  # accepted, not yet in force: version -> cloud step time
+        self._remove_listener = runtime.add_version_listener(self._in_force)
 
     @property
     def episode(self) -> int:
@@ -266,7 +268,8 @@ class Subscriber(threading.Thread):
             self._episode = int(value)
 
     def stats(self) -> SubscriberStats:
-        """A snapshot of the counters plus update latency (cloud step done -> applied here)."""
+        """A snapshot of the counters plus update latency (cloud step done -> in force here; a
+        version superseded by a newer one before its build finished is not timed)."""
         with self._lock:
             counts = dict(self._counts)
             lat = list(self._latencies)
@@ -279,16 +282,16 @@ class Subscriber(threading.Thread):
             return list(self._latencies)
 
     def wait_for_version(self, version: int, timeout: float) -> bool:
-        """Block until a version >= ``version`` is in force (tests, launch barriers)."""
-        with self._applied_event:
-            return self._applied_event.wait_for(lambda: self.runtime.version >= version, timeout)
+        """Block until a version >= ``version`` is in force — predictions use it, not merely
+        accepted by ``apply`` (tests, launch barriers, lockstep simulations)."""
+        return self.runtime.wait_for_version(version, timeout)
 
     def run(self) -> None:
         retries = 0
         while not self._stop_event.is_set():
             try:
-                request = pb.SubscribeRequest(edge_id=self.client.edge_id, after_version=self.runtime.version,
-                                              auth_token=self.client.token)
+                request = pb.SubscribeRequest(edge_id=self.client.edge_id,
+                                              after_version=self.runtime.latest_version, auth_token=self.client.token)
                 call = self.client.stub.Subscribe(request)
                 with self._lock:
                     self._call = call
@@ -325,22 +328,37 @@ class Subscriber(threading.Thread):
             self._bump("episode_ignored")
             log.debug("ignoring update v%d of episode %d (now %d)", update.version, update.episode, episode)
             return
+        version = int(update.version)
+        if update.created_unix:  # before apply: a synchronous runtime puts it in force inside the call
+            with self._lock:
+                self._created[version] = float(update.created_unix)
         try:
-            applied = self.runtime.apply(decode_state(update.tensors), int(update.version))
+            applied = self.runtime.apply(decode_state(update.tensors), version)
         except ValueError as exc:
+            self._forget(version)
             self._bump("apply_errors")
             log.error("refusing update v%d: %s", update.version, exc)
             return
         if not applied:
+            self._forget(version)
             self._bump("stale_ignored")
             return
-        latency = time.time() - update.created_unix if update.created_unix else None
-        with self._applied_event:
-            self._counts["versions_applied"] += 1
-            if latency is not None:
-                self._latencies.append(latency)
-            self._applied_event.notify_all()
-        log.debug("applied v%d (episode %d, cloud step %d)", update.version, update.episode, update.cloud_step)
+        self._bump("versions_applied")
+        log.debug("accepted v%d (episode %d, cloud step %d)", update.version, update.episode, update.cloud_step)
+
+    def _in_force(self, version: int) -> None:
+        """Runtime listener: ``version`` is in force; time it, forget the older ones it superseded."""
+        now = time.time()
+        with self._lock:
+            created = self._created.pop(version, None)
+            for v in [v for v in self._created if v < version]:
+                del self._created[v]
+            if created is not None:
+                self._latencies.append(now - created)
+
+    def _forget(self, version: int) -> None:
+        with self._lock:
+            self._created.pop(version, None)
 
     def _bump(self, key: str) -> None:
         with self._lock:
@@ -349,6 +367,7 @@ class Subscriber(threading.Thread):
     def close(self, timeout: float = 5.0) -> None:
         """Cancel the stream and join the thread."""
         self._stop_event.set()
+        self._remove_listener()
         with self._lock:
             call = self._call
         if call is not None:

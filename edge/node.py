@@ -12,8 +12,10 @@ retry policy's total time plus one RPC deadline) and then for the version the ac
 ``--lockstep`` cloud sends after learning from it. A ``reset`` batch (reset-per-shift protocol)
 first waits (up to ``flush_timeout_s``) for the buffered uploads of the episode it ends, then
 starts a new episode at the cloud and puts the edge's start-up normalization state back in force
-under the version the cloud returns. At the end of a run the buffer is flushed for up to
-``flush_timeout_s``; what is left is counted as ``upload_unsent``. A fatal upload error
+under the version the cloud returns, waiting until it is in force (the runtime builds its session
+in the background), so the episode's first batch is predicted with it on every run alike. At the
+end of a run the buffer is flushed for up to ``flush_timeout_s``; what is left is counted as
+``upload_unsent``. A fatal upload error
 (``UNAUTHENTICATED``, ...) met by the sender is raised at the node's next step. With
 ``client=None`` the node runs forward-only without a cloud (the "no adaptation" and "edge BN
 statistics" baselines); selection still runs and is counted as ``kept``, but nothing is uploaded.
@@ -31,6 +33,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import threading
 import time
 from collections import defaultdict
@@ -42,6 +45,7 @@ import numpy as np
 
 from edge.client import CloudClient, Subscriber, not_registered
 from edge.config import NodeConfig
+from edge.health import EdgeState, write_state
 from edge.selection import EntropySelector, Selection
 from edge.sources import EdgeBatch, Source
 from edge.summary import TIMELINE_KEYS, EdgeSummary, Excluded, ModelRef, ShiftStats, SubscriberStats, Timeline
@@ -50,6 +54,11 @@ from edge.uploader import Outcome, QueuedUpload, Uploader, UploaderConfig, Uploa
 __all__ = ["EdgeNode", "NodeConfig", "TIMELINE_KEYS"]
 
 log = logging.getLogger(__name__)
+
+# how long a reset waits for the restored state's session to be built and in force: far above any
+# build measured (ResNet-18: ~0.1 s), a bound only against a build that never finishes
+RESET_IN_FORCE_TIMEOUT_S = 60.0
+
 
 @dataclass
 class _Counters:
@@ -102,6 +111,8 @@ class EdgeNode:
         self._waiting = False
         self._stopped_early = False
         self._last_log = 0.0
+        self._started_unix = time.time()
+        self._seen_version, self._version_unix = runtime.version, None  # when the version in force last changed
 
     # ---------------------------------------------------------------- control
 
@@ -122,6 +133,8 @@ class EdgeNode:
         """Process the whole source (or up to the limit / a stop), flush the upload buffer (bounded);
         returns :meth:`summary`."""
         self._start = self._last_log = time.monotonic()
+        self._started_unix = time.time()
+        health = _HealthWriter(self) if self.config.state_file else None
         try:
             if self.client is not None:
                 self._connect()
@@ -137,6 +150,8 @@ class EdgeNode:
                 self._subscriber.close()
             if self.client is not None:
                 self._report_metrics(final=True)
+            if health is not None:
+                health.close()  # the last write says the edge stopped
         summary = self.summary()  # building it checks that every sample was counted once
         log.info("done: %s", self._progress_line())
         return summary
@@ -176,8 +191,8 @@ class EdgeNode:
             self._waiting = True
             try:
                 batch = next(it)
-            except StopIteration:
-                return
+            except StopIteration:  # the end of the source, or a live source that saw the stop
+                break
             except KeyboardInterrupt:
                 self._stopped_early = True
                 return
@@ -277,6 +292,10 @@ class EdgeNode:
                 log.warning("cloud answered reset to episode %d with episode %d", new, reply.episode)
             if self.runtime.apply(self._initial_state, int(reply.version)):
                 self._c.reset_versions_applied += 1
+            # in force before the episode's first batch (or a newer version, already accepted)
+            if not self.runtime.wait_for_version(int(reply.version), RESET_IN_FORCE_TIMEOUT_S):
+                log.warning("reset to episode %d: version %d not in force after %.0f s; predicting with version %d",
+                            new, reply.version, RESET_IN_FORCE_TIMEOUT_S, self.runtime.version)
         self._episode = new
         self._c.resets += 1
         log.debug("episode %d", new)
@@ -344,6 +363,22 @@ class EdgeNode:
             self._c.metrics_errors += 1
             log.warning("report_metrics failed: %s", exc.code() if hasattr(exc, "code") else exc)
 
+    def health(self, running: bool = True) -> EdgeState:
+        """The node's health for the state file (:mod:`edge.health`); safe from any thread."""
+        c, u = self._c, self._up_stats()
+        version = self.runtime.version
+        if version != self._seen_version:
+            self._seen_version, self._version_unix = version, time.time()
+        return EdgeState(edge_id=str(self.edge_id), pid=os.getpid(), written_unix=time.time(),
+                         started_unix=self._started_unix, running=running,
+                         server=self.client.address if self.client is not None else None, seen=c.seen, kept=c.kept,
+                         uploaded=u.uploaded, version=version, last_version_unix=self._version_unix,
+                         last_upload_unix=u.last_ack_unix,
+                         cloud_reachable=(not u.in_outage) if self.client is not None else None,
+                         buffered_samples=u.upload_pending,
+                         buffer_bound=self.config.max_buffered_samples if self.client is not None else 0,
+                         dropped=u.upload_dropped, failed=u.upload_failed)
+
     def _progress_line(self) -> str:
         c, u = self._c, self._up_stats()
         acc = f"{100 * c.correct / c.labelled:.1f}%" if c.labelled else "n/a"
@@ -395,6 +430,34 @@ class EdgeNode:
             stopped_early=self._stopped_early,
             timeline=Timeline(**columns) if timeline else Timeline(),
         )
+
+
+class _HealthWriter:
+    """Rewrites the node's state file every ``state_every_s`` from its own thread (a source that
+    blocks, e.g. a camera or a watched folder, does not make a healthy edge look stuck)."""
+
+    def __init__(self, node: EdgeNode) -> None:
+        self._node, self._path = node, node.config.state_file
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="edge-health", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            self._write(running=True)
+            if self._stop.wait(self._node.config.state_every_s):
+                return
+
+    def _write(self, running: bool) -> None:
+        try:
+            write_state(self._path, self._node.health(running))
+        except OSError as exc:  # a full or read-only disk must not stop the edge
+            log.warning("cannot write the state file %s: %s", self._path, exc)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        self._write(running=False)
 
 
 def _finite(x: float | None) -> float | None:

@@ -1,8 +1,15 @@
-"""Input sources of an edge node: an .npz stream, a folder of images, raw frames on stdin.
+"""Input sources of an edge node, and the ``--source`` spec strings that name them.
 
 Every source is an iterable of :class:`EdgeBatch` (uint8 NHWC images, optional int64 labels, the
 shift the batch belongs to and a ``reset`` flag that starts a new episode of the reset-per-shift
 protocol). A batch never spans two segments, so each carries exactly one corruption.
+
+The spec strings (``--source``) and what each reads are :data:`SOURCE_HELP`, which ``fedshift
+edge --help`` prints; the live ones have their own modules (:mod:`edge.watch`, :mod:`edge.camera`).
+
+Array sources (npz, npy, stdin) must already have the model's input size; image sources (folder,
+watch, camera) are converted and resized to it by one rule (:mod:`edge.images`). The float
+preprocessing always comes from the ONNX metadata, applied by the runtime.
 
 The .npz stream format is part of the edge/cloud contract and lives in :mod:`protos.contract`
 (``save_stream_npz`` / ``load_stream_npz``, re-exported here); the launcher builds the built-in
@@ -15,18 +22,39 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Iterator, Protocol, Sequence
 
 import numpy as np
 
+from edge.images import IMAGE_SUFFIXES, InputSize, read_image, require_pillow
 from protos.contract import (PROTOCOLS, STREAM_FORMAT, StreamFile, StreamSegment,  # noqa: F401 - re-exported
                              load_stream_npz, save_stream_npz)
 
-log = logging.getLogger(__name__)
+__all__ = ["EdgeBatch", "FolderSource", "IMAGE_SUFFIXES", "NpySource", "NpzSource", "SOURCE_HELP", "SOURCE_SPECS",
+           "Source", "StdinSource", "check_batch_size", "load_stream_npz", "open_source", "parse_frame_shape",
+           "save_stream_npz"]
 
-IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".ppm", ".pgm", ".tif", ".tiff"})
+# what --source accepts (the config's help and every "bad spec" error say it) and what each reads
+SOURCE_SPECS = "npz:PATH | npy:PATH | folder:DIR | watch:DIR | camera:INDEX|/dev/videoN | stdin:HxWxC"
+SOURCE_HELP = """sources (--source):
+  npz:PATH       a stream file (fedshift.stream/1): segments, labels, the reset protocol
+  npy:PATH       a uint8 (N, H, W, C) array file (np.save), unlabelled
+  folder:DIR     the images under DIR, sorted (labelled when laid out as DIR/<class>/...)
+  watch:DIR      image files as they arrive in DIR (those there at start too), each once, in
+                 arrival order, until the edge is stopped; a file is read once its size and
+                 time are the same at two looks (--watch-poll apart): a writer that can stall
+                 mid-file writes .NAME.png (dot files are ignored) and renames it into place
+  camera:INDEX   a camera through OpenCV: camera:0 or camera:/dev/video0
+                 (needs pip install 'fedshift[camera]')
+  stdin:HxWxC    raw uint8 frames back to back on standard input
+Image sources (folder, watch, camera) are converted to RGB (gray for a 1-channel model) and
+resized to the model's input (bilinear, whole picture); npz, npy and stdin images must have its
+size already. The preprocessing (scale, mean, std) comes from the model's ONNX metadata."""
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -56,7 +84,8 @@ class Source(Protocol):
     def __iter__(self) -> Iterator[EdgeBatch]: ...
 
 
-def _check_batch_size(batch_size: int) -> int:
+def check_batch_size(batch_size: int) -> int:
+    """``batch_size`` as an int, refused below 1 (every source checks it the same way)."""
     if int(batch_size) < 1:
         raise ValueError(f"batch size must be >= 1, got {batch_size}")
     return int(batch_size)
@@ -69,7 +98,7 @@ class NpzSource:
     """Batches of a stream .npz; ``reset`` per the protocol recorded in the file."""
 
     def __init__(self, path: str | os.PathLike, batch_size: int) -> None:
-        self.batch_size = _check_batch_size(batch_size)
+        self.batch_size = check_batch_size(batch_size)
         self.stream = load_stream_npz(path)
         self.path = Path(path)
         log.info("stream %s: %d segments, %d samples, protocol %s", self.path, len(self.stream.segments),
@@ -97,20 +126,48 @@ class NpzSource:
                 first = start_of_segment = False
 
 
+# ------------------------------------------------------------------------------------- npy arrays
+
+
+class NpySource:
+    """A uint8 ``(N, H, W, C)`` array file (``np.save``): unlabelled, one segment named after the
+    file, severity 0, reset at the start only. Memory-mapped, so a board replays a file larger
+    than its memory; each batch is copied out of the map."""
+
+    def __init__(self, path: str | os.PathLike, batch_size: int) -> None:
+        self.batch_size = check_batch_size(batch_size)
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise FileNotFoundError(f"array file not found: {self.path}")
+        try:
+            images = np.load(self.path, mmap_mode="r", allow_pickle=False)
+        except (ValueError, OSError) as exc:
+            raise ValueError(f"{self.path}: not a readable .npy file ({exc})") from exc
+        if not isinstance(images, np.ndarray):  # np.load opened an .npz archive
+            images.close()
+            raise ValueError(f"{self.path}: an .npz archive, not one array: use npz:PATH for stream files")
+        if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] not in (1, 3) or not len(images):
+            raise ValueError(f"{self.path}: images must be a non-empty uint8 (N, H, W, 1|3) array, "
+                             f"got {images.dtype} {images.shape}")
+        self.images = images
+        log.info("array %s: %d images of %s (HxWxC), unlabelled", self.path, len(images), images.shape[1:])
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        """(H, W, C) of the file's images."""
+        return tuple(int(v) for v in self.images.shape[1:])  # type: ignore[return-value]
+
+    def __iter__(self) -> Iterator[EdgeBatch]:
+        name = self.path.stem or "npy"
+        for lo in range(0, len(self.images), self.batch_size):
+            yield EdgeBatch(np.array(self.images[lo:lo + self.batch_size]), None, name, 0, lo == 0)
+
+
 # ------------------------------------------------------------------------------------- folders
 
 
-def _require_pillow():
-    try:
-        from PIL import Image
-    except ImportError as exc:
-        raise ImportError("folder sources decode images with Pillow, which is not part of the base "
-                          "edge install: pip install Pillow") from exc
-    return Image
-
-
 class FolderSource:
-    """Images under a folder (recursively, sorted), resized to the model's input size.
+    """Images under a folder (recursively, sorted), fitted to the model's input (:mod:`edge.images`).
 
     With ``class_names`` and an ImageFolder layout (``DIR/<class>/img.png``, every parent folder a
     class name) the parent folder gives the label; otherwise the stream is unlabelled. One segment,
@@ -119,17 +176,12 @@ class FolderSource:
 
     def __init__(self, directory: str | os.PathLike, batch_size: int, image_size: int | Sequence[int],
                  *, channels: int = 3, class_names: Sequence[str] | None = None) -> None:
-        self._image = _require_pillow()
+        require_pillow()
         self.directory = Path(directory)
         if not self.directory.is_dir():
             raise FileNotFoundError(f"image folder not found: {self.directory}")
-        self.batch_size = _check_batch_size(batch_size)
-        if isinstance(image_size, int):
-            image_size = (image_size, image_size)
-        self.height, self.width = (int(v) for v in image_size)
-        if channels not in (1, 3):
-            raise ValueError(f"channels must be 1 or 3, got {channels}")
-        self.channels = channels
+        self.batch_size = check_batch_size(batch_size)
+        self.size = InputSize.of(image_size, channels)
         self.files = sorted(p for p in self.directory.rglob("*")
                             if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
         if not self.files:
@@ -147,22 +199,11 @@ class FolderSource:
             return np.array([index[name] for name in parents], dtype=np.int64)
         return None
 
-    def _load(self, path: Path) -> np.ndarray:
-        try:
-            with self._image.open(path) as img:
-                img = img.convert("RGB" if self.channels == 3 else "L")
-                if img.size != (self.width, self.height):
-                    img = img.resize((self.width, self.height), self._image.BILINEAR)
-                arr = np.asarray(img, dtype=np.uint8)
-        except (OSError, ValueError) as exc:
-            raise ValueError(f"cannot read image {path}: {exc}") from exc
-        return arr.reshape(self.height, self.width, self.channels)
-
     def __iter__(self) -> Iterator[EdgeBatch]:
         name = self.directory.name or "folder"
         for lo in range(0, len(self.files), self.batch_size):
             chunk = self.files[lo:lo + self.batch_size]
-            images = np.stack([self._load(p) for p in chunk])
+            images = np.stack([read_image(p, self.size) for p in chunk])
             labels = None if self.labels is None else self.labels[lo:lo + len(chunk)]
             yield EdgeBatch(images, labels, name, 0, lo == 0)
 
@@ -184,7 +225,7 @@ class StdinSource:
                              f"got {height}x{width}x{channels}")
         self.shape = (int(height), int(width), int(channels))
         self.frame_bytes = int(np.prod(self.shape))
-        self.batch_size = _check_batch_size(batch_size)
+        self.batch_size = check_batch_size(batch_size)
         self.stream = stream if stream is not None else sys.stdin.buffer
 
     def _read_frame(self) -> bytes | None:
@@ -232,26 +273,38 @@ def parse_frame_shape(text: str) -> tuple[int, int, int]:
 
 
 def open_source(spec: str, batch_size: int, input_shape: Sequence[int],
-                class_names: Sequence[str] | None = None) -> Source:
-    """Build a source from ``npz:PATH``, ``folder:DIR`` or ``stdin:HxWxC``.
+                class_names: Sequence[str] | None = None, *, stop: threading.Event | None = None,
+                poll_s: float = 0.5, capture_factory=None) -> Source:
+    """Build a source from a spec (:data:`SOURCE_SPECS`; the module docstring says what each reads).
 
-    ``input_shape`` is the model's (C, H, W): folder images are resized to it, and npz / stdin
-    frames must already match it.
+    ``input_shape`` is the model's (C, H, W): image sources fit their pictures to it, and npz / npy
+    / stdin frames must already match it. ``stop`` (the node's stop event) ends the live sources
+    (watch, camera); ``poll_s`` is the watched folder's poll interval; ``capture_factory`` opens a
+    camera (default: OpenCV's ``VideoCapture``; tests inject a fake).
     """
     kind, sep, arg = spec.partition(":")
     if not sep or not arg:
-        raise ValueError(f"source must be npz:PATH, folder:DIR or stdin:HxWxC, got {spec!r}")
+        raise ValueError(f"source must be one of {SOURCE_SPECS}, got {spec!r}")
     c, h, w = (int(v) for v in input_shape)
-    if kind == "npz":
-        source = NpzSource(arg, batch_size)
+    if kind in ("npz", "npy"):
+        source = NpzSource(arg, batch_size) if kind == "npz" else NpySource(arg, batch_size)
         if source.image_shape != (h, w, c):
             raise ValueError(f"{arg}: images are {source.image_shape} (HxWxC), the model expects {(h, w, c)}")
         return source
     if kind == "folder":
         return FolderSource(arg, batch_size, (h, w), channels=c, class_names=class_names)
+    if kind == "watch":
+        from edge.watch import WatchSource
+
+        return WatchSource(arg, batch_size, (h, w), channels=c, poll_s=poll_s, stop=stop)
+    if kind == "camera":
+        from edge.camera import CameraSource, parse_device
+
+        return CameraSource(parse_device(arg), batch_size, (h, w), channels=c, capture_factory=capture_factory,
+                            stop=stop)
     if kind == "stdin":
         shape = parse_frame_shape(arg)
         if shape != (h, w, c):
             raise ValueError(f"stdin frames are {arg}, the model expects {h}x{w}x{c}")
         return StdinSource(*shape, batch_size)
-    raise ValueError(f"unknown source kind {kind!r}: use npz:PATH, folder:DIR or stdin:HxWxC")
+    raise ValueError(f"unknown source kind {kind!r}: use {SOURCE_SPECS}")

@@ -23,8 +23,9 @@ being sent when the summary was built; 0 in a finished run's summary), ``upload_
 the cloud became unreachable for the sender), ``uploads`` / ``upload_errors`` (requests
 acknowledged / refused), ``upload_retries`` (attempts that failed transiently), ``bytes_up``
 (serialized UploadRequest sizes, once per acknowledged request), ``bytes_down`` (ParameterUpdate
-sizes received), ``versions_applied`` (subscriber + reset states put in force),
-``update_latency_s`` (cloud step done → applied here). Accuracy is online: each batch is scored
+sizes received), ``versions_applied`` (subscriber + reset states accepted by the runtime; a
+version superseded by a newer one while its session was being built counts but was never in
+force), ``update_latency_s`` (cloud step done → in force here). Accuracy is online: each batch is scored
 with the parameters in force before any adaptation on it.
 
 ``uploaded`` per corruption / shift and in the timeline means *acknowledged samples attributed

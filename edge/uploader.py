@@ -134,6 +134,8 @@ class UploaderStats:
     upload_outages: int = 0
     cloud_version: int | None = None
     acked_by_tag: Mapping[int, int] = field(default_factory=dict)
+    in_outage: bool = False  # the last attempt failed transiently (the cloud unreachable or busy)
+    last_ack_unix: float | None = None  # wall time of the newest acknowledgement
 
 
 class Uploader:
@@ -156,6 +158,7 @@ class Uploader:
                                        "upload_failed", "upload_errors", "upload_dropped", "uploads_dropped",
                                        "upload_unsent", "upload_outages")}
         self._cloud_version: int | None = None
+        self._last_ack_unix: float | None = None
         self._acked_by_tag: dict[int, int] = {}
         self._outage_since: float | None = None
         self._drop_warned_at: float | None = None
@@ -212,7 +215,8 @@ class Uploader:
     def stats(self) -> UploaderStats:
         with self._cond:
             return UploaderStats(**self._counts, upload_pending=self._pending, uploads_pending=len(self._queue),
-                                 cloud_version=self._cloud_version, acked_by_tag=dict(self._acked_by_tag))
+                                 cloud_version=self._cloud_version, acked_by_tag=dict(self._acked_by_tag),
+                                 in_outage=self._outage_since is not None, last_ack_unix=self._last_ack_unix)
 
     def close(self, flush_timeout: float = 0.0) -> None:
         """Flush up to ``flush_timeout``, stop sending, count what is left as unsent (idempotent)."""
@@ -371,6 +375,7 @@ class Uploader:
             c["upload_retries"] += res.attempts - 1
             c["duplicates"] += int(res.reply.duplicate)
             self._cloud_version = int(res.reply.latest_version)
+            self._last_ack_unix = time.time()
             if item.tag is not None:
                 self._acked_by_tag[item.tag] = self._acked_by_tag.get(item.tag, 0) + item.samples
             self._answered()

@@ -151,7 +151,7 @@ def run_server(grid: Grid, cfg: FLConfig) -> FLResult:
         proximal_mu=cfg.proximal_mu,
         generator=ArrayRecord(torch_state_dict=generator.state_dict()) if generator is not None else None,
         recorder=recorder, round_offset=start_round, on_round_end=on_round_end,
-        checkpoint_every=cfg.checkpoint_every, last_round=remaining,
+        checkpoint_every=cfg.checkpoint_every, last_round=remaining, min_clients=cfg.min_clients,
         restore=_restore_by_node(grid, ckpt.client_state) if cfg.resume and ckpt.client_state else None)
     if cfg.resume and ckpt.client_norm:  # a client missing from the next round keeps its layers
         strategy.client_norm.update({pid: {k: v.numpy() for k, v in norm.items()}
@@ -159,7 +159,8 @@ def run_server(grid: Grid, cfg: FLConfig) -> FLResult:
     log.info("%s: %d rounds (from %d), %d clients, output %s", cfg.run_name, remaining, start_round,
              cfg.clients, out.resolve())
     try:
-        strategy.start(grid=grid, initial_arrays=ArrayRecord(torch_state_dict=full_state), num_rounds=remaining)
+        strategy.start(grid=grid, initial_arrays=ArrayRecord(torch_state_dict=full_state), num_rounds=remaining,
+                       timeout=cfg.round_timeout_s)
     finally:
         path = recorder.write_results()
         recorder.close()

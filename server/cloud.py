@@ -28,6 +28,7 @@ import copy
 import json
 import logging
 import math
+import re
 import threading
 import time
 from collections import deque
@@ -46,7 +47,7 @@ from core.cema import CemaLearner
 from core.export import Preprocess
 from core.norm import norm_tensor_names, set_norm_state
 from core.training import to_tensor
-from protos.codec import GRPC_OPTIONS, MAX_MESSAGE_BYTES, RETRY_AFTER_KEY, decode_images, encode_state
+from protos.codec import GRPC_OPTIONS, RETRY_AFTER_KEY, decode_images, encode_state
 from protos.fedshift.v1 import edge_pb2 as pb
 from protos.fedshift.v1 import edge_pb2_grpc as pb_grpc
 from server.auth import Authenticator, AuthError, peer_common_name
@@ -61,6 +62,9 @@ __all__ = ["CloudConfig", "CloudServer", "CloudService"]
 log = logging.getLogger(__name__)
 
 SHARED = "shared"
+MAX_SEQUENCE = 2**63  # sequence numbers an edge may use
+MAX_METRICS = 64  # metric names one edge may report (bounded memory and TensorBoard tags)
+_METRIC_NAME = re.compile(r"[A-Za-z0-9_.\-/]{1,64}")
 
 
 class _Sequences:
@@ -363,6 +367,19 @@ class CloudService(pb_grpc.EdgeServiceServicer):
         return CloudStats(edges=edges, learners=learners, uptime_s=round(time.time() - self._started, 2),
                           checkpoints=self._checkpoints, restored_records=self._restored_records, **totals)
 
+    def memory_bound(self) -> dict[str, float]:
+        """What the configuration lets each kind of state take at most, in MB: the learners
+        (``max_edges`` of them per edge, one shared: models + a full replay of float32 samples),
+        the backlog of samples waiting for them, and the requests open at once."""
+        cfg = self.config
+        sample = 4 * math.prod(cfg.image_shape)  # a preprocessed sample (float32)
+        models = 4 * sum(p.numel() for m in (self._student, self._teacher) if m is not None for p in m.state_dict().values())
+        learner = models + cfg.cema.replay_capacity * sample
+        learners = 1 if cfg.shared else cfg.max_edges
+        mb = 2.0 ** 20
+        return {"per_learner": learner / mb, "learners": learners * learner / mb, "backlog": cfg.max_backlog * sample / mb,
+                "requests": (cfg.max_inflight_rpcs + cfg.max_edges) * cfg.max_message_bytes / mb}
+
     def learner(self, edge_id: str) -> CemaLearner:
         """The learner serving ``edge_id`` (for tests and offline inspection; call when idle)."""
         with self._lock:
@@ -393,7 +410,7 @@ class CloudService(pb_grpc.EdgeServiceServicer):
             with self._lock:
                 next_seq = edge.sequences.next
         return pb.RegisterReply(version=edge.slot.version, next_sequence=next_seq,
-                                max_message_bytes=MAX_MESSAGE_BYTES)
+                                max_message_bytes=self.config.max_message_bytes)
 
     def _register_edge(self, edge_id: str, model_id: str, model_sha256: str,
                        context: Call | None = None) -> _Edge:
@@ -431,6 +448,8 @@ class CloudService(pb_grpc.EdgeServiceServicer):
         self._authorize(request.edge_id, request.auth_token, context)
         edge = self._edge(request.edge_id, context)
         seq = int(request.sequence)
+        if seq >= MAX_SEQUENCE:  # the next one must still fit the wire's uint64
+            context.abort(grpc.StatusCode.OUT_OF_RANGE, f"sequence {seq} is out of range (must be < 2^63)")
         with self._lock:
             duplicate = seq in edge.sequences
             if duplicate:
@@ -531,7 +550,12 @@ class CloudService(pb_grpc.EdgeServiceServicer):
         values = dict(request.values)
         if bad := sorted(k for k, v in values.items() if not math.isfinite(v)):
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"metrics must be finite numbers: {', '.join(bad)}")
+        if bad := sorted(k for k in values if not _METRIC_NAME.fullmatch(k))[:4]:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"metric names must match {_METRIC_NAME.pattern}: "
+                          f"{', '.join(repr(k[:80]) for k in bad)}")
         with self._lock:
+            if len(set(edge.metrics) | set(values)) > MAX_METRICS:  # each name is kept and becomes a TensorBoard tag
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"an edge reports at most {MAX_METRICS} metric names")
             edge.metrics.update(values)
         for key, value in values.items():
             self._scalar(f"edge/{request.edge_id}/{key}", value, int(request.step))
@@ -735,6 +759,8 @@ class CloudService(pb_grpc.EdgeServiceServicer):
         n = len(images)
         if n == 0:
             raise ValueError("empty batch (no images)")
+        if n > self.config.max_upload_samples:
+            raise ValueError(f"{n} images in one upload, the cloud takes at most {self.config.max_upload_samples}")
         if tuple(images.shape[1:]) != tuple(self.config.image_shape):
             raise ValueError(f"images are {images.shape[1:]} (H, W, C), the cloud's model takes "
                              f"{tuple(self.config.image_shape)}")
@@ -933,7 +959,9 @@ class CloudServer:
                                     edge_model_sha256=edge_model_sha256, edge_states=edge_states,
                                     run_info=run_info, authenticator=authenticator)
         self._executor = ThreadPoolExecutor(max_workers=config.max_workers, thread_name_prefix="cloud-rpc")
-        self._server = AsyncServer(GRPC_OPTIONS, maximum_concurrent_rpcs=config.max_edges + config.max_inflight_rpcs)
+        options = [(k, v) for k, v in GRPC_OPTIONS if k != "grpc.max_receive_message_length"]
+        options.append(("grpc.max_receive_message_length", config.max_message_bytes))  # bounds in-flight memory
+        self._server = AsyncServer(options, maximum_concurrent_rpcs=config.max_edges + config.max_inflight_rpcs)
         self.undecodable = RateLimitedLog("undecodable requests")
         # our decoding: garbage -> INVALID_ARGUMENT
         self._server.call(lambda: add_edge_service(self._server.server, self.service, self.undecodable,
@@ -993,6 +1021,11 @@ class CloudServer:
                         "network unencrypted (--insecure)", self.address)
         if self.service.auth.mode == "none":
             log.warning("no authentication: any caller may register as any edge (give --credentials)")
+        bound = self.service.memory_bound()
+        log.info("memory bound by the configuration: learners %.0f MB (%s x %.1f MB), backlog %.0f MB, open requests "
+                 "%.0f MB (lower max_edges, replay_capacity, max_backlog, max_inflight_rpcs or max_upload_samples)",
+                 bound["learners"], 1 if self.config.shared else self.config.max_edges, bound["per_learner"],
+                 bound["backlog"], bound["requests"])
         return self
 
     def stop(self, grace: float | None = 1.0) -> None:

@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from core.cema import CemaConfig
+from protos.codec import MAX_MESSAGE_BYTES
 from protos.config import option, section
 
 TOKEN_ENV = "FEDSHIFT_TOKEN"  # the same variable the edges read
@@ -60,6 +61,8 @@ class CloudConfig:
     max_backlog: int = option(8192, "samples waiting for the learners above which uploads get RESOURCE_EXHAUSTED")
     retry_after_s: float = option(0.5, "the wait a refused (RESOURCE_EXHAUSTED) upload is told to take before "
                                   "retrying (trailing metadata retry-after-ms; edges wait at least that long)")
+    max_upload_samples: int = option(1024, "samples one upload may hold: with the image shape it sets the largest "
+                                     "message the cloud accepts, and so the memory in-flight uploads can take")
     max_edges: int = option(1024, "edges the cloud serves at most (each has a learner); a new one beyond gets "
                             "RESOURCE_EXHAUSTED")
     # durability (server.checkpoint): a snapshot plus a journal of every acknowledged change
@@ -86,6 +89,8 @@ class CloudConfig:
             raise ValueError(f"checkpoint_every_s must be >= 0 (0: only at shutdown), got {self.checkpoint_every_s}")
         if self.retry_after_s < 0:
             raise ValueError(f"retry_after_s must be >= 0, got {self.retry_after_s}")
+        if self.max_upload_samples < 1:
+            raise ValueError(f"max_upload_samples must be >= 1, got {self.max_upload_samples}")
         if self.max_backlog < 1 or self.max_edges < 1:
             raise ValueError(f"max_backlog and max_edges must be >= 1, got {self.max_backlog}, {self.max_edges}")
         if self.max_workers < 1 or self.max_inflight_rpcs < 1:
@@ -107,6 +112,13 @@ class CloudConfig:
     def image_shape(self) -> tuple[int, int, int]:
         """(H, W, C) of uploads = the student's input."""
         return (self.image_size, self.image_size, self.in_chans)
+
+    @property
+    def max_message_bytes(self) -> int:
+        """The largest request the cloud accepts: a full upload (uint8 images, a float entropy and
+        an int64 label per sample) plus room for the other fields, never above the codec's limit."""
+        h, w, c = self.image_shape
+        return min(MAX_MESSAGE_BYTES, self.max_upload_samples * (h * w * c + 16) + 64 * 1024)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)

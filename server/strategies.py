@@ -442,10 +442,12 @@ class FRAugStrategy(FedShiftStrategy):
 
 
 def make_strategy(name: str, *, num_clients: int, local_keys: Collection[str], proximal_mu: float = 0.0,
-                  generator: ArrayRecord | None = None, **kwargs: Any) -> FedShiftStrategy:
-    """Build strategy ``name`` sampling all ``num_clients`` clients every round."""
-    common: dict[str, Any] = dict(fraction_train=1.0, fraction_evaluate=1.0, min_train_nodes=num_clients,
-                                  min_evaluate_nodes=num_clients, min_available_nodes=num_clients, **kwargs)
+                  generator: ArrayRecord | None = None, min_clients: int = 0, **kwargs: Any) -> FedShiftStrategy:
+    """Build strategy ``name`` sampling every available client each round; a round starts once
+    ``min_clients`` (0: all ``num_clients``) are connected and aggregates the replies it got."""
+    need = min_clients or num_clients
+    common: dict[str, Any] = dict(fraction_train=1.0, fraction_evaluate=1.0, min_train_nodes=need,
+                                  min_evaluate_nodes=need, min_available_nodes=need, **kwargs)
     if name == "fedavg":
         return FedAvgStrategy(local_keys=local_keys, **common)
     if name == "fedprox":

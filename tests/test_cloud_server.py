@@ -122,7 +122,8 @@ def test_auth_token(models) -> None:
                 stub.Register(pb.RegisterRequest(edge_id="e1", auth_token=token), timeout=10)
             assert _code(exc) == grpc.StatusCode.UNAUTHENTICATED
         reply = stub.Register(pb.RegisterRequest(edge_id="e1", auth_token=TOKEN), timeout=10)
-        assert reply.version == 0 and reply.next_sequence == 0 and reply.max_message_bytes >= 64 << 20
+        assert reply.version == 0 and reply.next_sequence == 0
+        assert reply.max_message_bytes == run.server.config.max_message_bytes == 1024 * (16 * 16 * 3 + 16) + 65536
         with pytest.raises(grpc.RpcError) as exc:
             _upload(stub, 0, _images(2), auth_token="wrong")
         assert _code(exc) == grpc.StatusCode.UNAUTHENTICATED
@@ -204,7 +205,7 @@ def test_published_state_matches_edge_runtime(models, tmp_path: Path) -> None:
         adapted = copy.deepcopy(service.learner("e1").student).eval()
     state = decode_state(update.tensors)
     assert update.version == 6  # 24 samples, batches of 4
-    assert runtime.apply(state, update.version)
+    assert runtime.apply(state, update.version) and runtime.wait_for_version(update.version, 60)  # in force
     images = _images(8, seed=99)
     with torch.no_grad():
         expected = adapted(to_tensor(images)).numpy()
@@ -286,6 +287,50 @@ def test_subscriptions_hold_no_thread_and_every_one_gets_the_update(models) -> N
             call.cancel()
     assert first == [1] * 200 and second == [2] * 200
     assert during - before < 10, f"{during - before} threads more with 200 open subscriptions"
+
+
+def test_upload_size_is_bounded_by_the_configuration(models) -> None:
+    """max_upload_samples bounds one upload, and with the image shape the largest message gRPC
+    reads at all: more is refused before it is held in memory, and the cloud keeps serving."""
+    with _Running(models, _config(max_upload_samples=8)) as run:
+        stub = run.stub
+        assert stub.Register(pb.RegisterRequest(edge_id="e1"), timeout=10).max_message_bytes == 8 * 784 + 65536
+        with pytest.raises(grpc.RpcError) as exc:
+            _upload(stub, 0, _images(9))
+        assert _code(exc) == grpc.StatusCode.INVALID_ARGUMENT and "at most 8" in exc.value.details()
+        with pytest.raises(grpc.RpcError) as exc:
+            _upload(stub, 1, _images(200))  # 150 KB: over the message bound, refused by gRPC unread
+        assert _code(exc) == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert _upload(stub, 2, _images(8)).accepted == 8
+
+
+def test_a_sequence_number_out_of_range_is_refused(models) -> None:
+    """2^64 - 1 once broke the edge's next Register (the next sequence no longer fits uint64)."""
+    with _Running(models, _config()) as run:
+        stub = run.stub
+        stub.Register(pb.RegisterRequest(edge_id="e1"), timeout=10)
+        for seq in (2**63, 2**64 - 1):
+            with pytest.raises(grpc.RpcError) as exc:
+                _upload(stub, seq, _images(2))
+            assert _code(exc) == grpc.StatusCode.OUT_OF_RANGE
+        assert _upload(stub, 2**63 - 1, _images(2)).accepted == 2
+        assert stub.Register(pb.RegisterRequest(edge_id="e1"), timeout=10).next_sequence == 2**63
+
+
+def test_metric_names_are_bounded(models) -> None:
+    """An edge cannot grow the cloud's memory (or its TensorBoard tags) with endless metric names."""
+    with _Running(models, _config()) as run:
+        stub = run.stub
+        stub.Register(pb.RegisterRequest(edge_id="e1"), timeout=10)
+        stub.ReportMetrics(pb.MetricsReport(edge_id="e1", values={f"m{i}": 1.0 for i in range(64)}), timeout=10)
+        with pytest.raises(grpc.RpcError) as exc:
+            stub.ReportMetrics(pb.MetricsReport(edge_id="e1", values={"one_more": 1.0}), timeout=10)
+        assert _code(exc) == grpc.StatusCode.INVALID_ARGUMENT and "at most 64" in exc.value.details()
+        with pytest.raises(grpc.RpcError) as exc:
+            stub.ReportMetrics(pb.MetricsReport(edge_id="e1", values={"x" * 65: 1.0}), timeout=10)
+        assert _code(exc) == grpc.StatusCode.INVALID_ARGUMENT
+        stub.ReportMetrics(pb.MetricsReport(edge_id="e1", values={"m0": 2.0}), timeout=10)  # known names: fine
+        assert run.server.service.stats().edges["e1"].metrics["m0"] == 2.0
 
 
 def test_metrics_tensorboard_and_clean_shutdown(models, tmp_path: Path) -> None:

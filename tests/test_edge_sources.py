@@ -1,4 +1,5 @@
-"""Edge input sources: npz stream round trip with reset flags, stdin frames, folders, bad input."""
+"""Edge input sources: npz stream round trip with reset flags, stdin frames, folders, npy arrays, spec
+strings and bad input (the watched folder and the camera have their own test files)."""
 
 import io
 from collections import namedtuple
@@ -6,8 +7,9 @@ from collections import namedtuple
 import numpy as np
 import pytest
 
-from edge.sources import (FolderSource, NpzSource, StdinSource, load_stream_npz, open_source,
-                          parse_frame_shape, save_stream_npz)
+from edge.sources import (SOURCE_HELP, SOURCE_SPECS, FolderSource, NpySource, NpzSource, StdinSource,
+                          load_stream_npz, open_source, parse_frame_shape, save_stream_npz)
+from simulations.cli import main as fedshift
 
 
 def _segments(labelled: bool = True):
@@ -206,3 +208,68 @@ def test_the_stream_format_lives_in_protos_and_old_files_load(tmp_path) -> None:
         assert sorted(new.files) == sorted(old.files)
         for key in new.files:
             np.testing.assert_array_equal(new[key], old[key])
+
+
+# ------------------------------------------------------------------------------------- npy, specs
+
+
+def test_npy_file_batches_exactly_and_unlabelled(tmp_path) -> None:
+    images = np.random.default_rng(4).integers(0, 256, (7, 6, 5, 3), dtype=np.uint8)
+    np.save(tmp_path / "frames.npy", images)
+    src = open_source(f"npy:{tmp_path / 'frames.npy'}", 3, (3, 6, 5))
+    assert isinstance(src, NpySource) and src.image_shape == (6, 5, 3)
+    batches = list(src)
+    assert [len(b) for b in batches] == [3, 3, 1] and [b.reset for b in batches] == [True, False, False]
+    assert all(b.labels is None and b.corruption == "frames" and b.severity == 0 for b in batches)
+    assert all(type(b.images) is np.ndarray for b in batches)  # copied out of the memory map
+    np.testing.assert_array_equal(np.concatenate([b.images for b in batches]), images)
+    assert [len(b) for b in NpySource(tmp_path / "frames.npy", 64)] == [7]  # and it replays
+
+
+def test_npy_bad_files_are_refused(tmp_path) -> None:
+    with pytest.raises(FileNotFoundError, match="array file not found"):
+        NpySource(tmp_path / "missing.npy", 2)
+    cases = {"float.npy": np.zeros((2, 4, 4, 3), np.float32), "flat.npy": np.zeros((2, 4, 4), np.uint8),
+             "rgba.npy": np.zeros((2, 4, 4, 4), np.uint8), "empty.npy": np.zeros((0, 4, 4, 3), np.uint8)}
+    for name, array in cases.items():
+        np.save(tmp_path / name, array)
+        with pytest.raises(ValueError, match=r"non-empty uint8 \(N, H, W, 1\|3\)"):
+            NpySource(tmp_path / name, 2)
+    stream = save_stream_npz(tmp_path / "s.npz", _segments())
+    with pytest.raises(ValueError, match="use npz:PATH"):
+        NpySource(stream, 2)
+    (tmp_path / "junk.npy").write_bytes(b"not an array")
+    with pytest.raises(ValueError, match="not a readable .npy"):
+        NpySource(tmp_path / "junk.npy", 2)
+    np.save(tmp_path / "ok.npy", np.zeros((2, 4, 4, 3), np.uint8))
+    with pytest.raises(ValueError, match="model expects"):
+        open_source(f"npy:{tmp_path / 'ok.npy'}", 2, (3, 8, 8))
+    with pytest.raises(ValueError, match="batch size"):
+        NpySource(tmp_path / "ok.npy", 0)
+
+
+def test_bad_specs_name_every_source_kind(tmp_path) -> None:
+    for bad in ("npy", "watch:", "camera", "video:0", "folder"):
+        with pytest.raises(ValueError) as err:
+            open_source(bad, 4, (3, 6, 6))
+        assert SOURCE_SPECS in str(err.value)
+    with pytest.raises(FileNotFoundError, match="watched folder not found"):
+        open_source(f"watch:{tmp_path / 'nope'}", 4, (3, 6, 6))
+    with pytest.raises(ValueError, match="camera:0, camera:/dev/video0"):
+        open_source("camera:front", 4, (3, 6, 6))
+    with pytest.raises(ValueError, match="poll interval"):
+        open_source(f"watch:{tmp_path}", 4, (3, 6, 6), poll_s=0)
+
+
+def test_edge_help_and_config_list_the_sources(capsys) -> None:
+    from edge.config import EdgeConfig
+    from protos.config import to_toml
+
+    with pytest.raises(SystemExit):
+        fedshift(["edge", "--help"])
+    help_text = capsys.readouterr().out
+    for kind in ("npz:PATH", "npy:PATH", "folder:DIR", "watch:DIR", "camera:INDEX", "/dev/video0", "stdin:HxWxC",
+                 "fedshift[camera]", "--watch-poll"):
+        assert kind in help_text, kind
+    assert SOURCE_HELP in help_text
+    assert SOURCE_SPECS in to_toml(EdgeConfig())  # the config file's comment says it too

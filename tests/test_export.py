@@ -71,13 +71,21 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("norm_as_inputs", [False, True], ids=["initializers", "inputs"])
+WAIT_S = 60.0  # a bound on a background session build, far above any measured one
+
+# how an update is put in force: "initializers" mode rebuilds the session in the background
+# (the default) or inside apply ("sync"); "inputs" mode feeds the tensors with every run
+UPDATE_PATHS = [(False, True), (False, False), (True, True)]
+
+
+@pytest.mark.parametrize("norm_as_inputs,background", UPDATE_PATHS,
+                         ids=["initializers-background", "initializers-sync", "inputs"])
 @pytest.mark.parametrize("name,factory", CASES, ids=[c[0] for c in CASES])
-def test_parity_before_and_after_random_update(tmp_path, name, factory, norm_as_inputs) -> None:
+def test_parity_before_and_after_random_update(tmp_path, name, factory, norm_as_inputs, background) -> None:
     model = _trained_like(factory())
     path = tmp_path / "edge.onnx"
     export_onnx(model, path, (3, 32, 32), model_name=name, norm_as_inputs=norm_as_inputs)
-    runtime = EdgeRuntime(path)
+    runtime = EdgeRuntime(path, background_updates=background)
     images = _images()
     assert _parity(model, runtime, images) <= TOL
     before = runtime.predict(images)
@@ -85,7 +93,10 @@ def test_parity_before_and_after_random_update(tmp_path, name, factory, norm_as_
     update = _perturbed(get_norm_state(model), seed=1)
     set_norm_state(model, update)
     assert runtime.apply(update, version=1) is True
-    assert runtime.version == 1
+    assert runtime.latest_version == 1
+    if not (background and not norm_as_inputs):
+        assert runtime.version == 1  # in force when apply returns
+    assert runtime.wait_for_version(1, WAIT_S) and runtime.version == 1
     assert _parity(model, runtime, images) <= TOL
     # the update really changed the outputs (so the parity above is not vacuous)
     assert np.abs(runtime.predict(images) - before).max() > 100 * TOL
@@ -182,7 +193,7 @@ def test_a_file_with_the_metadata_exports_have_always_written_still_loads(tmp_pa
     assert (runtime.version, runtime.class_names, runtime.model_name) == (5, ("a", "b", "c"), "edge_cnn")
     assert _parity(model, runtime, _images()) <= TOL
     update = _perturbed(state, seed=3)
-    assert runtime.apply(update, 6)  # the recorded offsets still point at the tensors
+    assert runtime.apply(update, 6) and runtime.wait_for_version(6, WAIT_S)  # the offsets still point at the tensors
     set_norm_state(model, update)
     assert _parity(model, runtime, _images()) <= TOL
 
@@ -240,9 +251,9 @@ def test_apply_validates_and_ignores_stale_versions(exported) -> None:
 
     partial = {"features.1.weight": state["features.1.weight"] * 2}
     assert runtime.apply(partial, 2)
-    assert not runtime.apply(_perturbed(state, 9), 2)  # same version: ignored
+    assert not runtime.apply(_perturbed(state, 9), 2)  # same version: ignored, even before it is in force
     assert not runtime.apply(_perturbed(state, 9), 1)  # older: ignored
-    assert runtime.version == 2
+    assert runtime.wait_for_version(2, WAIT_S) and runtime.version == 2
     np.testing.assert_array_equal(runtime.norm_state()["features.1.weight"], partial["features.1.weight"])
     np.testing.assert_array_equal(runtime.norm_state()["features.1.bias"], state["features.1.bias"])
 
@@ -256,7 +267,7 @@ def test_updates_while_predicting_never_tear(exported) -> None:
     reference = [runtime.predict(images)]
     for version, state in enumerate(states[1:], start=1):
         probe = EdgeRuntime(path)
-        probe.apply(state, version)
+        assert probe.apply(state, version) and probe.wait_for_version(version, WAIT_S)
         reference.append(probe.predict(images))
     stop = threading.Event()
     seen: list[np.ndarray] = []
@@ -270,6 +281,7 @@ def test_updates_while_predicting_never_tear(exported) -> None:
     try:
         for version, state in enumerate(states[1:], start=1):
             runtime.apply(state, version)
+            runtime.wait_for_version(version, WAIT_S)  # each one in force in turn
     finally:
         stop.set()
         thread.join(timeout=30)
@@ -288,7 +300,8 @@ def test_edge_runtime_runs_without_torch(exported) -> None:
         f"rt = EdgeRuntime({str(path)!r})\n"
         "x = np.zeros((2, 32, 32, 3), np.uint8)\n"
         "s = rt.norm_state(); s = {k: v * 1.5 for k, v in s.items() if k.endswith('weight')}\n"
-        "assert rt.apply(s, 1) and rt.version == 1\n"
+        "assert rt.apply(s, 1) and rt.wait_for_version(1, 60) and rt.version == 1\n"
+        "assert rt.backend != 'capi' or 'onnxruntime' not in sys.modules  # the C API needs no Python binding\n"
         "print(rt.predict(x).shape)\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
@@ -329,7 +342,7 @@ def test_batch_stats_export_matches_train_mode_bn(tmp_path, norm_as_inputs) -> N
     x = torch.from_numpy(runtime.prepare(images))
     update = _perturbed(get_norm_state(model), seed=2)
     set_norm_state(model, update)
-    runtime.apply(update, 1)
+    assert runtime.apply(update, 1) and runtime.wait_for_version(1, WAIT_S)
     model.train()  # batch statistics; momentum 0 keeps the running stats untouched
     for m in model.modules():
         if isinstance(m, nn.BatchNorm2d):

@@ -70,3 +70,37 @@ def test_deployment_engine_with_flower_tls_and_supernode_auth(tmp_path: Path) ->
         assert plain.returncode != 0  # plaintext against the TLS SuperLink
         _write_connection(home, "remote", _connection_body(deployment))
     _assert_all_stopped(tmp_path)
+
+
+def test_a_supernode_killed_during_the_run_does_not_stop_it(tmp_path: Path) -> None:
+    """Issue 12: three SuperNodes, ``min-clients`` 2 and a 20 s round timeout; SuperNode 2 is killed
+    (SIGKILL) once round 1 is recorded. The run still completes every round, the later ones with
+    the two clients left (each round waits at most the timeout for the dead one's reply)."""
+    import signal
+    import threading
+    import time
+
+    from core.fl_config import FLResult
+    from simulations.flwr_local import local_deployment, run_remote
+
+    out = tmp_path / "run"
+    done: dict = {}
+    config = {**SMALL, "rounds": 4, "clients": 3, "min-clients": 2, "round-timeout-s": 20.0, "strategy": "fedbn",
+              "seed": 3, "out-dir": str(out)}
+    with local_deployment(3, tmp_path) as deployment:
+        run = threading.Thread(target=lambda: done.update(results=run_remote(
+            config, superlink=deployment.superlink, work_dir=tmp_path, timeout=900)), daemon=True)
+        run.start()
+        deadline = time.monotonic() + 600
+        while run.is_alive() and time.monotonic() < deadline:
+            path = out / "results.json"
+            if path.is_file() and FLResult.read(path).history:
+                break
+            time.sleep(1.0)
+        (victim,) = _pids_with_arg("partition-id=2 num-partitions=3")
+        os.kill(victim, signal.SIGKILL)
+        run.join(900)
+    results = done["results"]
+    assert [h.round for h in results.history] == [1, 2, 3, 4]
+    assert len(results.history[0].clients) == 3 and len(results.history[-1].clients) == 2
+    _assert_all_stopped(tmp_path)

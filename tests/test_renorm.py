@@ -106,7 +106,7 @@ def test_student_update_runs_identically_on_the_edge(tmp_path, mode) -> None:
     stats_moved = any(v for k, v in moved.items() if "running" in k)
     assert any(v for k, v in moved.items() if k.endswith(("weight", "bias")))
     assert stats_moved == (mode != "source")
-    assert runtime.apply(state, 1)
+    assert runtime.apply(state, 1) and runtime.wait_for_version(1, 60)  # in force: its session is built
     x = torch.from_numpy(runtime.prepare(images[:16]))
     model = copy.deepcopy(learner.student)
     with torch.no_grad():
