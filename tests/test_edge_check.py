@@ -12,7 +12,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from _edge_fake import FakeCloud, export_tiny_model, serve
 
 from edge.health import EdgeState, problems, read_state, write_state
 from edge.logs import JsonFormatter
@@ -24,22 +23,10 @@ from simulations.cli import main as fedshift
 
 
 @pytest.fixture(scope="module")
-def model_path(tmp_path_factory) -> Path:
-    return export_tiny_model(tmp_path_factory.mktemp("edge") / "edge.onnx")
-
-
-@pytest.fixture(scope="module")
 def stream_path(tmp_path_factory) -> Path:
     rng = np.random.default_rng(0)
     segs = [("fog", 5, rng.integers(0, 256, (12, 8, 8, 3), dtype=np.uint8), rng.integers(0, 4, 12))]
     return save_stream_npz(tmp_path_factory.mktemp("stream") / "s.npz", segs, "reset")
-
-
-@pytest.fixture()
-def cloud():
-    fake = FakeCloud()
-    with serve(fake) as address:
-        yield fake, address
 
 
 def _config(tmp_path: Path, **settings) -> Path:

@@ -6,24 +6,12 @@ import time
 import grpc
 import numpy as np
 import pytest
-from _edge_fake import FakeCloud, export_tiny_model, perturbed, serve
+from _edge_fake import FakeCloud, perturbed, serve
 
 from edge.client import CloudClient, RetriesExhausted, RetryPolicy, file_sha256
 from edge.runtime import EdgeRuntime
 
 FAST = RetryPolicy(max_attempts=5, initial_backoff_s=0.01, max_backoff_s=0.05, max_total_s=5.0)
-
-
-@pytest.fixture(scope="module")
-def model_path(tmp_path_factory):
-    return export_tiny_model(tmp_path_factory.mktemp("edge") / "edge.onnx")
-
-
-@pytest.fixture()
-def cloud():
-    fake = FakeCloud()
-    with serve(fake) as address:
-        yield fake, address
 
 
 @pytest.fixture()

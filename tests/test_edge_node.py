@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from _edge_fake import FakeCloud, export_tiny_model, perturbed, serve
+from _edge_fake import FakeCloud, perturbed
 
 from edge.client import CloudClient, RetryPolicy
 from edge.node import TIMELINE_KEYS, EdgeNode, NodeConfig
@@ -38,23 +38,11 @@ SUMMARY_KEYS = {  # the JSON a summary file holds (edge.summary.EdgeSummary)
 
 
 @pytest.fixture(scope="module")
-def model_path(tmp_path_factory) -> Path:
-    return export_tiny_model(tmp_path_factory.mktemp("edge") / "edge.onnx")
-
-
-@pytest.fixture(scope="module")
 def stream_path(tmp_path_factory) -> Path:
     rng = np.random.default_rng(0)
     segs = [(name, 5, rng.integers(0, 256, (n, 8, 8, 3), dtype=np.uint8), rng.integers(0, 4, n))
             for name, n in (("gaussian_noise", 20), ("fog", 13))]
     return save_stream_npz(tmp_path_factory.mktemp("stream") / "s.npz", segs, "reset")
-
-
-@pytest.fixture()
-def cloud():
-    fake = FakeCloud()
-    with serve(fake) as address:
-        yield fake, address
 
 
 def _node(runtime, source, client, method="all", **kw) -> EdgeNode:

@@ -12,7 +12,7 @@ import time
 import grpc
 import numpy as np
 import pytest
-from _edge_fake import FakeCloud, export_tiny_model, perturbed, serve
+from _edge_fake import FakeCloud, perturbed
 
 from edge.client import CloudClient, RetriesExhausted, RetryPolicy, UploadResult
 from edge.config import NodeConfig
@@ -26,11 +26,6 @@ from protos.fedshift.v1 import edge_pb2 as pb
 # two attempts per round of the client's retries, so an outage of K failed attempts outlasts it
 SHORT = RetryPolicy(max_attempts=2, initial_backoff_s=0.005, max_backoff_s=0.02, max_total_s=2.0)
 FAST = RetryPolicy(max_attempts=5, initial_backoff_s=0.01, max_backoff_s=0.05, max_total_s=5.0)
-
-
-@pytest.fixture(scope="module")
-def model_path(tmp_path_factory):
-    return export_tiny_model(tmp_path_factory.mktemp("edge") / "edge.onnx")
 
 
 @pytest.fixture(scope="module")
@@ -48,13 +43,6 @@ def continual_stream(tmp_path_factory):
     rng = np.random.default_rng(1)
     segs = [("fog", 3, rng.integers(0, 256, (40, 8, 8, 3), dtype=np.uint8), rng.integers(0, 4, 40))]
     return save_stream_npz(tmp_path_factory.mktemp("stream") / "c.npz", segs, "continual")
-
-
-@pytest.fixture()
-def cloud():
-    fake = FakeCloud()
-    with serve(fake) as address:
-        yield fake, address
 
 
 def _node(runtime, source, client, **kw) -> EdgeNode:
