@@ -43,6 +43,16 @@ def test_cells_grid_and_main(study) -> None:
     per_seed = 2 * len(study.SIZES["digits"]) + 2 * len(study.BASELINE_SIZES["digits"])
     assert len(main) == 2 * per_seed and len({c.key for c in main}) == len(main)
     assert study.prefix_exact(300) and not study.prefix_exact(400)  # λ_max holds up to T = 347
+    # size-major, the baseline size first, every seed of a size before the next size
+    order = study.cells("main", ["glyph10"], [0, 1, 2])
+    sizes = [c.size for c in order]
+    assert sizes[0] in study.BASELINE_SIZES["glyph10"]
+    assert sizes == sorted(sizes, key=[*dict.fromkeys(sizes)].index)  # each size is one block
+    assert {c.seed for c in order if c.size == sizes[0]} == {0, 1, 2}
+    assert {(c.strategy, c.seed) for c in order[:4]} == {("fedbn", 0), ("fraug", 0), ("fedavg", 0), ("local", 0)}
+    only = study.cells("main", ["glyph10", "digits"], [0], sizes=[30])
+    assert {(c.data, c.size) for c in only} == {("glyph10", 30), ("digits", 30)}
+    assert [c.data for c in only] == ["glyph10", "glyph10", "digits", "digits"]  # --datasets order
 
 
 def test_prefix_reports_and_paired_differences(study) -> None:
