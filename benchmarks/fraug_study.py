@@ -199,6 +199,13 @@ def paired(done: dict[str, dict], data: str, size: int, a: str, b: str, rounds: 
     return out
 
 
+def _accuracy(main: list[dict], data: str, size: int, strategy: str, mode: str) -> str:
+    """Mean test accuracy (%) over seeds at round 300, or ``–``."""
+    values = [c["report"][str(MAX_ROUNDS)][mode]["mean_accuracy"] for c in main
+              if c["data"] == data and c["size"] == size and c["strategy"] == strategy and str(MAX_ROUNDS) in c["report"]]
+    return f"{100 * statistics.fmean(values):.1f}" if values else "–"
+
+
 def summary(done: dict[str, dict], mode: str = "best_val") -> str:
     lines: list[str] = []
     grid = [c for c in done.values() if c["stage"] == "grid"]
@@ -219,21 +226,17 @@ def summary(done: dict[str, dict], mode: str = "best_val") -> str:
     main = [c for c in done.values() if c["stage"] == "main"]
     for data in sorted({c["data"] for c in main}):
         label = "each client's best-validation round" if mode == "best_val" else "final round"
-        lines += [f"### {data}: paired per-seed differences of mean test accuracy (points; {label})", "",
-                  "| images/client | seeds | " + " | ".join(f"FRAug − FedBN @{r}" for r in ROUNDS)
-                  + " | FedBN − FedAvg @300 | FedBN − local @300 | FedBN acc @300 |",
-                  "|---|---|" + "---|" * (len(ROUNDS) + 3)]
+        lines += [f"### {data}: mean test accuracy (%) and paired per-seed differences (points; {label})", "",
+                  "| images/client | seeds | FedBN @300 | FRAug @300 | "
+                  + " | ".join(f"FRAug − FedBN @{r}" for r in ROUNDS) + " | FedBN − FedAvg @300 | FedBN − local @300 |",
+                  "|---|---|---|---|" + "---|" * (len(ROUNDS) + 2)]
         for size in sorted({c["size"] for c in main if c["data"] == data}, key=lambda s: (s == 0, s)):
             diffs = [paired(done, data, size, "fraug", "fedbn", r, mode) for r in ROUNDS]
             base = [paired(done, data, size, "fedbn", b, MAX_ROUNDS, mode) for b in ("fedavg", "local")]
-            fedbn = [c["report"][str(MAX_ROUNDS)][mode]["mean_accuracy"] for c in main
-                     if c["data"] == data and c["size"] == size and c["strategy"] == "fedbn"
-                     and str(MAX_ROUNDS) in c["report"]]
-            seeds = len(diffs[0])
-            lines.append(f"| {size or 'all'} | {seeds} | " + " | ".join(_pm(d) for d in diffs) + " | "
-                         + " | ".join(_pm(d) for d in base) + f" | {100 * statistics.fmean(fedbn):.1f} |"
-                         if fedbn else f"| {size or 'all'} | {seeds} | " + " | ".join(_pm(d) for d in diffs)
-                         + " | – | – | – |")
+            accs = [_accuracy(main, data, size, strategy, mode) for strategy in ("fedbn", "fraug")]
+            seeds = len(diffs[-1]) or len(diffs[0])
+            lines.append(f"| {size or 'all'} | {seeds} | " + " | ".join(accs) + " | "
+                         + " | ".join(_pm(d) for d in (*diffs, *base)) + " |")
         lines.append("")
     return "\n".join(lines)
 

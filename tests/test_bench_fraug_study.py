@@ -81,3 +81,20 @@ def test_study_cells_round_trip(tmp_path) -> None:
     assert load_done(tmp_path) == {"a-seed0": {"key": "a-seed0", "accuracy": 0.75},
                                    "b-seed1": {"key": "b-seed1", "accuracy": 0.25}}
     assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_summary_rows_are_paired_per_seed(study) -> None:
+    """Two seeds, FRAug 1 and 3 points above FedBN at 300 rounds: +2.0 ± 1.4; FedAvg / local missing."""
+    def cell(strategy: str, seed: int, acc: float) -> dict:
+        c = study.Cell("glyph10", strategy, 30, seed)
+        report = {str(r): {m: {"mean_accuracy": acc, "mean_val_accuracy": acc} for m in ("final", "best_val")}
+                  for r in study.ROUNDS}
+        return {**study.asdict(c), "key": c.key, "report": report}
+
+    done = {c["key"]: c for c in (cell("fedbn", 0, 0.50), cell("fraug", 0, 0.51),
+                                  cell("fedbn", 1, 0.60), cell("fraug", 1, 0.63))}
+    table = study.summary(done)
+    row = next(line for line in table.splitlines() if line.startswith("| 30 |"))
+    cols = [c.strip() for c in row.strip("|").split("|")]
+    assert cols[:4] == ["30", "2", "55.0", "57.0"]
+    assert cols[4:7] == ["+2.0 ± 1.4"] * 3 and cols[7:] == ["–", "–"]
