@@ -26,7 +26,8 @@ Stages:
   accuracy at each client's best-validation round; searched once per dataset at that one size and
   reused by every size (a saving the README states);
 - ``main``: FedBN and FRAug (the tuned λ_T / lr_aux) at every size of :data:`SIZES`, FedAvg and
-  local-only at :data:`BASELINE_SIZES`, seeds 0 1 2, :data:`MAX_ROUNDS` rounds.
+  local-only at :data:`BASELINE_SIZES`, seeds 0 1 2, :data:`MAX_ROUNDS` rounds; one size at a time
+  (the baseline size first, all seeds), in the order of ``--datasets``; ``--sizes`` picks sizes.
 """
 
 from __future__ import annotations
@@ -86,14 +87,21 @@ class Cell:
         return f"{self.data}-n{self.size}-{self.stage}{self.rounds}-{self.strategy}{aux}-seed{self.seed}"
 
 
-def cells(stage: str, datasets: Sequence[str], seeds: Sequence[int]) -> list[Cell]:
+def cells(stage: str, datasets: Sequence[str], seeds: Sequence[int], sizes: Sequence[int] | None = None) -> list[Cell]:
+    """The cells of ``stage`` in run order; ``sizes`` keeps only those images-per-client (main stage).
+
+    Main cells are size-major, the baseline size first, then seed-major: a study stopped early has
+    complete paired comparisons (every seed, FedAvg and local-only included) at the sizes it did,
+    rather than one seed of every size.
+    """
     out: list[Cell] = []
     for d in datasets:
         if stage == "grid":
             out += [Cell(d, "fraug", GRID_SIZE[d], 0, lt, lr, GRID_ROUNDS, "grid") for lt, lr in GRID]
             continue
-        for seed in seeds:  # seed-major: a study stopped early has every size at equal seeds
-            for size in SIZES[d]:
+        order = sorted(SIZES[d], key=lambda s: (s not in BASELINE_SIZES[d], SIZES[d].index(s)))
+        for size in (s for s in order if sizes is None or s in sizes):
+            for seed in seeds:
                 out += [Cell(d, "fedbn", size, seed), Cell(d, "fraug", size, seed)]
                 if size in BASELINE_SIZES[d]:
                     out += [Cell(d, "fedavg", size, seed), Cell(d, "local", size, seed)]
@@ -191,6 +199,13 @@ def paired(done: dict[str, dict], data: str, size: int, a: str, b: str, rounds: 
     return out
 
 
+def _accuracy(main: list[dict], data: str, size: int, strategy: str, mode: str) -> str:
+    """Mean test accuracy (%) over seeds at round 300, or ``–``."""
+    values = [c["report"][str(MAX_ROUNDS)][mode]["mean_accuracy"] for c in main
+              if c["data"] == data and c["size"] == size and c["strategy"] == strategy and str(MAX_ROUNDS) in c["report"]]
+    return f"{100 * statistics.fmean(values):.1f}" if values else "–"
+
+
 def summary(done: dict[str, dict], mode: str = "best_val") -> str:
     lines: list[str] = []
     grid = [c for c in done.values() if c["stage"] == "grid"]
@@ -211,21 +226,17 @@ def summary(done: dict[str, dict], mode: str = "best_val") -> str:
     main = [c for c in done.values() if c["stage"] == "main"]
     for data in sorted({c["data"] for c in main}):
         label = "each client's best-validation round" if mode == "best_val" else "final round"
-        lines += [f"### {data}: paired per-seed differences of mean test accuracy (points; {label})", "",
-                  "| images/client | seeds | " + " | ".join(f"FRAug − FedBN @{r}" for r in ROUNDS)
-                  + " | FedBN − FedAvg @300 | FedBN − local @300 | FedBN acc @300 |",
-                  "|---|---|" + "---|" * (len(ROUNDS) + 3)]
+        lines += [f"### {data}: mean test accuracy (%) and paired per-seed differences (points; {label})", "",
+                  "| images/client | seeds | FedBN @300 | FRAug @300 | "
+                  + " | ".join(f"FRAug − FedBN @{r}" for r in ROUNDS) + " | FedBN − FedAvg @300 | FedBN − local @300 |",
+                  "|---|---|---|---|" + "---|" * (len(ROUNDS) + 2)]
         for size in sorted({c["size"] for c in main if c["data"] == data}, key=lambda s: (s == 0, s)):
             diffs = [paired(done, data, size, "fraug", "fedbn", r, mode) for r in ROUNDS]
             base = [paired(done, data, size, "fedbn", b, MAX_ROUNDS, mode) for b in ("fedavg", "local")]
-            fedbn = [c["report"][str(MAX_ROUNDS)][mode]["mean_accuracy"] for c in main
-                     if c["data"] == data and c["size"] == size and c["strategy"] == "fedbn"
-                     and str(MAX_ROUNDS) in c["report"]]
-            seeds = len(diffs[0])
-            lines.append(f"| {size or 'all'} | {seeds} | " + " | ".join(_pm(d) for d in diffs) + " | "
-                         + " | ".join(_pm(d) for d in base) + f" | {100 * statistics.fmean(fedbn):.1f} |"
-                         if fedbn else f"| {size or 'all'} | {seeds} | " + " | ".join(_pm(d) for d in diffs)
-                         + " | – | – | – |")
+            accs = [_accuracy(main, data, size, strategy, mode) for strategy in ("fedbn", "fraug")]
+            seeds = len(diffs[-1]) or len(diffs[0])
+            lines.append(f"| {size or 'all'} | {seeds} | " + " | ".join(accs) + " | "
+                         + " | ".join(_pm(d) for d in (*diffs, *base)) + " |")
         lines.append("")
     return "\n".join(lines)
 
@@ -273,6 +284,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--stage", choices=("grid", "main"), default="grid")
     p.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=list(DATASETS))
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--sizes", type=int, nargs="+", default=None,
+                   help="main stage: only these images per client (0 = digits-shift's all); default every size")
     p.add_argument("--cpus", type=int, default=2, help="CPUs of each run's simulation engine")
     p.add_argument("--out-dir", default="benchmarks/results/fraug_study")
     p.add_argument("--runs", default="runs/fraug_study", help="run folders of the cells (not committed)")
@@ -293,7 +306,7 @@ def main(argv: list[str] | None = None) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     done = load_done(out_dir)
     if not args.summary:
-        todo = [c for c in cells(args.stage, args.datasets, args.seeds) if c.key not in done]
+        todo = [c for c in cells(args.stage, args.datasets, args.seeds, args.sizes) if c.key not in done]
         log.info("%d cells to run (%d already done)", len(todo), len(done))
         for i, cell in enumerate(todo[:args.max_cells or None], 1):
             t0 = time.monotonic()

@@ -43,6 +43,16 @@ def test_cells_grid_and_main(study) -> None:
     per_seed = 2 * len(study.SIZES["digits"]) + 2 * len(study.BASELINE_SIZES["digits"])
     assert len(main) == 2 * per_seed and len({c.key for c in main}) == len(main)
     assert study.prefix_exact(300) and not study.prefix_exact(400)  # λ_max holds up to T = 347
+    # size-major, the baseline size first, every seed of a size before the next size
+    order = study.cells("main", ["glyph10"], [0, 1, 2])
+    sizes = [c.size for c in order]
+    assert sizes[0] in study.BASELINE_SIZES["glyph10"]
+    assert sizes == sorted(sizes, key=[*dict.fromkeys(sizes)].index)  # each size is one block
+    assert {c.seed for c in order if c.size == sizes[0]} == {0, 1, 2}
+    assert {(c.strategy, c.seed) for c in order[:4]} == {("fedbn", 0), ("fraug", 0), ("fedavg", 0), ("local", 0)}
+    only = study.cells("main", ["glyph10", "digits"], [0], sizes=[30])
+    assert {(c.data, c.size) for c in only} == {("glyph10", 30), ("digits", 30)}
+    assert [c.data for c in only] == ["glyph10", "glyph10", "digits", "digits"]  # --datasets order
 
 
 def test_prefix_reports_and_paired_differences(study) -> None:
@@ -71,3 +81,20 @@ def test_study_cells_round_trip(tmp_path) -> None:
     assert load_done(tmp_path) == {"a-seed0": {"key": "a-seed0", "accuracy": 0.75},
                                    "b-seed1": {"key": "b-seed1", "accuracy": 0.25}}
     assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_summary_rows_are_paired_per_seed(study) -> None:
+    """Two seeds, FRAug 1 and 3 points above FedBN at 300 rounds: +2.0 ± 1.4; FedAvg / local missing."""
+    def cell(strategy: str, seed: int, acc: float) -> dict:
+        c = study.Cell("glyph10", strategy, 30, seed)
+        report = {str(r): {m: {"mean_accuracy": acc, "mean_val_accuracy": acc} for m in ("final", "best_val")}
+                  for r in study.ROUNDS}
+        return {**study.asdict(c), "key": c.key, "report": report}
+
+    done = {c["key"]: c for c in (cell("fedbn", 0, 0.50), cell("fraug", 0, 0.51),
+                                  cell("fedbn", 1, 0.60), cell("fraug", 1, 0.63))}
+    table = study.summary(done)
+    row = next(line for line in table.splitlines() if line.startswith("| 30 |"))
+    cols = [c.strip() for c in row.strip("|").split("|")]
+    assert cols[:4] == ["30", "2", "55.0", "57.0"]
+    assert cols[4:7] == ["+2.0 ± 1.4"] * 3 and cols[7:] == ["–", "–"]

@@ -8,7 +8,6 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-import grpc
 import numpy as np
 import pytest
 import torch
@@ -16,11 +15,12 @@ import torch
 from core.cema import CemaConfig
 from core.export import Preprocess
 from core.models import create_model
-from protos.codec import GRPC_OPTIONS, decode_state, encode_array
+from protos.codec import decode_state, encode_array
 from protos.fedshift.v1 import edge_pb2 as pb
-from protos.fedshift.v1 import edge_pb2_grpc as pb_grpc
 from server.checkpoint import VERSION_BLOCK, Journal, Kind, journal_generations, read_journal, remove_journals_before
 from server.cloud import CloudConfig, CloudServer
+
+from _cloud_run import RunningCloud
 
 SIZE = 16
 TOKEN = "tok-never-on-disk"
@@ -46,21 +46,8 @@ def _config(directory: Path, **kw) -> CloudConfig:
                        checkpoint_every_s=kw.pop("every", 0.0), **kw)
 
 
-class _Cloud:
-    """A started server and a stub; stops (gracefully) on exit."""
-
-    def __init__(self, models, config: CloudConfig) -> None:
-        self.server = CloudServer(models[0], models[1], config, preprocess=Preprocess())
-
-    def __enter__(self) -> "_Cloud":
-        self.server.start()
-        self.channel = grpc.insecure_channel(f"127.0.0.1:{self.server.port}", options=GRPC_OPTIONS)
-        self.stub = pb_grpc.EdgeServiceStub(self.channel)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.channel.close()
-        self.server.stop(grace=0.5)
+class _Cloud(RunningCloud):
+    """A started server and a stub, with the calls these tests make."""
 
     def register(self, edge: str) -> pb.RegisterReply:
         return self.stub.Register(pb.RegisterRequest(edge_id=edge, auth_token=TOKEN), timeout=10)

@@ -25,6 +25,8 @@ from protos.fedshift.v1 import edge_pb2 as pb
 from protos.fedshift.v1 import edge_pb2_grpc as pb_grpc
 from server.cloud import CloudConfig, CloudServer
 
+from _cloud_run import RunningCloud
+
 SIZE = 16
 TOKEN = "s3cret"
 
@@ -63,29 +65,12 @@ def _upload(stub, seq: int, images: np.ndarray, edge: str = "e1", **kw) -> pb.Up
     return stub.Upload(pb.UploadRequest(edge_id=edge, sequence=seq, images=encode_array(images), **kw), timeout=10)
 
 
-class _Running:
-    """A started server and a connected stub; stops on exit."""
-
-    def __init__(self, models, config: CloudConfig) -> None:
-        self.server = CloudServer(models[0], models[1], config, preprocess=Preprocess())
-
-    def __enter__(self):
-        self.server.start()
-        self.channel = grpc.insecure_channel(f"127.0.0.1:{self.server.port}", options=GRPC_OPTIONS)
-        self.stub = pb_grpc.EdgeServiceStub(self.channel)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.channel.close()
-        self.server.stop(grace=0.5)
-
-
 def _code(excinfo) -> grpc.StatusCode:
     return excinfo.value.code()
 
 
 def test_malformed_uploads_are_refused_and_server_keeps_serving(models) -> None:
-    with _Running(models, _config()) as run:
+    with RunningCloud(models, _config()) as run:
         stub = run.stub
         stub.Register(pb.RegisterRequest(edge_id="e1"), timeout=10)
         bad = [
@@ -115,7 +100,7 @@ def test_malformed_uploads_are_refused_and_server_keeps_serving(models) -> None:
 
 
 def test_auth_token(models) -> None:
-    with _Running(models, _config(token=TOKEN)) as run:
+    with RunningCloud(models, _config(token=TOKEN)) as run:
         stub = run.stub
         for token in ("", "wrong"):
             with pytest.raises(grpc.RpcError) as exc:
@@ -134,7 +119,7 @@ def test_auth_token(models) -> None:
 
 
 def test_register_refuses_a_different_model(models) -> None:
-    with _Running(models, _config()) as run:
+    with RunningCloud(models, _config()) as run:
         with pytest.raises(grpc.RpcError) as exc:
             run.stub.Register(pb.RegisterRequest(edge_id="e1", norm_names=["features.1.weight", "x.bias"]), timeout=10)
         assert _code(exc) == grpc.StatusCode.FAILED_PRECONDITION
@@ -143,7 +128,7 @@ def test_register_refuses_a_different_model(models) -> None:
 
 
 def test_duplicate_sequence_is_acknowledged_not_requeued(models) -> None:
-    with _Running(models, _config()) as run:
+    with RunningCloud(models, _config()) as run:
         stub, service = run.stub, run.server.service
         stub.Register(pb.RegisterRequest(edge_id="e1"), timeout=10)
         assert _upload(stub, 5, _images(4)).accepted == 4
@@ -159,7 +144,7 @@ def test_duplicate_sequence_is_acknowledged_not_requeued(models) -> None:
 
 
 def test_subscriber_receives_increasing_versions(models) -> None:
-    with _Running(models, _config()) as run:
+    with RunningCloud(models, _config()) as run:
         stub = run.stub
         stub.Register(pb.RegisterRequest(edge_id="e1"), timeout=10)
         stream = stub.Subscribe(pb.SubscribeRequest(edge_id="e1", after_version=0))
@@ -193,7 +178,7 @@ def test_published_state_matches_edge_runtime(models, tmp_path: Path) -> None:
     path = tmp_path / "edge.onnx"
     export_onnx(student, path, (3, SIZE, SIZE), model_name="edge_cnn")
     runtime = EdgeRuntime(path)
-    with _Running(models, _config()) as run:
+    with RunningCloud(models, _config()) as run:
         stub, service = run.stub, run.server.service
         stub.Register(pb.RegisterRequest(edge_id="e1", norm_names=list(runtime.norm_names)), timeout=10)
         for seq in range(4):
@@ -220,7 +205,7 @@ def test_published_state_matches_edge_runtime(models, tmp_path: Path) -> None:
 
 def test_reset_restores_initial_state(models) -> None:
     initial = get_norm_state(models[0])
-    with _Running(models, _config()) as run:
+    with RunningCloud(models, _config()) as run:
         stub, service = run.stub, run.server.service
         stub.Register(pb.RegisterRequest(edge_id="e1"), timeout=10)
         for seq in range(3):
@@ -255,7 +240,7 @@ def test_reset_restores_initial_state(models) -> None:
 
 
 def test_shared_student_serves_all_edges(models) -> None:
-    with _Running(models, _config(shared=True)) as run:
+    with RunningCloud(models, _config(shared=True)) as run:
         stub, service = run.stub, run.server.service
         for edge in ("a", "b"):
             stub.Register(pb.RegisterRequest(edge_id=edge), timeout=10)
@@ -272,7 +257,7 @@ def test_shared_student_serves_all_edges(models) -> None:
 def test_subscriptions_hold_no_thread_and_every_one_gets_the_update(models) -> None:
     """200 open Subscribe streams on a cloud with 2 RPC threads: the process gains no thread per
     stream, and one publication reaches all of them."""
-    with _Running(models, _config(shared=True, max_workers=2)) as run:
+    with RunningCloud(models, _config(shared=True, max_workers=2)) as run:
         stub = run.stub
         for i in range(200):
             stub.Register(pb.RegisterRequest(edge_id=f"e{i}"), timeout=10)
@@ -292,7 +277,7 @@ def test_subscriptions_hold_no_thread_and_every_one_gets_the_update(models) -> N
 def test_upload_size_is_bounded_by_the_configuration(models) -> None:
     """max_upload_samples bounds one upload, and with the image shape the largest message gRPC
     reads at all: more is refused before it is held in memory, and the cloud keeps serving."""
-    with _Running(models, _config(max_upload_samples=8)) as run:
+    with RunningCloud(models, _config(max_upload_samples=8)) as run:
         stub = run.stub
         assert stub.Register(pb.RegisterRequest(edge_id="e1"), timeout=10).max_message_bytes == 8 * 784 + 65536
         with pytest.raises(grpc.RpcError) as exc:
@@ -306,7 +291,7 @@ def test_upload_size_is_bounded_by_the_configuration(models) -> None:
 
 def test_a_sequence_number_out_of_range_is_refused(models) -> None:
     """2^64 - 1 once broke the edge's next Register (the next sequence no longer fits uint64)."""
-    with _Running(models, _config()) as run:
+    with RunningCloud(models, _config()) as run:
         stub = run.stub
         stub.Register(pb.RegisterRequest(edge_id="e1"), timeout=10)
         for seq in (2**63, 2**64 - 1):
@@ -319,7 +304,7 @@ def test_a_sequence_number_out_of_range_is_refused(models) -> None:
 
 def test_metric_names_are_bounded(models) -> None:
     """An edge cannot grow the cloud's memory (or its TensorBoard tags) with endless metric names."""
-    with _Running(models, _config()) as run:
+    with RunningCloud(models, _config()) as run:
         stub = run.stub
         stub.Register(pb.RegisterRequest(edge_id="e1"), timeout=10)
         stub.ReportMetrics(pb.MetricsReport(edge_id="e1", values={f"m{i}": 1.0 for i in range(64)}), timeout=10)
@@ -391,7 +376,7 @@ def test_backlog_limit_refuses_with_resource_exhausted_and_recovers(models) -> N
     """Beyond max_backlog waiting samples an upload is refused with a retryable code, not queued."""
     with pytest.raises(ValueError, match="max_backlog"):
         _config(max_backlog=0)
-    with _Running(models, _config(max_backlog=4)) as run:
+    with RunningCloud(models, _config(max_backlog=4)) as run:
         stub = run.stub
         stub.Register(pb.RegisterRequest(edge_id="e1"), timeout=10)
         with pytest.raises(grpc.RpcError) as exc:
@@ -406,7 +391,7 @@ def test_an_edge_waits_as_long_as_the_cloud_asks_before_retrying(models) -> None
     """RESOURCE_EXHAUSTED carries retry-after-ms; the edge's backoff waits at least that long."""
     from edge.client import CloudClient, RetriesExhausted, RetryPolicy
 
-    with _Running(models, _config(max_backlog=4, retry_after_s=0.3)) as run:
+    with RunningCloud(models, _config(max_backlog=4, retry_after_s=0.3)) as run:
         sleeps: list[float] = []
         policy = RetryPolicy(max_attempts=3, initial_backoff_s=0.01, max_backoff_s=0.02, max_total_s=5.0)
         with CloudClient(f"127.0.0.1:{run.server.port}", "e1", retry=policy, sleep=sleeps.append) as client:
@@ -418,7 +403,7 @@ def test_an_edge_waits_as_long_as_the_cloud_asks_before_retrying(models) -> None
 
 def test_lockstep_acks_after_learning_with_the_resulting_version(models) -> None:
     """--lockstep: an upload's ack names the version its own steps produced (reproducible runs)."""
-    with _Running(models, _config(lockstep=True)) as run:
+    with RunningCloud(models, _config(lockstep=True)) as run:
         stub = run.stub
         stub.Register(pb.RegisterRequest(edge_id="e1"), timeout=10)
         assert _upload(stub, 0, _images(4)).latest_version == 1  # one full cloud batch: one step
