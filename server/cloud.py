@@ -16,6 +16,12 @@ normalization-state updates and report metrics (``protos/fedshift/v1/edge.proto`
 - TensorBoard under ``out_dir/cloud``: losses, queue and replay sizes, step latency, version and
   upload rates, and each edge's reported metrics under ``edge/<id>/…``.
 
+Where each concern lives: this module answers the RPCs, keeps the registry of edges and learners
+and their versions, and makes the service durable; authentication is :mod:`server.auth`, what an
+upload or a metric report may hold :mod:`server.validation`, the state types
+:mod:`server.edges`, the learner thread and its queue (backpressure) :mod:`server.worker`,
+TensorBoard :mod:`server.telemetry`, the transport :mod:`server.wire`.
+
 Versions are per learner, start at 0 (the state the edges' ONNX files carry) and grow by one per
 publication. Without ``checkpoint_dir`` they restart at 0 with the cloud; with it every
 acknowledged state change is journalled first and a restarted cloud resumes where the killed one
@@ -28,12 +34,9 @@ import copy
 import json
 import logging
 import math
-import re
 import threading
 import time
-from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -47,169 +50,23 @@ from core.cema import CemaLearner
 from core.export import Preprocess
 from core.norm import norm_tensor_names, set_norm_state
 from core.training import to_tensor
-from protos.codec import GRPC_OPTIONS, RETRY_AFTER_KEY, decode_images, encode_state
+from protos.codec import GRPC_OPTIONS, RETRY_AFTER_KEY, encode_state
 from protos.fedshift.v1 import edge_pb2 as pb
 from protos.fedshift.v1 import edge_pb2_grpc as pb_grpc
 from server.auth import Authenticator, AuthError, peer_common_name
 from server.checkpoint import (VERSION_BLOCK, Journal, Kind, journal_generations, read_journal, read_snapshot,
                                remove_journals_before, write_snapshot)
 from server.config import CloudConfig
+from server.edges import SHARED, EdgeRecord, LearnerSlot, QueuedUpload
 from server.stats import CloudStats, EdgeStats, LearnerStats
+from server.telemetry import CloudTelemetry
+from server.validation import MAX_SEQUENCE, metric_values, upload_arrays
 from server.wire import AsyncServer, Call, RateLimitedLog, add_edge_service
+from server.worker import LearnerWorker
 
 __all__ = ["CloudConfig", "CloudServer", "CloudService"]
 
 log = logging.getLogger(__name__)
-
-SHARED = "shared"
-MAX_SEQUENCE = 2**63  # sequence numbers an edge may use
-MAX_METRICS = 64  # metric names one edge may report (bounded memory and TensorBoard tags)
-_METRIC_NAME = re.compile(r"[A-Za-z0-9_.\-/]{1,64}")
-
-
-class _Sequences:
-    """Which sequence numbers of one edge were accepted: a watermark (everything below was seen)
-    plus the set seen above it; gaps older than ``max_gap_entries`` uploads are forgotten (treated
-    as seen) so that memory stays bounded for edges that skip numbers."""
-
-    max_gap_entries = 4096
-
-    def __init__(self) -> None:
-        self._low = 0
-        self._above: set[int] = set()
-        self._max = -1
-
-    def __contains__(self, seq: int) -> bool:
-        return seq < self._low or seq in self._above
-
-    def add(self, seq: int) -> None:
-        self._above.add(seq)
-        self._max = max(self._max, seq)
-        if len(self._above) > self.max_gap_entries:
-            self._low = max(self._low, min(self._above))
-        while self._low in self._above:
-            self._above.discard(self._low)
-            self._low += 1
-
-    @property
-    def next(self) -> int:
-        """The number after the highest accepted one (where a restarted edge resumes)."""
-        return self._max + 1
-
-    def state(self) -> dict[str, Any]:
-        return {"low": self._low, "above": sorted(self._above), "max": self._max}
-
-    @classmethod
-    def from_state(cls, state: Mapping[str, Any]) -> "_Sequences":
-        seqs = cls()
-        seqs._low, seqs._above, seqs._max = int(state["low"]), {int(v) for v in state["above"]}, int(state["max"])
-        return seqs
-
-
-class _Slot:
-    """One learner and what it published. ``lock`` serialises learner access (worker steps, Reset);
-    ``cond`` guards the published fields and the watchers, which wake the Subscribe streams."""
-
-    def __init__(self, name: str, learner: CemaLearner, template_sha256: str = "") -> None:
-        self.name = name
-        self.learner = learner
-        self.template_sha256 = template_sha256  # the edge model file its student started from ("": the cloud's)
-        self.lock = threading.Lock()
-        self.cond = threading.Condition()
-        self.watchers: set[Callable[[], None]] = set()  # Subscribe streams waiting for a newer version
-        self.version = 0
-        self.tensors: list[pb.Tensor] = encode_state(learner.norm_state())
-        self.created_unix = time.time()
-        self.steps = 0  # student steps over the slot's life (not reset by Reset)
-        self.episode = 0
-        self.errors = 0
-        self.learned_samples = 0  # samples handed to the learner over the slot's life
-        self.ceiling = 0  # with a journal: versions up to this one are reserved (server.checkpoint)
-
-    def state(self, final: bool = False) -> dict[str, Any]:
-        """Everything to rebuild this slot (caller holds ``lock``); ``final``: nothing will be
-        published after it (shutdown), so the version itself is the ceiling."""
-        with self.cond:
-            version = self.version
-        return {"version": version, "ceiling": version if final else max(self.ceiling, version), "steps": self.steps,
-                "episode": self.episode, "errors": self.errors, "learned_samples": self.learned_samples,
-                "template_sha256": self.template_sha256, "learner": self.learner.state_dict()}
-
-    def load(self, state: Mapping[str, Any]) -> None:
-        self.learner.load_state_dict(state["learner"])
-        self.version, self.ceiling = int(state["version"]), int(state["ceiling"])
-        self.steps, self.episode, self.errors = int(state["steps"]), int(state["episode"]), int(state["errors"])
-        self.learned_samples = int(state["learned_samples"])
-        self.tensors = encode_state(self.learner.norm_state())
-
-    def watch(self, wake: Callable[[], None]) -> None:
-        with self.cond:
-            self.watchers.add(wake)
-
-    def unwatch(self, wake: Callable[[], None]) -> None:
-        with self.cond:
-            self.watchers.discard(wake)
-
-    def wake_watchers(self) -> None:
-        """Tell every subscription a newer version (or the end) may be there (any thread)."""
-        with self.cond:
-            watchers = list(self.watchers)
-        for wake in watchers:
-            wake()
-
-    def update(self) -> pb.ParameterUpdate:
-        """The newest publication as a message (caller holds ``cond``)."""
-        return pb.ParameterUpdate(version=self.version, tensors=self.tensors, created_unix=self.created_unix,
-                                  cloud_step=self.steps, episode=self.episode)
-
-
-@dataclass
-class _Edge:
-    """One registered edge and its counters (guarded by the service's ``_lock``)."""
-
-    edge_id: str
-    model_id: str
-    model_sha256: str
-    slot: _Slot
-    sequences: _Sequences = field(default_factory=_Sequences)
-    episode: int = 0
-    uploads: int = 0
-    samples: int = 0
-    duplicates: int = 0
-    stale_samples: int = 0
-    seen: int = 0
-    metrics: dict[str, float] = field(default_factory=dict)
-
-    _COUNTERS = ("episode", "uploads", "samples", "duplicates", "stale_samples", "seen")
-
-    def state(self) -> dict[str, Any]:
-        return {"edge_id": self.edge_id, "model_id": self.model_id, "model_sha256": self.model_sha256,
-                "slot": self.slot.name, "sequences": self.sequences.state(), "metrics": dict(self.metrics),
-                **{k: getattr(self, k) for k in self._COUNTERS}}
-
-    @classmethod
-    def from_state(cls, state: Mapping[str, Any], slot: _Slot) -> "_Edge":
-        return cls(state["edge_id"], state["model_id"], state["model_sha256"], slot,
-                   sequences=_Sequences.from_state(state["sequences"]),
-                   metrics={k: float(v) for k, v in state["metrics"].items()},
-                   **{k: int(state[k]) for k in cls._COUNTERS})
-
-
-@dataclass
-class _Item:
-    """Validated samples waiting for the worker."""
-
-    slot: _Slot
-    edge_id: str
-    episode: int
-    images: torch.Tensor  # float NCHW, preprocessed
-    labels: np.ndarray  # (N,) or (0,)
-    done: threading.Event = field(default_factory=threading.Event)  # set when its learner went idle
-
-    def state(self) -> dict[str, Any]:
-        return {"slot": self.slot.name, "edge_id": self.edge_id, "episode": self.episode,
-                "images": self.images.detach().cpu().clone(), "labels": torch.from_numpy(np.asarray(self.labels))}
-
 
 def _num_classes(model: nn.Module, image_shape: tuple[int, int, int]) -> int:
     h, w, c = image_shape
@@ -253,23 +110,18 @@ class CloudService(pb_grpc.EdgeServiceServicer):
         if not self.norm_names:
             raise ValueError("the student has no normalization layers: nothing to adapt")
         self._run_info = dict(run_info or {})
-        self._lock = threading.Lock()  # edges, their counters and sequence sets
-        self._edges: dict[str, _Edge] = {}
+        self._lock = threading.Lock()  # edges, their counters and sequence sets, totals
+        self._edges: dict[str, EdgeRecord] = {}
         self._shared = self._new_slot(SHARED) if config.shared else None
-        self._work = threading.Condition()  # guards _pending, _busy, _stopping
-        self._pending: deque[_Item] = deque()
-        self._busy = False
-        self._stopping = False
-        self._worker: threading.Thread | None = None
-        self._writer = None
-        self._tb_lock = threading.Lock()
         self._versions = 0
-        self._rate = {"t": time.monotonic(), "versions": 0, "uploads": 0, "samples": 0}
         self._totals = {"uploads": 0, "samples": 0}
         self._started = time.time()
         # durability (server.checkpoint): every acknowledged state change is journalled under
-        # _journal_lock, which a snapshot holds too; lock order: _journal_lock -> slot.lock -> _lock/_work
+        # _journal_lock, which a snapshot holds too; lock order: _journal_lock -> slot.lock -> _lock / the worker's
         self._journal_lock = threading.Lock()
+        self.telemetry = CloudTelemetry(config.rate_interval_s)
+        self._worker = LearnerWorker(self._slots, self._publish, self._journal_lock, self.telemetry,
+                                     after_pass=self._log_rates)
         self._journal: Journal | None = None
         self._snapshot_lock = threading.Lock()  # one snapshot at a time
         self._changes = 0  # state changes (journal records, publications) since the last snapshot
@@ -283,19 +135,13 @@ class CloudService(pb_grpc.EdgeServiceServicer):
     def start(self) -> None:
         """Restore from the checkpoint folder (if any), open the TensorBoard writer and start the
         worker thread (and the periodic snapshots)."""
-        if self._worker is not None:
+        if self._worker.started:
             return
         if self.config.checkpoint_dir:
             self._restore(Path(self.config.checkpoint_dir))
         if self.config.out_dir:
-            from torch.utils.tensorboard import SummaryWriter
-
-            log_dir = Path(self.config.out_dir) / "cloud"
-            log_dir.mkdir(parents=True, exist_ok=True)
-            info = {"cloud": self.config.to_dict(), "num_classes": self.num_classes, **self._run_info}
-            (log_dir / "config.json").write_text(json.dumps(info, indent=2, default=str))
-            self._writer = SummaryWriter(log_dir=str(log_dir))
-        self._worker = threading.Thread(target=self._run, name="cloud-learner", daemon=True)
+            self.telemetry.open(Path(self.config.out_dir) / "cloud",
+                                {"cloud": self.config.to_dict(), "num_classes": self.num_classes, **self._run_info})
         self._worker.start()
         if self._journal is not None and self.config.checkpoint_every_s > 0:
             self._periodic = threading.Thread(target=self._checkpoint_loop, name="cloud-checkpoint", daemon=True)
@@ -303,9 +149,7 @@ class CloudService(pb_grpc.EdgeServiceServicer):
 
     def begin_stop(self) -> None:
         """Refuse new work and end every Subscribe stream cleanly (before the server stops)."""
-        with self._work:
-            self._stopping = True
-            self._work.notify_all()
+        self._worker.begin_stop()
         for slot in self._slots():
             slot.wake_watchers()
 
@@ -317,9 +161,7 @@ class CloudService(pb_grpc.EdgeServiceServicer):
         if self._periodic is not None:
             self._periodic.join()
             self._periodic = None
-        if self._worker is not None:
-            self._worker.join()
-            self._worker = None
+        self._worker.join()
         if self._journal is not None:
             try:
                 self.checkpoint(final=True)
@@ -330,21 +172,11 @@ class CloudService(pb_grpc.EdgeServiceServicer):
             path = Path(self.config.out_dir) / "cloud" / "stats.json"
             path.parent.mkdir(parents=True, exist_ok=True)
             self.stats().write(path)
-        if self._writer is not None:
-            with self._tb_lock:
-                self._writer.close()
-                self._writer = None
+        self.telemetry.close()
 
     def wait_idle(self, timeout: float = 30.0) -> bool:
         """Block until every queued upload went through the learners and no step is running."""
-        deadline = time.monotonic() + timeout
-        with self._work:
-            while self._pending or self._busy:
-                left = deadline - time.monotonic()
-                if left <= 0 or self._stopping:
-                    return False
-                self._work.wait(left)
-        return True
+        return self._worker.wait_idle(timeout)
 
     # ---------------------------------------------------------------- inspection
 
@@ -357,9 +189,8 @@ class CloudService(pb_grpc.EdgeServiceServicer):
                                           learner=e.slot.name, metrics=dict(e.metrics))
                      for e in self._edges.values()}
         pending: dict[str, int] = {}
-        with self._work:
-            for item in self._pending:
-                pending[item.slot.name] = pending.get(item.slot.name, 0) + len(item.images)
+        for item in self._worker.pending():
+            pending[item.slot.name] = pending.get(item.slot.name, 0) + len(item.images)
         learners = {s.name: LearnerStats(version=s.version, steps=s.steps, episode=s.episode, errors=s.errors,
                                          queue=s.learner.queue_size, replay=len(s.learner.replay),
                                          learned_samples=s.learned_samples, pending_samples=pending.get(s.name, 0))
@@ -413,7 +244,7 @@ class CloudService(pb_grpc.EdgeServiceServicer):
                                 max_message_bytes=self.config.max_message_bytes)
 
     def _register_edge(self, edge_id: str, model_id: str, model_sha256: str,
-                       context: Call | None = None) -> _Edge:
+                       context: Call | None = None) -> EdgeRecord:
         """Add an edge (with its learner) or record its new model file; journalled (caller holds
         ``_journal_lock``; ``context`` None: replaying the journal)."""
         with self._lock:
@@ -429,7 +260,7 @@ class CloudService(pb_grpc.EdgeServiceServicer):
             self._journal_json(Kind.REGISTER, {"edge_id": edge_id, "model_id": model_id, "model_sha256": model_sha256})
         if edge is None:
             slot = self._shared or self._new_slot(edge_id, model_sha256)
-            edge = _Edge(edge_id, model_id, model_sha256, slot)
+            edge = EdgeRecord(edge_id, model_id, model_sha256, slot)
             with self._lock:
                 self._edges[edge_id] = edge
             log.info("edge %s registered (model %s, sha256 %s…, learner %s)", edge_id, model_id or "?",
@@ -448,7 +279,7 @@ class CloudService(pb_grpc.EdgeServiceServicer):
         self._authorize(request.edge_id, request.auth_token, context)
         edge = self._edge(request.edge_id, context)
         seq = int(request.sequence)
-        if seq >= MAX_SEQUENCE:  # the next one must still fit the wire's uint64
+        if seq >= MAX_SEQUENCE:
             context.abort(grpc.StatusCode.OUT_OF_RANGE, f"sequence {seq} is out of range (must be < 2^63)")
         with self._lock:
             duplicate = seq in edge.sequences
@@ -457,15 +288,14 @@ class CloudService(pb_grpc.EdgeServiceServicer):
         if duplicate:
             return pb.UploadReply(sequence=seq, duplicate=True, accepted=0, latest_version=edge.slot.version)
         try:
-            images, labels = self._validate_upload(request)
+            images, labels = self._upload_arrays(request)
         except ValueError as exc:
             self.refused.record(f"edge {request.edge_id} upload {seq}: {exc}")
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"upload {seq}: {exc}")
         n = len(images)
-        with self._work:
-            if self._stopping:
-                context.abort(grpc.StatusCode.UNAVAILABLE, "the cloud is shutting down")
-            backlog = self._backlog()
+        if self._worker.stopping:
+            context.abort(grpc.StatusCode.UNAVAILABLE, "the cloud is shutting down")
+        backlog = self._worker.backlog()
         if backlog + n > self.config.max_backlog:
             context.set_trailing_metadata(((RETRY_AFTER_KEY, str(int(1000 * self.config.retry_after_s))),))
             context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
@@ -493,7 +323,7 @@ class CloudService(pb_grpc.EdgeServiceServicer):
                         self.config.lockstep_timeout_s)
         return pb.UploadReply(sequence=seq, duplicate=False, accepted=n, latest_version=edge.slot.version)
 
-    def _admit(self, edge: _Edge, request: pb.UploadRequest) -> tuple[str, int]:
+    def _admit(self, edge: EdgeRecord, request: pb.UploadRequest) -> tuple[str, int]:
         """What a valid upload is: ``duplicate``, ``future`` (an episode the edge has not started),
         ``stale`` (a past episode) or ``accepted``; and the edge's current episode."""
         with self._lock:
@@ -504,8 +334,8 @@ class CloudService(pb_grpc.EdgeServiceServicer):
             return "future", current
         return ("stale" if request.episode < current else "accepted"), current
 
-    def _accept(self, edge: _Edge, request: pb.UploadRequest, outcome: str, images: torch.Tensor,
-                labels: np.ndarray) -> _Item | None:
+    def _accept(self, edge: EdgeRecord, request: pb.UploadRequest, outcome: str, images: torch.Tensor,
+                labels: np.ndarray) -> QueuedUpload | None:
         """Count an admitted upload and queue it for the learner (caller holds ``_journal_lock``,
         the upload journalled); returns the queued item."""
         n = len(images)
@@ -523,15 +353,9 @@ class CloudService(pb_grpc.EdgeServiceServicer):
             edge.samples += n
             self._totals["uploads"] += 1
             self._totals["samples"] += n
-        item = _Item(edge.slot, edge.edge_id, int(request.episode), images, labels)
-        with self._work:
-            self._pending.append(item)
-            self._work.notify_all()
+        item = QueuedUpload(edge.slot, edge.edge_id, int(request.episode), images, labels)
+        self._worker.enqueue(item)
         return item
-
-    def _backlog(self) -> int:
-        """Samples queued but not yet learned from (caller holds ``_work``, not ``_lock``)."""
-        return sum(len(i.images) for i in self._pending) + sum(s.learner.queue_size for s in self._slots())
 
     def Subscribe(self, request: pb.SubscribeRequest, context: Call) -> "_Subscription":
         """A stream of the newest versions after ``after_version`` (the transport polls it; it costs
@@ -541,24 +365,23 @@ class CloudService(pb_grpc.EdgeServiceServicer):
 
     @property
     def stopping(self) -> bool:
-        with self._work:
-            return self._stopping
+        return self._worker.stopping
 
     def ReportMetrics(self, request: pb.MetricsReport, context: Call) -> pb.MetricsAck:
         self._authorize(request.edge_id, request.auth_token, context)
         edge = self._edge(request.edge_id, context)
-        values = dict(request.values)
-        if bad := sorted(k for k, v in values.items() if not math.isfinite(v)):
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"metrics must be finite numbers: {', '.join(bad)}")
-        if bad := sorted(k for k in values if not _METRIC_NAME.fullmatch(k))[:4]:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"metric names must match {_METRIC_NAME.pattern}: "
-                          f"{', '.join(repr(k[:80]) for k in bad)}")
-        with self._lock:
-            if len(set(edge.metrics) | set(values)) > MAX_METRICS:  # each name is kept and becomes a TensorBoard tag
-                context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"an edge reports at most {MAX_METRICS} metric names")
-            edge.metrics.update(values)
+        with self._lock:  # the check and the update at once: the name limit counts what the edge has
+            try:
+                values = metric_values(request.values, edge.metrics)
+            except ValueError as exc:
+                problem = str(exc)
+            else:
+                problem = ""
+                edge.metrics.update(values)
+        if problem:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
         for key, value in values.items():
-            self._scalar(f"edge/{request.edge_id}/{key}", value, int(request.step))
+            self.telemetry.scalar(f"edge/{request.edge_id}/{key}", value, int(request.step))
         return pb.MetricsAck()
 
     def Reset(self, request: pb.ResetRequest, context: Call) -> pb.ResetReply:
@@ -577,7 +400,7 @@ class CloudService(pb_grpc.EdgeServiceServicer):
                           f"episode {episode} is older than this edge's current episode {current}")
         return pb.ResetReply(version=version, episode=episode)
 
-    def _start_episode(self, edge: _Edge, episode: int) -> int:
+    def _start_episode(self, edge: EdgeRecord, episode: int) -> int:
         """Move an edge to a newer episode; the first edge entering it resets the learner and
         publishes its initial state (caller holds ``_journal_lock``, the change journalled)."""
         with self._lock:
@@ -631,8 +454,7 @@ class CloudService(pb_grpc.EdgeServiceServicer):
         for slot in self._slots():
             with slot.lock:  # waits for a running step
                 slots[slot.name] = slot.state(final)
-        with self._work:
-            pending = [item.state() for item in self._pending]
+        pending = [item.state() for item in self._worker.pending()]
         return {"fingerprint": self._fingerprint(), "edges": edges, "slots": slots, "pending": pending,
                 "totals": totals, "versions": versions}
 
@@ -652,10 +474,7 @@ class CloudService(pb_grpc.EdgeServiceServicer):
                 log.error("checkpoint %s: journal record (%s) not replayed: %s", directory, kind.name, exc)
                 continue
             self._restored_records += 1
-        with self._work:  # the replayed uploads go to their learners now (the worker starts after)
-            items = list(self._pending)
-            self._pending.clear()
-        self._feed(items)
+        self._worker.feed(self._worker.take_pending())  # the replayed uploads go to their learners now
         self._journal = Journal(directory, max([first - 1, *generations]) + 1, fsync=self.config.journal_fsync)
         for slot in self._slots():
             with slot.lock:
@@ -677,7 +496,7 @@ class CloudService(pb_grpc.EdgeServiceServicer):
             differ = sorted(k for k in ours if theirs.get(k) != ours[k])
             raise ValueError(f"checkpoint {directory} was written by a cloud set up differently ({', '.join(differ)} "
                              "differ): restart with that setup, or give another checkpoint_dir")
-        slots: dict[str, _Slot] = {}
+        slots: dict[str, LearnerSlot] = {}
         for name, state in snapshot["slots"].items():
             slot = self._shared if (self._shared is not None and name == SHARED) else \
                 self._new_slot(name, state["template_sha256"])
@@ -685,10 +504,10 @@ class CloudService(pb_grpc.EdgeServiceServicer):
             slots[name] = slot
         with self._lock:
             for state in snapshot["edges"]:
-                self._edges[state["edge_id"]] = _Edge.from_state(state, slots[state["slot"]])
+                self._edges[state["edge_id"]] = EdgeRecord.from_state(state, slots[state["slot"]])
             self._totals = {k: int(v) for k, v in snapshot["totals"].items()}
             self._versions = int(snapshot["versions"])
-        self._feed([_Item(slots[item["slot"]], item["edge_id"], int(item["episode"]), item["images"],
+        self._worker.feed([QueuedUpload(slots[item["slot"]], item["edge_id"], int(item["episode"]), item["images"],
                           item["labels"].numpy()) for item in snapshot["pending"]])
 
     def _replay(self, kind: Kind, payload: bytes, ceilings: dict[str, int]) -> None:
@@ -706,7 +525,7 @@ class CloudService(pb_grpc.EdgeServiceServicer):
         elif kind == Kind.UPLOAD:
             request = pb.UploadRequest.FromString(payload)
             edge = self._edges[request.edge_id]
-            images, labels = self._validate_upload(request)
+            images, labels = self._upload_arrays(request)
             outcome, _ = self._admit(edge, request)
             self._accept(edge, request, outcome, to_tensor(images, self.preprocess), labels)
 
@@ -746,36 +565,19 @@ class CloudService(pb_grpc.EdgeServiceServicer):
         except AuthError as exc:
             context.abort(exc.code, str(exc))
 
-    def _edge(self, edge_id: str, context: Call) -> _Edge:
+    def _edge(self, edge_id: str, context: Call) -> EdgeRecord:
         with self._lock:
             edge = self._edges.get(edge_id)
         if edge is None:
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"edge {edge_id!r} is not registered; call Register first")
         return edge
 
-    def _validate_upload(self, request: pb.UploadRequest) -> tuple[np.ndarray, np.ndarray]:
-        """Decode and check one upload; raises ValueError with what is wrong."""
-        images = decode_images(request.images)
-        n = len(images)
-        if n == 0:
-            raise ValueError("empty batch (no images)")
-        if n > self.config.max_upload_samples:
-            raise ValueError(f"{n} images in one upload, the cloud takes at most {self.config.max_upload_samples}")
-        if tuple(images.shape[1:]) != tuple(self.config.image_shape):
-            raise ValueError(f"images are {images.shape[1:]} (H, W, C), the cloud's model takes "
-                             f"{tuple(self.config.image_shape)}")
-        if len(request.entropies) not in (0, n):
-            raise ValueError(f"{len(request.entropies)} entropies for {n} images")
-        if not np.all(np.isfinite(np.asarray(request.entropies, dtype=np.float64))):
-            raise ValueError("entropies must be finite")
-        labels = np.asarray(request.labels, dtype=np.int64)
-        if len(labels) not in (0, n):
-            raise ValueError(f"{len(labels)} labels for {n} images (send N or none)")
-        if len(labels) and (labels.min() < 0 or labels.max() >= self.num_classes):
-            raise ValueError(f"labels must lie in 0..{self.num_classes - 1}")
-        return images, labels
+    def _upload_arrays(self, request: pb.UploadRequest) -> tuple[np.ndarray, np.ndarray]:
+        """:func:`server.validation.upload_arrays` with this cloud's model and limits."""
+        return upload_arrays(request, image_shape=self.config.image_shape, max_samples=self.config.max_upload_samples,
+                             num_classes=self.num_classes)
 
-    def _new_slot(self, name: str, model_sha256: str = "") -> _Slot:
+    def _new_slot(self, name: str, model_sha256: str = "") -> LearnerSlot:
         """A learner whose student starts from the template, or from the normalization state of the
         edge's own model file when the cloud was given it (``edge_models``)."""
         student = copy.deepcopy(self._student)
@@ -786,15 +588,15 @@ class CloudService(pb_grpc.EdgeServiceServicer):
         learner = CemaLearner(student,
                               copy.deepcopy(self._teacher) if self._teacher is not None else None,
                               self.config.cema, num_classes=self.num_classes, device=self.config.device)
-        return _Slot(name, learner, model_sha256 if norm_state is not None else "")
+        return LearnerSlot(name, learner, model_sha256 if norm_state is not None else "")
 
-    def _slots(self) -> list[_Slot]:
+    def _slots(self) -> list[LearnerSlot]:
         if self._shared is not None:
             return [self._shared]
         with self._lock:
             return list({id(e.slot): e.slot for e in self._edges.values()}.values())
 
-    def _publish(self, slot: _Slot) -> None:
+    def _publish(self, slot: LearnerSlot) -> None:
         """Make the learner's normalization state the slot's next version (caller holds ``slot.lock``)."""
         tensors = encode_state(slot.learner.norm_state())
         if self._journal is not None and slot.version + 1 > slot.ceiling:  # reserve before publishing
@@ -809,112 +611,18 @@ class CloudService(pb_grpc.EdgeServiceServicer):
             self._versions += 1
             self._changes += 1
 
-    # ---------------------------------------------------------------- worker
-
-    def _run(self) -> None:
-        """The learner loop: feed queued uploads to their learners, then step the learners round-robin
-        (one step each per pass, so no edge waits behind another's backlog), publishing after each."""
-        # every learner gets a first look: a restored one may hold queued samples to learn from
-        active: dict[int, _Slot] = {id(slot): slot for slot in self._slots()}
-        waiting: dict[int, list[_Item]] = {}  # items whose learner has not gone idle since
-        while True:
-            with self._work:
-                while not self._pending and not active and not self._stopping:
-                    self._work.wait()
-                if self._stopping:  # what is still pending stays there, for the last snapshot
-                    for item in [*self._pending, *(i for items in waiting.values() for i in items)]:
-                        item.done.set()
-                    return
-                self._busy = True
-            try:
-                with self._journal_lock:  # a snapshot sees each item pending or fed, never in between
-                    with self._work:
-                        items = list(self._pending)
-                        self._pending.clear()
-                    self._feed(items)
-                for item in items:
-                    active.setdefault(id(item.slot), item.slot)
-                    waiting.setdefault(id(item.slot), []).append(item)
-                for key, slot in list(active.items()):
-                    if self._stopping or not self._step_once(slot):
-                        del active[key]
-                        for item in waiting.pop(key, []):
-                            item.done.set()
-                self._log_rates()
-            finally:
-                with self._work:
-                    self._busy = bool(active)
-                    self._work.notify_all()
-
-    def _feed(self, items: list[_Item]) -> None:
-        """Queue validated samples in their learners; samples that raced with a Reset are dropped."""
-        for item in items:
-            slot = item.slot
-            with slot.lock:
-                if item.episode != slot.episode:
-                    log.info("learner %s: dropped %d samples of past episode %d (now %d)", slot.name,
-                             len(item.images), item.episode, slot.episode)
-                    self._scalar(f"cloud/{slot.name}/stale_samples", len(item.images), slot.steps)
-                    continue
-                slot.learner.add(item.images, item.labels)
-                slot.learned_samples += len(item.images)
-
-    def _step_once(self, slot: _Slot) -> bool:
-        """One learner step and its publication; False when the learner has nothing to do.
-
-        ``slot.lock`` is held for one step only, so a Reset waits for at most one step."""
-        start = time.perf_counter()
-        with slot.lock:
-            try:
-                stats = slot.learner.step()
-            except Exception:  # keep serving the other learners; the error is counted and logged
-                slot.errors += 1
-                log.exception("learner %s: step failed", slot.name)
-                return False
-            if stats is None:
-                return False
-            slot.steps += 1
-            self._publish(slot)
-        self._log_step(slot, stats, 1000 * (time.perf_counter() - start))
-        return True
-
-    def _log_step(self, slot: _Slot, stats: Mapping[str, float], latency_ms: float) -> None:
-        prefix, step = f"cloud/{slot.name}", slot.steps
-        for key, value in stats.items():
-            self._scalar(f"{prefix}/loss/{key}" if key.endswith(("loss", "entropy", "kl", "ce")) else f"{prefix}/{key}",
-                         value, step)
-        self._scalar(f"{prefix}/step_latency_ms", latency_ms, step)
-        self._scalar(f"{prefix}/queue", slot.learner.queue_size, step)
-        self._scalar(f"{prefix}/replay", len(slot.learner.replay), step)
-        self._scalar(f"{prefix}/version", slot.version, step)
-        log.debug("learner %s step %d (v%d): %s, %.0f ms", slot.name, step, slot.version,
-                  {k: round(v, 4) for k, v in stats.items()}, latency_ms)
-
     def _log_rates(self) -> None:
-        now = time.monotonic()
-        dt = now - self._rate["t"]
-        if dt < self.config.rate_interval_s:
-            return
+        """After each pass of the learner thread: the cloud's rates (:meth:`CloudTelemetry.rates`)."""
         with self._lock:
-            uploads, samples = self._totals["uploads"], self._totals["samples"]
-        self._scalar("cloud/versions_per_s", (self._versions - self._rate["versions"]) / dt, self._versions)
-        self._scalar("cloud/uploads_per_s", (uploads - self._rate["uploads"]) / dt, self._versions)
-        self._scalar("cloud/samples_per_s", (samples - self._rate["samples"]) / dt, self._versions)
-        self._rate = {"t": now, "versions": self._versions, "uploads": uploads, "samples": samples}
-
-    def _scalar(self, tag: str, value: float, step: int) -> None:
-        if self._writer is None or not math.isfinite(float(value)):
-            return
-        with self._tb_lock:
-            if self._writer is not None:
-                self._writer.add_scalar(tag, float(value), step)
+            versions, uploads, samples = self._versions, self._totals["uploads"], self._totals["samples"]
+        self.telemetry.rates(versions, uploads, samples)
 
 
 class _Subscription:
     """One edge's Subscribe stream (:class:`server.wire.UpdateStream`): the newest version after the
     last one sent; an edge that is behind gets the newest only and skips the rest."""
 
-    def __init__(self, service: CloudService, slot: _Slot, after_version: int) -> None:
+    def __init__(self, service: CloudService, slot: LearnerSlot, after_version: int) -> None:
         self._service, self._slot, self._last = service, slot, after_version
         self._wake: Callable[[], None] | None = None
 

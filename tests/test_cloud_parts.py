@@ -1,0 +1,148 @@
+"""The cloud's parts on their own, without a server: what an upload and a metric report may hold
+(``server.validation``), the learner thread and its queue (``server.worker``), and the
+TensorBoard events (``server.telemetry``). The served behaviour is ``test_cloud_server``."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+from protos.codec import encode_array
+from protos.fedshift.v1 import edge_pb2 as pb
+from server.edges import LearnerSlot, QueuedUpload
+from server.telemetry import CloudTelemetry
+from server.validation import MAX_METRICS, metric_values, upload_arrays
+from server.worker import LearnerWorker
+
+SHAPE = (8, 8, 3)
+
+
+def _request(n: int = 3, shape: tuple[int, ...] = SHAPE, **kw) -> pb.UploadRequest:
+    images = np.random.default_rng(n).integers(0, 256, (n, *shape), dtype=np.uint8)
+    return pb.UploadRequest(edge_id="e", sequence=0, images=encode_array(images), **kw)
+
+
+def _arrays(request: pb.UploadRequest) -> tuple[np.ndarray, np.ndarray]:
+    return upload_arrays(request, image_shape=SHAPE, max_samples=4, num_classes=10)
+
+
+def test_upload_arrays_accepts_a_valid_upload_and_says_what_is_wrong_otherwise() -> None:
+    images, labels = _arrays(_request(3, labels=[0, 9, 4], entropies=[0.1, 0.2, 0.3]))
+    assert images.shape == (3, *SHAPE) and images.dtype == np.uint8 and labels.tolist() == [0, 9, 4]
+    assert _arrays(_request(2))[1].shape == (0,)  # labels are optional
+    for request, words in [(_request(5), "at most 4"), (_request(2, shape=(4, 4, 3)), "takes"),
+                           (_request(2, entropies=[0.1]), "entropies"),
+                           (_request(2, entropies=[0.1, float("nan")]), "finite"),
+                           (_request(2, labels=[1]), "labels"), (_request(2, labels=[1, 10]), "0..9"),
+                           (_request(2, labels=[-1, 0]), "0..9")]:
+        with pytest.raises(ValueError, match=words):
+            _arrays(request)
+
+
+def test_metric_values_bound_the_names_an_edge_keeps() -> None:
+    assert metric_values({"acc": 0.5, "edge/seen": 3.0}, known=()) == {"acc": 0.5, "edge/seen": 3.0}
+    with pytest.raises(ValueError, match="finite"):
+        metric_values({"acc": float("inf")}, known=())
+    with pytest.raises(ValueError, match="must match"):
+        metric_values({"bad name": 1.0}, known=())
+    known = [f"m{i}" for i in range(MAX_METRICS)]
+    assert metric_values({"m0": 1.0}, known=known) == {"m0": 1.0}  # a known name is no new one
+    with pytest.raises(ValueError, match=f"at most {MAX_METRICS}"):
+        metric_values({"new": 1.0}, known=known)
+
+
+class _Learner:
+    """What the worker needs of a CemaLearner: add, step (one per 2 queued samples), sizes."""
+
+    def __init__(self) -> None:
+        self.queue: list[int] = []
+        self.replay: list[int] = []
+        self.added = 0
+
+    def norm_state(self) -> dict[str, np.ndarray]:
+        return {"bn.weight": np.ones(2, np.float32)}
+
+    @property
+    def queue_size(self) -> int:
+        return len(self.queue)
+
+    def add(self, images: torch.Tensor, labels: np.ndarray) -> None:
+        self.queue += [0] * len(images)
+        self.added += len(images)
+
+    def step(self) -> dict[str, float] | None:
+        if len(self.queue) < 2:
+            return None
+        del self.queue[:2]
+        return {"loss": 1.0}
+
+
+def _worker(slots: list[LearnerSlot]) -> tuple[LearnerWorker, list[str]]:
+    published: list[str] = []
+
+    def publish(slot: LearnerSlot) -> None:
+        slot.version += 1
+        published.append(slot.name)
+
+    return LearnerWorker(lambda: list(slots), publish, threading.Lock(), CloudTelemetry(0.0)), published
+
+
+def _item(slot: LearnerSlot, n: int, episode: int = 0) -> QueuedUpload:
+    return QueuedUpload(slot, "e", episode, torch.zeros(n, 3, 8, 8), np.zeros(0, np.int64))
+
+
+def test_worker_feeds_steps_round_robin_and_drops_past_episodes() -> None:
+    a, b = LearnerSlot("a", _Learner()), LearnerSlot("b", _Learner())
+    worker, published = _worker([a, b])
+    worker.enqueue(_item(a, 4))
+    worker.enqueue(_item(b, 2))
+    b.episode = 1  # a Reset raced b's upload: its samples belong to a past episode
+    assert worker.backlog() == 6 and len(worker.pending()) == 2
+    worker.start()
+    try:
+        assert worker.wait_idle(10.0)
+        assert a.learner.added == 4 and b.learner.added == 0  # the stale samples never reached b
+        assert published == ["a", "a"] and a.steps == 2 and a.version == 2 and b.version == 0
+        assert worker.backlog() == 0
+    finally:
+        worker.begin_stop()
+        worker.join()
+
+
+def test_worker_stop_keeps_the_queue_and_releases_its_waiters() -> None:
+    a = LearnerSlot("a", _Learner())
+    worker, _ = _worker([a])
+    item = _item(a, 2)
+    worker.enqueue(item)
+    worker.begin_stop()
+    worker.start()
+    worker.join()
+    assert item.done.is_set()  # a lockstep upload waiting on it is answered
+    assert worker.stopping and worker.pending() == [item] and a.learner.added == 0  # kept for the last snapshot
+    assert not worker.wait_idle(0.1)
+
+
+def test_telemetry_writes_scalars_and_rates(tmp_path) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    telemetry = CloudTelemetry(rate_interval_s=0.0)
+    telemetry.scalar("ignored/before_open", 1.0, 0)  # no writer yet: a no-op, not an error
+    telemetry.open(tmp_path / "cloud", {"cloud": {"method": "cema"}})
+    telemetry.learner_step("e1", 1, {"student_loss": 0.5, "lr": 0.01}, 12.0, queue=3, replay=8, version=1)
+    telemetry.scalar("edge/e1/acc", float("nan"), 1)  # non-finite: skipped
+    telemetry.rates(versions=4, uploads=10, samples=40)
+    telemetry.close()
+    telemetry.scalar("ignored/after_close", 1.0, 0)
+    events = EventAccumulator(str(tmp_path / "cloud"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"cloud/e1/loss/student_loss", "cloud/e1/lr", "cloud/e1/step_latency_ms", "cloud/e1/queue",
+            "cloud/e1/replay", "cloud/e1/version", "cloud/versions_per_s", "cloud/uploads_per_s",
+            "cloud/samples_per_s"} <= tags
+    assert not any(t.startswith(("ignored/", "edge/")) for t in tags)
+    assert events.Scalars("cloud/e1/queue")[0].value == 3.0
+    assert events.Scalars("cloud/samples_per_s")[0].value > 0
+    assert (tmp_path / "cloud" / "config.json").read_text().count("cema") == 1
