@@ -16,10 +16,11 @@ normalization-state updates and report metrics (``protos/fedshift/v1/edge.proto`
 - TensorBoard under ``out_dir/cloud``: losses, queue and replay sizes, step latency, version and
   upload rates, and each edge's reported metrics under ``edge/<id>/…``.
 
-Where each concern lives: this module answers the RPCs, keeps the registry of edges and learners
-and their versions, and makes the service durable; authentication is :mod:`server.auth`, what an
-upload or a metric report may hold :mod:`server.validation`, the state types
-:mod:`server.edges`, the learner thread and its queue (backpressure) :mod:`server.worker`,
+Where each concern lives: this module answers the RPCs and keeps the registry of edges and
+learners, their versions, and what a snapshot of them holds; authentication is :mod:`server.auth`,
+what an upload or a metric report may hold :mod:`server.validation`, the state types
+:mod:`server.edges`, the learner thread and its queue (backpressure) :mod:`server.worker`, when
+state is journalled and snapshotted :mod:`server.durability` (the files: :mod:`server.checkpoint`),
 TensorBoard :mod:`server.telemetry`, the transport :mod:`server.wire`.
 
 Versions are per learner, start at 0 (the state the edges' ONNX files carry) and grow by one per
@@ -54,8 +55,8 @@ from protos.codec import GRPC_OPTIONS, RETRY_AFTER_KEY, encode_state
 from protos.fedshift.v1 import edge_pb2 as pb
 from protos.fedshift.v1 import edge_pb2_grpc as pb_grpc
 from server.auth import Authenticator, AuthError, peer_common_name
-from server.checkpoint import (VERSION_BLOCK, Journal, Kind, journal_generations, read_journal, read_snapshot,
-                               remove_journals_before, write_snapshot)
+from server.checkpoint import VERSION_BLOCK, Kind, journal_generations, read_journal, read_snapshot
+from server.durability import Durability
 from server.config import CloudConfig
 from server.edges import SHARED, EdgeRecord, LearnerSlot, QueuedUpload
 from server.stats import CloudStats, EdgeStats, LearnerStats
@@ -116,19 +117,14 @@ class CloudService(pb_grpc.EdgeServiceServicer):
         self._versions = 0
         self._totals = {"uploads": 0, "samples": 0}
         self._started = time.time()
-        # durability (server.checkpoint): every acknowledged state change is journalled under
-        # _journal_lock, which a snapshot holds too; lock order: _journal_lock -> slot.lock -> _lock / the worker's
-        self._journal_lock = threading.Lock()
-        self.telemetry = CloudTelemetry(config.rate_interval_s)
-        self._worker = LearnerWorker(self._slots, self._publish, self._journal_lock, self.telemetry,
-                                     after_pass=self._log_rates)
-        self._journal: Journal | None = None
-        self._snapshot_lock = threading.Lock()  # one snapshot at a time
-        self._changes = 0  # state changes (journal records, publications) since the last snapshot
-        self._checkpoints = 0
+        # every acknowledged state change is journalled under _durable.lock, which a snapshot holds
+        # too; lock order: _durable.lock -> slot.lock -> _lock / the worker's
+        self._durable = Durability(Path(config.checkpoint_dir) if config.checkpoint_dir else None,
+                                   every_s=config.checkpoint_every_s, fsync=config.journal_fsync)
         self._restored_records = 0
-        self._periodic: threading.Thread | None = None
-        self._periodic_stop = threading.Event()
+        self.telemetry = CloudTelemetry(config.rate_interval_s)
+        self._worker = LearnerWorker(self._slots, self._publish, self._durable.lock, self.telemetry,
+                                     after_pass=self._log_rates)
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -143,9 +139,7 @@ class CloudService(pb_grpc.EdgeServiceServicer):
             self.telemetry.open(Path(self.config.out_dir) / "cloud",
                                 {"cloud": self.config.to_dict(), "num_classes": self.num_classes, **self._run_info})
         self._worker.start()
-        if self._journal is not None and self.config.checkpoint_every_s > 0:
-            self._periodic = threading.Thread(target=self._checkpoint_loop, name="cloud-checkpoint", daemon=True)
-            self._periodic.start()
+        self._durable.start_periodic(self._capture)
 
     def begin_stop(self) -> None:
         """Refuse new work and end every Subscribe stream cleanly (before the server stops)."""
@@ -157,17 +151,9 @@ class CloudService(pb_grpc.EdgeServiceServicer):
         """Join the worker, take the last snapshot, write the final stats and close the writer
         (after the server stopped)."""
         self.begin_stop()
-        self._periodic_stop.set()
-        if self._periodic is not None:
-            self._periodic.join()
-            self._periodic = None
+        self._durable.stop_periodic()
         self._worker.join()
-        if self._journal is not None:
-            try:
-                self.checkpoint(final=True)
-            finally:
-                self._journal.close()
-                self._journal = None
+        self._durable.close(self._capture)  # the final snapshot: a restart resumes at the next version
         if self.config.out_dir:
             path = Path(self.config.out_dir) / "cloud" / "stats.json"
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -196,7 +182,7 @@ class CloudService(pb_grpc.EdgeServiceServicer):
                                          learned_samples=s.learned_samples, pending_samples=pending.get(s.name, 0))
                     for s in self._slots()}
         return CloudStats(edges=edges, learners=learners, uptime_s=round(time.time() - self._started, 2),
-                          checkpoints=self._checkpoints, restored_records=self._restored_records, **totals)
+                          checkpoints=self._durable.checkpoints, restored_records=self._restored_records, **totals)
 
     def memory_bound(self) -> dict[str, float]:
         """What the configuration lets each kind of state take at most, in MB: the learners
@@ -236,7 +222,7 @@ class CloudService(pb_grpc.EdgeServiceServicer):
             log.warning("edge %s runs a model file (sha256 %s…) other than the cloud's edge model (%s…): its uploads "
                         "are preprocessed with the cloud's file's metadata", request.edge_id,
                         request.model_sha256[:12], self.edge_model_sha256[:12])
-        with self._journal_lock:
+        with self._durable.lock:
             edge = self._register_edge(request.edge_id, request.model_id, request.model_sha256, context)
             with self._lock:
                 next_seq = edge.sequences.next
@@ -246,7 +232,7 @@ class CloudService(pb_grpc.EdgeServiceServicer):
     def _register_edge(self, edge_id: str, model_id: str, model_sha256: str,
                        context: Call | None = None) -> EdgeRecord:
         """Add an edge (with its learner) or record its new model file; journalled (caller holds
-        ``_journal_lock``; ``context`` None: replaying the journal)."""
+        ``_durable.lock``; ``context`` None: replaying the journal)."""
         with self._lock:
             edge = self._edges.get(edge_id)
             full = edge is None and len(self._edges) >= self.config.max_edges
@@ -257,7 +243,7 @@ class CloudService(pb_grpc.EdgeServiceServicer):
             context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, message)
         changed = edge is None or (edge.model_id, edge.model_sha256) != (model_id, model_sha256)
         if changed:
-            self._journal_json(Kind.REGISTER, {"edge_id": edge_id, "model_id": model_id, "model_sha256": model_sha256})
+            self._durable.record(Kind.REGISTER, {"edge_id": edge_id, "model_id": model_id, "model_sha256": model_sha256})
         if edge is None:
             slot = self._shared or self._new_slot(edge_id, model_sha256)
             edge = EdgeRecord(edge_id, model_id, model_sha256, slot)
@@ -302,10 +288,10 @@ class CloudService(pb_grpc.EdgeServiceServicer):
                           f"upload {seq}: {backlog} samples already wait for the learners (limit "
                           f"{self.config.max_backlog}); retry later")
         tensor = to_tensor(images, self.preprocess)
-        with self._journal_lock:
+        with self._durable.lock:
             outcome, current = self._admit(edge, request)
             if outcome in ("stale", "accepted"):
-                self._journal_upload(request)
+                self._durable.record_upload(request)
             item = self._accept(edge, request, outcome, tensor, labels)
         if outcome == "duplicate":  # a concurrent retry of the same upload won the race
             return pb.UploadReply(sequence=seq, duplicate=True, accepted=0, latest_version=edge.slot.version)
@@ -336,7 +322,7 @@ class CloudService(pb_grpc.EdgeServiceServicer):
 
     def _accept(self, edge: EdgeRecord, request: pb.UploadRequest, outcome: str, images: torch.Tensor,
                 labels: np.ndarray) -> QueuedUpload | None:
-        """Count an admitted upload and queue it for the learner (caller holds ``_journal_lock``,
+        """Count an admitted upload and queue it for the learner (caller holds ``_durable.lock``,
         the upload journalled); returns the queued item."""
         n = len(images)
         with self._lock:
@@ -389,11 +375,11 @@ class CloudService(pb_grpc.EdgeServiceServicer):
         edge = self._edge(request.edge_id, context)
         episode = int(request.episode)
         version = edge.slot.version  # equal episodes: a retried Reset (its reply was lost), nothing to redo
-        with self._journal_lock:
+        with self._durable.lock:
             with self._lock:
                 current = edge.episode
             if episode > current:
-                self._journal_json(Kind.RESET, {"edge_id": edge.edge_id, "episode": episode})
+                self._durable.record(Kind.RESET, {"edge_id": edge.edge_id, "episode": episode})
                 version = self._start_episode(edge, episode)
         if episode < current:
             context.abort(grpc.StatusCode.FAILED_PRECONDITION,
@@ -402,7 +388,7 @@ class CloudService(pb_grpc.EdgeServiceServicer):
 
     def _start_episode(self, edge: EdgeRecord, episode: int) -> int:
         """Move an edge to a newer episode; the first edge entering it resets the learner and
-        publishes its initial state (caller holds ``_journal_lock``, the change journalled)."""
+        publishes its initial state (caller holds ``_durable.lock``, the change journalled)."""
         with self._lock:
             edge.episode = episode
         slot = edge.slot
@@ -420,23 +406,7 @@ class CloudService(pb_grpc.EdgeServiceServicer):
         """Write a snapshot of the whole service state and drop the journal it covers; ``None``
         without ``checkpoint_dir``. Safe at any time; RPCs wait for at most one learner step.
         ``final`` (shutdown, after the worker stopped): a restart resumes at the next version."""
-        if self._journal is None:
-            return None
-        directory = Path(self.config.checkpoint_dir)
-        with self._snapshot_lock:
-            t0 = time.perf_counter()
-            with self._journal_lock:
-                state = self._capture(final)
-                with self._lock:
-                    self._changes = 0
-                generation = self._journal.rotate()
-            state["journal_generation"] = generation
-            path = write_snapshot(directory, state)
-            remove_journals_before(directory, generation)
-            self._checkpoints += 1
-        log.info("checkpoint %d: %d edges, %d learners, %.0f ms (%s)", self._checkpoints, len(state["edges"]),
-                 len(state["slots"]), 1000 * (time.perf_counter() - t0), path)
-        return path
+        return self._durable.snapshot(self._capture, final)
 
     def _fingerprint(self) -> dict[str, Any]:
         """What a checkpoint must agree on with the cloud restoring it."""
@@ -446,7 +416,7 @@ class CloudService(pb_grpc.EdgeServiceServicer):
                 "teacher": self._teacher is not None}
 
     def _capture(self, final: bool = False) -> dict[str, Any]:
-        """The service state as plain values and tensors (caller holds ``_journal_lock``)."""
+        """The service state as plain values and tensors (caller holds ``_durable.lock``)."""
         with self._lock:
             edges = [e.state() for e in self._edges.values()]
             totals, versions = dict(self._totals), self._versions
@@ -475,7 +445,7 @@ class CloudService(pb_grpc.EdgeServiceServicer):
                 continue
             self._restored_records += 1
         self._worker.feed(self._worker.take_pending())  # the replayed uploads go to their learners now
-        self._journal = Journal(directory, max([first - 1, *generations]) + 1, fsync=self.config.journal_fsync)
+        self._durable.open(max([first - 1, *generations]) + 1)
         for slot in self._slots():
             with slot.lock:
                 slot.version = max(slot.version, slot.ceiling, ceilings.get(slot.name, 0))
@@ -529,33 +499,6 @@ class CloudService(pb_grpc.EdgeServiceServicer):
             outcome, _ = self._admit(edge, request)
             self._accept(edge, request, outcome, to_tensor(images, self.preprocess), labels)
 
-    def _journal_json(self, kind: Kind, value: dict[str, Any]) -> None:
-        if self._journal is not None:
-            self._journal.append_json(kind, value)
-            with self._lock:
-                self._changes += 1
-
-    def _journal_upload(self, request: pb.UploadRequest) -> None:
-        if self._journal is not None:
-            record = pb.UploadRequest()
-            record.CopyFrom(request)
-            record.auth_token = ""  # secrets never reach the disk
-            self._journal.append(Kind.UPLOAD, record.SerializeToString())
-            with self._lock:
-                self._changes += 1
-
-    def _checkpoint_loop(self) -> None:
-        """Snapshot every ``checkpoint_every_s`` while anything changed (bounds the journal)."""
-        while not self._periodic_stop.wait(self.config.checkpoint_every_s):
-            with self._lock:
-                changed = self._changes
-            if changed:
-                try:
-                    self.checkpoint()
-                except Exception:  # the journal still holds everything; retried next time
-                    log.exception("checkpoint failed (the journal keeps every change; retrying in %.0f s)",
-                                  self.config.checkpoint_every_s)
-
     # ---------------------------------------------------------------- helpers
 
     def _authorize(self, edge_id: str, token: str, context: Call) -> None:
@@ -599,9 +542,9 @@ class CloudService(pb_grpc.EdgeServiceServicer):
     def _publish(self, slot: LearnerSlot) -> None:
         """Make the learner's normalization state the slot's next version (caller holds ``slot.lock``)."""
         tensors = encode_state(slot.learner.norm_state())
-        if self._journal is not None and slot.version + 1 > slot.ceiling:  # reserve before publishing
+        if self._durable.enabled and slot.version + 1 > slot.ceiling:  # reserve before publishing
             slot.ceiling = slot.version + VERSION_BLOCK
-            self._journal_json(Kind.CEILING, {"slot": slot.name, "version": slot.ceiling})
+            self._durable.record(Kind.CEILING, {"slot": slot.name, "version": slot.ceiling})
         with slot.cond:
             slot.version += 1
             slot.tensors = tensors
@@ -609,7 +552,7 @@ class CloudService(pb_grpc.EdgeServiceServicer):
         slot.wake_watchers()
         with self._lock:
             self._versions += 1
-            self._changes += 1
+        self._durable.changed()
 
     def _log_rates(self) -> None:
         """After each pass of the learner thread: the cloud's rates (:meth:`CloudTelemetry.rates`)."""

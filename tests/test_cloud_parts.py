@@ -146,3 +146,38 @@ def test_telemetry_writes_scalars_and_rates(tmp_path) -> None:
     assert events.Scalars("cloud/e1/queue")[0].value == 3.0
     assert events.Scalars("cloud/samples_per_s")[0].value > 0
     assert (tmp_path / "cloud" / "config.json").read_text().count("cema") == 1
+
+
+def test_durability_journals_snapshots_and_is_a_no_op_without_a_folder(tmp_path) -> None:
+    import time
+
+    from server.checkpoint import Kind, journal_generations, read_journal, read_snapshot
+    from server.durability import Durability
+
+    off = Durability(None)
+    off.record(Kind.RESET, {"edge_id": "e", "episode": 1})  # nothing written, no error
+    assert not off.enabled and off.snapshot(lambda final: {}) is None
+
+    captured: list[bool] = []
+
+    def capture(final: bool) -> dict:
+        captured.append(final)
+        return {"edges": [], "slots": {}, "final": final}
+
+    on = Durability(tmp_path, every_s=0.05)
+    on.open(0)
+    with on.lock:
+        on.record(Kind.RESET, {"edge_id": "e", "episode": 1})
+        on.record_upload(_request(2, auth_token="secret"))
+    assert [k for k, _ in read_journal(tmp_path, 0)] == [Kind.RESET, Kind.UPLOAD]
+    assert b"secret" not in b"".join(p for _, p in read_journal(tmp_path, 0))  # tokens never reach the disk
+    on.start_periodic(capture)
+    deadline = time.monotonic() + 10
+    while not captured and time.monotonic() < deadline:  # something changed: a periodic snapshot follows
+        time.sleep(0.02)
+    time.sleep(0.2)
+    assert captured == [False]  # and only one: nothing changed since
+    assert journal_generations(tmp_path) == [1]  # the covered journal is gone, a new one is open
+    on.close(capture)
+    assert captured == [False, True] and on.checkpoints == 2 and not on.enabled
+    assert read_snapshot(tmp_path)["final"] is True
