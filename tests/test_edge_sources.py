@@ -2,7 +2,10 @@
 strings and bad input (the watched folder and the camera have their own test files)."""
 
 import io
+import subprocess
+import sys
 from collections import namedtuple
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,6 +13,8 @@ import pytest
 from edge.sources import (SOURCE_HELP, SOURCE_SPECS, FolderSource, NpySource, NpzSource, StdinSource,
                           load_stream_npz, open_source, parse_frame_shape, save_stream_npz)
 from simulations.cli import main as fedshift
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _segments(labelled: bool = True):
@@ -273,3 +278,33 @@ def test_edge_help_and_config_list_the_sources(capsys) -> None:
         assert kind in help_text, kind
     assert SOURCE_HELP in help_text
     assert SOURCE_SPECS in to_toml(EdgeConfig())  # the config file's comment says it too
+
+
+def test_stdin_over_a_pipe_reads_frames_and_a_signal_to_another_thread_still_stops_it() -> None:
+    """The signal goes to a thread other than the main one (as the kernel may pick gRPC's): the
+    main thread, waiting for frames that never come, must still run the handler -- a plain
+    blocking read never returns to Python and the edge hung on SIGTERM (1 run in ~7)."""
+    script = """
+import os, signal, sys, threading, time
+import numpy as np
+from edge.sources import StdinSource
+
+r, w = os.pipe()
+os.write(w, np.arange(2 * 4 * 4 * 3, dtype=np.uint8).tobytes())  # two frames, then silence
+def handler(signum, frame):
+    raise KeyboardInterrupt
+signal.signal(signal.SIGTERM, handler)
+def other():
+    time.sleep(0.5)
+    signal.pthread_kill(threading.get_ident(), signal.SIGTERM)  # delivered to this thread, not main
+threading.Thread(target=other, daemon=True).start()
+seen = 0
+try:
+    for batch in StdinSource(4, 4, 3, batch_size=1, stream=open(r, "rb", buffering=0)):
+        seen += len(batch)
+except KeyboardInterrupt:
+    print("stopped after", seen)
+"""
+    proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "stopped after 2"
