@@ -216,7 +216,8 @@ def _selectable_fd(stream: BinaryIO) -> int | None:
     """The descriptor to read ``stream`` through, bypassing any buffer; None where that is not
     safe -- not POSIX, no descriptor, or a buffered stream other than stdin's (its buffer may hold
     bytes already; nothing reads stdin's before the source does): the stream's own ``read`` then."""
-    if os.name != "posix" or (stream is not sys.stdin.buffer and not isinstance(stream, io.RawIOBase)):
+    stdin = getattr(sys.stdin, "buffer", None)  # None: no stdin, or one replaced by a text stream
+    if os.name != "posix" or not ((stdin is not None and stream is stdin) or isinstance(stream, io.RawIOBase)):
         return None
     try:
         return stream.fileno()
@@ -230,7 +231,7 @@ class StdinSource:
     A batch is yielded once ``batch_size`` frames arrived (or at end of input); a truncated last
     frame is an error, not silently dropped.
 
-    Reading a file descriptor (stdin, or a ``stream`` with one) waits in ``select`` slices of
+    Reading a file descriptor (stdin, or a raw ``stream``) waits in ``poll`` slices of
     ``poll_s`` and reads what arrived with ``os.read``, never in one blocking ``read``: a SIGTERM
     that the kernel delivers to another thread (gRPC's, ONNX Runtime's) only flags the signal, and
     Python runs the handler when the main thread next runs Python code — a main thread blocked in
@@ -256,9 +257,11 @@ class StdinSource:
             return self.stream.read(n)
         import select
 
-        while not select.select([self._fd], [], [], self.poll_s)[0]:
+        poller = select.poll()  # not select.select: any descriptor number
+        poller.register(self._fd, select.POLLIN)
+        while not poller.poll(int(1000 * self.poll_s)):
             pass
-        return os.read(self._fd, n)
+        return os.read(self._fd, n)  # b"" at the end of input (POLLHUP)
 
     def _read_frame(self) -> bytes | None:
         """Exactly one frame, None at a clean end of input (pipes return short reads)."""

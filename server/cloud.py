@@ -357,14 +357,14 @@ class CloudService(pb_grpc.EdgeServiceServicer):
         self._authorize(request.edge_id, request.auth_token, context)
         edge = self._edge(request.edge_id, context)
         with self._lock:  # the check and the update at once: the name limit counts what the edge has
+            problem: str | None = None
             try:
                 values = metric_values(request.values, edge.metrics)
             except ValueError as exc:
                 problem = str(exc)
             else:
-                problem = ""
                 edge.metrics.update(values)
-        if problem:
+        if problem is not None:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
         for key, value in values.items():
             self.telemetry.scalar(f"edge/{request.edge_id}/{key}", value, int(request.step))

@@ -93,10 +93,10 @@ class LearnerWorker:
             self._work.notify_all()
 
     def backlog(self) -> int:
-        """Samples queued or inside the learners, not yet learned from."""
+        """Samples queued or inside the learners, not yet learned from (one consistent count: the
+        thread cannot move an item from the queue into a learner meanwhile)."""
         with self._work:
-            queued = sum(len(i.images) for i in self._pending)
-        return queued + sum(s.learner.queue_size for s in self._slots())
+            return sum(len(i.images) for i in self._pending) + sum(s.learner.queue_size for s in self._slots())
 
     def pending(self) -> list[QueuedUpload]:
         """What is queued now, oldest first (a copy)."""

@@ -294,17 +294,48 @@ os.write(w, np.arange(2 * 4 * 4 * 3, dtype=np.uint8).tobytes())  # two frames, t
 def handler(signum, frame):
     raise KeyboardInterrupt
 signal.signal(signal.SIGTERM, handler)
+both = threading.Event()
 def other():
-    time.sleep(0.5)
+    both.wait(30)
+    time.sleep(0.3)  # the main thread is waiting for a third frame by now
     signal.pthread_kill(threading.get_ident(), signal.SIGTERM)  # delivered to this thread, not main
 threading.Thread(target=other, daemon=True).start()
 seen = 0
 try:
     for batch in StdinSource(4, 4, 3, batch_size=1, stream=open(r, "rb", buffering=0)):
         seen += len(batch)
+        if seen == 2:
+            both.set()
 except KeyboardInterrupt:
     print("stopped after", seen)
 """
     proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=30)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "stopped after 2"
+
+
+def test_stdin_through_a_descriptor_ends_cleanly_and_refuses_a_truncated_frame() -> None:
+    """The descriptor path (a raw stream here, stdin in an edge): end of input, exact batches, and
+    a truncated last frame; a missing or text ``sys.stdin`` does not matter when a stream is given."""
+    import os
+
+    frames = np.arange(3 * 4 * 4 * 1, dtype=np.uint8).reshape(3, 4, 4, 1)
+    for tail, expect in ((b"", None), (b"12345", "truncated frame, got 5 of 16 bytes")):
+        r, w = os.pipe()
+        os.write(w, frames.tobytes() + tail)
+        os.close(w)
+        source = StdinSource(4, 4, 1, batch_size=2, stream=open(r, "rb", buffering=0))
+        if expect is None:
+            batches = list(source)
+            assert [len(b) for b in batches] == [2, 1]
+            np.testing.assert_array_equal(np.concatenate([b.images for b in batches]), frames)
+        else:
+            with pytest.raises(ValueError, match=expect):
+                list(source)
+        source.stream.close()
+    saved = sys.stdin
+    try:
+        sys.stdin = None
+        assert list(StdinSource(1, 1, 1, 1, stream=io.BytesIO(b"ab")))[0].images.ravel().tolist() == [97]
+    finally:
+        sys.stdin = saved
