@@ -154,19 +154,6 @@ def _global_round(msg: Message) -> int:
     return int(config.get("global-round", config.get("server-round", 1)))
 
 
-def fraug_settings(cfg: FLConfig) -> Any:
-    """FRAug's settings; the generator's and RTNet's optimizers take only their own (``fraug-lr-aux``,
-    ``fraug-momentum-aux``), never the model's: inherited, a model momentum of 0.9 made their step
-    5x the authors' (issue 11)."""
-    from core.fraug import FRAugSettings
-
-    return FRAugSettings(noise=cfg.fraug_noise, latent_dim=cfg.fraug_latent_dim, lambda_max=cfg.fraug_lambda_max,
-                         gamma=cfg.fraug_gamma, warmup_rounds=cfg.fraug_warmup_rounds, lambda_g=cfg.fraug_lambda_g,
-                         g_distance=cfg.fraug_g_distance, lambda_t=cfg.fraug_lambda_t, lr_aux=cfg.fraug_lr_aux,
-                         momentum=cfg.fraug_momentum_aux, rtnet_final_bn=cfg.fraug_rtnet_final_bn,
-                         interpolate=cfg.fraug_interpolate, proto_momentum=cfg.fraug_proto_momentum)
-
-
 def _fraug_hook(cfg: FLConfig, context: Context, model: Any, gen_arrays: Mapping[str, np.ndarray],
                 rnd: int, pid: int) -> Any:
     """Build this round's FRAug hook: received G, stored RTNet / prototypes / optimizer states."""
@@ -174,7 +161,8 @@ def _fraug_hook(cfg: FLConfig, context: Context, model: Any, gen_arrays: Mapping
 
     from core.fraug import FRAugHook, RTNet, make_generator
 
-    settings = fraug_settings(cfg)
+    settings = cfg.fraug  # the generator's and RTNet's optimizers take only their own settings, never the
+    # model's: inherited, a model momentum of 0.9 made their step 5x the authors' (issue 11)
     d, c = model.embedding_dim, model.num_classes
     generator = make_generator(cfg.seed, d, c, cfg.fraug_latent_dim)
     if not gen_arrays:
@@ -196,7 +184,7 @@ def handle_train(msg: Message, context: Context, cfg: FLConfig) -> Message:
     """One round of local training; returns the shared arrays and the client's metrics."""
     import torch
 
-    from core.training import LocalSpec, train_local
+    from core.training import train_local
 
     torch.set_num_threads(cfg.threads)
     pid = _partition_id(context, cfg)
@@ -208,8 +196,7 @@ def handle_train(msg: Message, context: Context, cfg: FLConfig) -> Message:
     model, local_keys = _assemble_model(cfg, context, received)
     config = msg.content.config_records.get("config") or {}
     mu = float(config.get("proximal-mu", 0.0))
-    spec = LocalSpec(epochs=cfg.local_epochs, steps=cfg.local_steps, batch_size=cfg.batch_size, lr=cfg.lr,
-                     momentum=cfg.momentum, weight_decay=cfg.weight_decay, proximal_mu=mu, augment=cfg.augment)
+    spec = cfg.local_spec(proximal_mu=mu)
     global_params = ({n: p.detach().clone() for n, p in model.named_parameters() if n in received}
                      if mu > 0 else None)
     hook = _fraug_hook(cfg, context, model, gen_arrays, rnd, pid) if cfg.strategy == "fraug" else None
