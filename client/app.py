@@ -31,11 +31,15 @@ from core.norm import is_norm_key
 from core.fl_config import (
     CLIENT_STATE_RECORD,
     DEPLOY_NORM_RECORD,
+    EVAL_METRICS,
     EVALUATE_RECEIVED_KEY,
     EVALUATED_PREFIX,
+    FRAUG_METRIC_PREFIX,
     GENERATOR_PREFIX,
+    GLOBAL_ROUND_KEY,
     PARTITION_KEY,
     SEND_STATE_KEY,
+    TRAIN_METRICS,
     WEIGHT_KEY,
     FLConfig,
     build_model,
@@ -151,7 +155,7 @@ def _global_round(msg: Message) -> int:
     config = msg.content.config_records.get("config")
     if config is None:
         return 1
-    return int(config.get("global-round", config.get("server-round", 1)))
+    return int(config.get(GLOBAL_ROUND_KEY, config.get("server-round", 1)))
 
 
 def _fraug_hook(cfg: FLConfig, context: Context, model: Any, gen_arrays: Mapping[str, np.ndarray],
@@ -210,8 +214,8 @@ def handle_train(msg: Message, context: Context, cfg: FLConfig) -> Message:
         context.state[STATE_OPT] = _numpy_record(result.optimizer_state)
     reply_arrays: dict[str, Any] = {k: v for k, v in state.items() if k not in local_keys}
     metrics: dict[str, float | int] = {
-        WEIGHT_KEY: result.num_examples, PARTITION_KEY: pid, "train-loss": result.loss,
-        "train-accuracy": result.accuracy, "steps": result.steps,
+        WEIGHT_KEY: result.num_examples, PARTITION_KEY: pid, TRAIN_METRICS["train_loss"]: result.loss,
+        TRAIN_METRICS["train_accuracy"]: result.accuracy, "steps": result.steps,
     }
     if hook is not None:
         context.state[STATE_RTNET] = ArrayRecord(torch_state_dict=hook.T.state_dict())
@@ -220,7 +224,7 @@ def handle_train(msg: Message, context: Context, cfg: FLConfig) -> Message:
         context.state[STATE_OPT_G] = _numpy_record(opt_states["generator"])
         context.state[STATE_OPT_T] = _numpy_record(opt_states["rtnet"])
         reply_arrays.update({GENERATOR_PREFIX + k: v for k, v in hook.G.state_dict().items()})
-        metrics.update({f"fraug-{k}": float(v) for k, v in result.metrics.items()})
+        metrics.update({FRAUG_METRIC_PREFIX + k: float(v) for k, v in result.metrics.items()})
     rounds_trained = int(context.state.config_records[STATE_META]["rounds-trained"]) + 1 \
         if STATE_META in context.state.config_records else 1
     context.state[STATE_META] = ConfigRecord({"rounds-trained": rounds_trained, "last-round": rnd})
@@ -255,8 +259,8 @@ def evaluation_metrics(msg: Message, context: Context, cfg: FLConfig) -> dict[st
     model, _ = _assemble_model(cfg, context, received)
     test_loss, test_acc = evaluate(model, data.test)
     val_loss, val_acc = evaluate(model, data.val)
-    return {WEIGHT_KEY: len(data.test), PARTITION_KEY: pid, "test-loss": test_loss, "test-accuracy": test_acc,
-            "val-loss": val_loss, "val-accuracy": val_acc}
+    values = {"test_loss": test_loss, "test_accuracy": test_acc, "val_loss": val_loss, "val_accuracy": val_acc}
+    return {WEIGHT_KEY: len(data.test), PARTITION_KEY: pid, **{EVAL_METRICS[k]: v for k, v in values.items()}}
 
 
 def handle_evaluate(msg: Message, context: Context, cfg: FLConfig) -> Message:

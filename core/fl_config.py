@@ -51,6 +51,13 @@ SEND_STATE_KEY = "send-state"  # round config: reply with the client state this 
 # last round has an evaluate message of its own.
 EVALUATE_RECEIVED_KEY = "evaluate-received"
 EVALUATED_PREFIX = "evaluated."
+GLOBAL_ROUND_KEY = "global-round"  # train config: the round counted across a resume (FRAug's schedule uses it)
+# A client's MetricRecord: ClientRound's numbers under these keys (client/app.py writes them,
+# server/recorder.py reads them), FRAug's under FRAUG_METRIC_PREFIX + its metric name.
+TRAIN_METRICS: dict[str, str] = {"train_loss": "train-loss", "train_accuracy": "train-accuracy"}
+EVAL_METRICS: dict[str, str] = {"test_loss": "test-loss", "test_accuracy": "test-accuracy",
+                                "val_loss": "val-loss", "val_accuracy": "val-accuracy"}
+FRAUG_METRIC_PREFIX = "fraug-"
 
 STRATEGIES: tuple[str, ...] = ("local", "fedavg", "fedprox", "fedbn", "fraug")
 REPORTS: tuple[str, ...] = ("final", "best_val")  # which round's accuracy a table reports (FLResult.report)
