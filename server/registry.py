@@ -42,7 +42,8 @@ class EdgeRegistry:
         return edge
 
     def is_full_for(self, edge_id: str) -> bool:
-        """True when ``edge_id`` is new and ``max_edges`` are registered already."""
+        """True when ``edge_id`` is new and ``max_edges`` are registered already (check and
+        :meth:`add` under the service's journal lock, as Register does: one registration at a time)."""
         with self._lock:
             return edge_id not in self._edges and len(self._edges) >= self.max_edges
 

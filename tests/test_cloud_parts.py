@@ -208,11 +208,20 @@ def test_registry_admits_by_the_rules_counts_once_and_round_trips() -> None:
     e = edges["e1"]
     assert (e.uploads, e.samples, e.stale_samples, e.duplicates, e.seen, e.episode) == (1, 4, 3, 2, 20, 2)
     assert reg.next_sequence(edge) == 2
+    assert not reg.record(edge, "duplicate", 0, seen=0, samples=4)  # a raced retry: counted, not queued
+    assert not reg.record(edge, "future", 7, seen=0, samples=4)  # refused: nothing recorded
+    assert reg.record(edge, "accepted", 5, seen=30, samples=1)  # a gap: 2..4 not seen yet
+    assert reg.admit(edge, 3, episode=2) == ("accepted", 2) and reg.admit(edge, 5, episode=2)[0] == "duplicate"
+    assert reg.next_sequence(edge) == 6
     assert reg.report_metrics(edge, {"acc": 0.5}) == {"acc": 0.5}
     with pytest.raises(ValueError, match="finite"):
         reg.report_metrics(edge, {"acc": float("nan")})
     again = EdgeRegistry(max_edges=1)
-    again.load(reg.state(), {"shared": slot})
-    assert again.stats() == reg.stats() and again.next_sequence(again.require("e1")) == 2
+    again.add(EdgeRecord("old", "m", "sha", slot))
+    again.load(reg.state(), {"shared": slot})  # replaces, never merges
+    assert again.stats() == reg.stats() and again.get("old") is None
+    back = again.require("e1")
+    assert again.next_sequence(back) == 6 and again.admit(back, 5, episode=2)[0] == "duplicate"  # the gap survived
+    assert again.admit(back, 3, episode=2)[0] == "accepted"
     with pytest.raises(KeyError, match="not registered"):
         again.require("e9")
