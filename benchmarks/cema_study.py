@@ -46,6 +46,8 @@ from typing import Iterable, Sequence
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.study_cells import load_done, save_cell, unwind_on_sigterm  # noqa: E402
+from core.renorm import EDGE_NORMS  # noqa: E402
+from protos.contract import PROTOCOLS  # noqa: E402
 
 log = logging.getLogger("bench.cema_study")
 
@@ -371,8 +373,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--stage", choices=("tune", "preconditions", "selection"), default="preconditions")
     p.add_argument("--classes", type=int, nargs="+", default=[100])
     p.add_argument("--severities", type=int, nargs="+", default=[5])
-    p.add_argument("--protocols", nargs="+", default=["reset"], choices=("reset", "continual"))
-    p.add_argument("--norms", nargs="+", default=["running", "batch"], choices=("batch", "running", "source"))
+    p.add_argument("--protocols", nargs="+", default=["reset"], choices=PROTOCOLS)
+    p.add_argument("--norms", nargs="+", default=["running", "batch"], choices=EDGE_NORMS)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--corruptions", nargs="+", default=list(SUBSET), help="names, or 'all' (the 15: own groups)")
     p.add_argument("--only", nargs="+", default=[], metavar="LABEL",

@@ -107,7 +107,7 @@ def engine_plain(a: argparse.Namespace) -> dict[str, Any]:
     import torch
 
     from core.fl_config import FLConfig, build_model, clients_per_domain
-    from core.training import LocalSpec, evaluate, train_local
+    from core.training import evaluate, train_local
 
     torch.set_num_threads(1)
     cfg = FLConfig.from_run_config(_overrides(a))
@@ -115,8 +115,7 @@ def engine_plain(a: argparse.Namespace) -> dict[str, Any]:
                          clients_per_domain=clients_per_domain(cfg.clients))
     model = build_model(cfg)
     global_state = {k: v.clone() for k, v in model.state_dict().items()}
-    spec = LocalSpec(epochs=cfg.local_epochs, steps=cfg.local_steps, batch_size=cfg.batch_size, lr=cfg.lr,
-                     momentum=cfg.momentum)
+    spec = cfg.local_spec()  # FedAvg: no proximal term
     momentum: list[dict[str, np.ndarray]] = [{} for _ in data.clients]
     round_seconds, accs = [], []
     t_start_rounds = time.perf_counter()

@@ -240,8 +240,8 @@ def main() -> int:
                     proc.wait()
     result = {"benchmark": "load", "config": {k: v for k, v in vars(args).items() if k != "out"},
               "machine": {"cpus": os.cpu_count(), "platform": platform.platform()}, "rows": rows}
-    print(f"| edges | offered samples/s | accepted uploads/s | samples/s | upload p50/p99 ms | fan-out p50/p99 ms "
-          f"| rejected | retried | cloud RSS max MB | cloud threads max |")
+    print("| edges | offered samples/s | accepted uploads/s | samples/s | upload p50/p99 ms | fan-out p50/p99 ms "
+          "| rejected | retried | cloud RSS max MB | cloud threads max |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         up, fan = r["upload_latency_ms"], r["fanout_latency_ms"]

@@ -31,11 +31,15 @@ from core.norm import is_norm_key
 from core.fl_config import (
     CLIENT_STATE_RECORD,
     DEPLOY_NORM_RECORD,
+    EVAL_METRICS,
     EVALUATE_RECEIVED_KEY,
     EVALUATED_PREFIX,
+    FRAUG_METRIC_PREFIX,
     GENERATOR_PREFIX,
+    GLOBAL_ROUND_KEY,
     PARTITION_KEY,
     SEND_STATE_KEY,
+    TRAIN_METRICS,
     WEIGHT_KEY,
     FLConfig,
     build_model,
@@ -151,20 +155,7 @@ def _global_round(msg: Message) -> int:
     config = msg.content.config_records.get("config")
     if config is None:
         return 1
-    return int(config.get("global-round", config.get("server-round", 1)))
-
-
-def fraug_settings(cfg: FLConfig) -> Any:
-    """FRAug's settings; the generator's and RTNet's optimizers take only their own (``fraug-lr-aux``,
-    ``fraug-momentum-aux``), never the model's: inherited, a model momentum of 0.9 made their step
-    5x the authors' (issue 11)."""
-    from core.fraug import FRAugSettings
-
-    return FRAugSettings(noise=cfg.fraug_noise, latent_dim=cfg.fraug_latent_dim, lambda_max=cfg.fraug_lambda_max,
-                         gamma=cfg.fraug_gamma, warmup_rounds=cfg.fraug_warmup_rounds, lambda_g=cfg.fraug_lambda_g,
-                         g_distance=cfg.fraug_g_distance, lambda_t=cfg.fraug_lambda_t, lr_aux=cfg.fraug_lr_aux,
-                         momentum=cfg.fraug_momentum_aux, rtnet_final_bn=cfg.fraug_rtnet_final_bn,
-                         interpolate=cfg.fraug_interpolate, proto_momentum=cfg.fraug_proto_momentum)
+    return int(config.get(GLOBAL_ROUND_KEY, config.get("server-round", 1)))
 
 
 def _fraug_hook(cfg: FLConfig, context: Context, model: Any, gen_arrays: Mapping[str, np.ndarray],
@@ -174,7 +165,8 @@ def _fraug_hook(cfg: FLConfig, context: Context, model: Any, gen_arrays: Mapping
 
     from core.fraug import FRAugHook, RTNet, make_generator
 
-    settings = fraug_settings(cfg)
+    settings = cfg.fraug  # the generator's and RTNet's optimizers take only their own settings, never the
+    # model's: inherited, a model momentum of 0.9 made their step 5x the authors' (issue 11)
     d, c = model.embedding_dim, model.num_classes
     generator = make_generator(cfg.seed, d, c, cfg.fraug_latent_dim)
     if not gen_arrays:
@@ -196,7 +188,7 @@ def handle_train(msg: Message, context: Context, cfg: FLConfig) -> Message:
     """One round of local training; returns the shared arrays and the client's metrics."""
     import torch
 
-    from core.training import LocalSpec, train_local
+    from core.training import train_local
 
     torch.set_num_threads(cfg.threads)
     pid = _partition_id(context, cfg)
@@ -208,8 +200,7 @@ def handle_train(msg: Message, context: Context, cfg: FLConfig) -> Message:
     model, local_keys = _assemble_model(cfg, context, received)
     config = msg.content.config_records.get("config") or {}
     mu = float(config.get("proximal-mu", 0.0))
-    spec = LocalSpec(epochs=cfg.local_epochs, steps=cfg.local_steps, batch_size=cfg.batch_size, lr=cfg.lr,
-                     momentum=cfg.momentum, weight_decay=cfg.weight_decay, proximal_mu=mu, augment=cfg.augment)
+    spec = cfg.local_spec(proximal_mu=mu)
     global_params = ({n: p.detach().clone() for n, p in model.named_parameters() if n in received}
                      if mu > 0 else None)
     hook = _fraug_hook(cfg, context, model, gen_arrays, rnd, pid) if cfg.strategy == "fraug" else None
@@ -223,8 +214,8 @@ def handle_train(msg: Message, context: Context, cfg: FLConfig) -> Message:
         context.state[STATE_OPT] = _numpy_record(result.optimizer_state)
     reply_arrays: dict[str, Any] = {k: v for k, v in state.items() if k not in local_keys}
     metrics: dict[str, float | int] = {
-        WEIGHT_KEY: result.num_examples, PARTITION_KEY: pid, "train-loss": result.loss,
-        "train-accuracy": result.accuracy, "steps": result.steps,
+        WEIGHT_KEY: result.num_examples, PARTITION_KEY: pid, TRAIN_METRICS["train_loss"]: result.loss,
+        TRAIN_METRICS["train_accuracy"]: result.accuracy, "steps": result.steps,
     }
     if hook is not None:
         context.state[STATE_RTNET] = ArrayRecord(torch_state_dict=hook.T.state_dict())
@@ -233,7 +224,7 @@ def handle_train(msg: Message, context: Context, cfg: FLConfig) -> Message:
         context.state[STATE_OPT_G] = _numpy_record(opt_states["generator"])
         context.state[STATE_OPT_T] = _numpy_record(opt_states["rtnet"])
         reply_arrays.update({GENERATOR_PREFIX + k: v for k, v in hook.G.state_dict().items()})
-        metrics.update({f"fraug-{k}": float(v) for k, v in result.metrics.items()})
+        metrics.update({FRAUG_METRIC_PREFIX + k: float(v) for k, v in result.metrics.items()})
     rounds_trained = int(context.state.config_records[STATE_META]["rounds-trained"]) + 1 \
         if STATE_META in context.state.config_records else 1
     context.state[STATE_META] = ConfigRecord({"rounds-trained": rounds_trained, "last-round": rnd})
@@ -268,8 +259,8 @@ def evaluation_metrics(msg: Message, context: Context, cfg: FLConfig) -> dict[st
     model, _ = _assemble_model(cfg, context, received)
     test_loss, test_acc = evaluate(model, data.test)
     val_loss, val_acc = evaluate(model, data.val)
-    return {WEIGHT_KEY: len(data.test), PARTITION_KEY: pid, "test-loss": test_loss, "test-accuracy": test_acc,
-            "val-loss": val_loss, "val-accuracy": val_acc}
+    values = {"test_loss": test_loss, "test_accuracy": test_acc, "val_loss": val_loss, "val_accuracy": val_acc}
+    return {WEIGHT_KEY: len(data.test), PARTITION_KEY: pid, **{EVAL_METRICS[k]: v for k, v in values.items()}}
 
 
 def handle_evaluate(msg: Message, context: Context, cfg: FLConfig) -> Message:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import math
 from collections import deque
 from dataclasses import asdict, dataclass
 from typing import NamedTuple
@@ -31,6 +30,7 @@ from torch import nn
 from core.norm import configure_norm_adaptation, get_norm_state, load_norm_module_state, norm_module_state
 from core.renorm import EDGE_NORMS, RUNNING_INITS, RenormBatchNorm, learning_mode, prepare_student, start_episode
 from protos.config import option
+from protos.contract import E0_FACTOR, entropy_margin
 
 log = logging.getLogger(__name__)
 
@@ -226,7 +226,7 @@ class CemaConfig:
     temperature: float = option(1.0, "distillation temperature")
     channels_last: bool = option(True, "run the cloud's convolutions in channels-last memory format (the "
                                  "same maths, faster on CPU: benchmarks/cloud_edge.py --only-learning)")
-    e0_factor: float = option(0.4, "E0 = factor·ln C in the EATA sample weights")
+    e0_factor: float = option(E0_FACTOR, "E0 = factor·ln C in the EATA sample weights")
     seed: int = option(0, "seed of the learners (replay sampling)")
 
     def __post_init__(self) -> None:
@@ -258,8 +258,8 @@ class CemaConfig:
         return self.method != "tent"
 
     def e0(self, num_classes: int) -> float:
-        """EATA's entropy margin ``E0 = e0_factor · ln C``."""
-        return self.e0_factor * math.log(num_classes)
+        """EATA's entropy margin ``E0 = e0_factor · ln C`` (the edge's reliability filter uses the same)."""
+        return entropy_margin(self.e0_factor, num_classes)
 
     def to_dict(self) -> dict:
         return asdict(self)

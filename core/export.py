@@ -41,7 +41,7 @@ from torch import nn
 
 from core.norm import get_norm_state, norm_modules
 from protos.contract import (FORMAT_VERSION, INPUT_NAME, META_PREFIX, OUTPUT_NAME,  # noqa: F401 - re-exported
-                             ModelMetadata, Preprocess)
+                             ModelMetadata, Preprocess, save_norm_sidecar)
 
 log = logging.getLogger(__name__)
 
@@ -187,7 +187,7 @@ def export_onnx(
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(data)
     if norm_as_inputs:  # the graph has no values for its norm inputs: ship them beside it
-        np.savez(path.with_suffix(".norm.npz"), **{n: state[n] for n in norm_names})
+        save_norm_sidecar(path, {n: state[n] for n in norm_names})
     log.info("exported %s (%d norm tensors, %s) to %s", model_name or type(model).__name__,
              len(norm_names), record.norm_mode, path)
     return ExportInfo(path, norm_names, norm_as_inputs, meta, record)

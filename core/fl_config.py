@@ -21,6 +21,7 @@ from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Any, ClassVar, Mapping
 
 from core.data.builtin import BuiltinData
+from core.fraug_config import FRAugSettings
 from protos.config import from_mapping, option, same_as
 from protos.records import Record
 
@@ -28,6 +29,7 @@ if TYPE_CHECKING:  # torch stays out of module import: the CLI parses flags with
     from torch import nn
 
     from core.models import SplitModel
+    from core.training import LocalSpec
 
 # Wire format shared by server and client (plain strings: no flwr import here).
 GENERATOR_PREFIX = "generator."  # FRAug's generator travels in the model's ArrayRecord under this prefix
@@ -49,12 +51,17 @@ SEND_STATE_KEY = "send-state"  # round config: reply with the client state this 
 # last round has an evaluate message of its own.
 EVALUATE_RECEIVED_KEY = "evaluate-received"
 EVALUATED_PREFIX = "evaluated."
+GLOBAL_ROUND_KEY = "global-round"  # train config: the round counted across a resume (FRAug's schedule uses it)
+# A client's MetricRecord: ClientRound's numbers under these keys (client/app.py writes them,
+# server/recorder.py reads them), FRAug's under FRAUG_METRIC_PREFIX + its metric name.
+TRAIN_METRICS: dict[str, str] = {"train_loss": "train-loss", "train_accuracy": "train-accuracy"}
+EVAL_METRICS: dict[str, str] = {"test_loss": "test-loss", "test_accuracy": "test-accuracy",
+                                "val_loss": "val-loss", "val_accuracy": "val-accuracy"}
+FRAUG_METRIC_PREFIX = "fraug-"
 
 STRATEGIES: tuple[str, ...] = ("local", "fedavg", "fedprox", "fedbn", "fraug")
 REPORTS: tuple[str, ...] = ("final", "best_val")  # which round's accuracy a table reports (FLResult.report)
 AUGMENTS: tuple[str, ...] = ("none", "crop-colour")  # local image augmentation (core/augment.py)
-_NOISES = ("uniform", "normal")
-_G_DISTANCES = ("mse", "mmd")
 _FRAUG_BN = ("local", "stats")
 
 
@@ -92,23 +99,19 @@ class FLConfig:
     # FRAug (METHODS.md)
     fraug_bn: str = option("local", "FRAug: local (every normalization layer stays local, as in FedBN) or "
                            "stats (only the running statistics stay local)", choices=_FRAUG_BN)
-    fraug_noise: str = option("uniform", "FRAug generator noise: uniform (z ~ U[0,1)) or normal (N(0, I))",
-                              choices=_NOISES)
-    fraug_latent_dim: int = option(0, "FRAug generator noise size (0: half the embedding size)")
-    fraug_lambda_max: float = option(0.5, "FRAug: largest weight of the synthetic-embedding loss")
-    fraug_gamma: float = option(0.002, "FRAug: ramp-up rate of that weight")
-    fraug_warmup_rounds: int = option(0, "FRAug: rounds of plain training before augmenting")
-    fraug_lambda_g: float = option(1.0, "FRAug: weight of the generator's distance loss")
-    fraug_g_distance: str = option("mse", "FRAug generator distance: mse (to the class prototypes) or mmd "
-                                   "(Gaussian MMD)", choices=_G_DISTANCES)
-    fraug_lambda_t: float = option(1.0, "FRAug: weight of the RTNet loss")
-    fraug_lr_aux: float = option(0.05, "FRAug: learning rate of the generator and the RTNet (never the model's)")
-    fraug_momentum_aux: float = option(0.5, "FRAug: SGD momentum of the generator and the RTNet (never the "
-                                       "model's; the authors use 0.5 for all three optimizers)")
-    fraug_rtnet_final_bn: bool = option(True, "FRAug: end the RTNet with a batch-norm layer")
-    fraug_interpolate: bool = option(False, "FRAug: blend synthetic embeddings towards their anchor "
-                                     "(weight exp(gamma (t - T)))")
-    fraug_proto_momentum: float = option(0.3, "FRAug: momentum of the class-prototype update, in [0, 1]")
+    fraug_noise: str = same_as(FRAugSettings, "noise")
+    fraug_latent_dim: int = same_as(FRAugSettings, "latent_dim")
+    fraug_lambda_max: float = same_as(FRAugSettings, "lambda_max")
+    fraug_gamma: float = same_as(FRAugSettings, "gamma")
+    fraug_warmup_rounds: int = same_as(FRAugSettings, "warmup_rounds")
+    fraug_lambda_g: float = same_as(FRAugSettings, "lambda_g")
+    fraug_g_distance: str = same_as(FRAugSettings, "g_distance")
+    fraug_lambda_t: float = same_as(FRAugSettings, "lambda_t")
+    fraug_lr_aux: float = same_as(FRAugSettings, "lr_aux")
+    fraug_momentum_aux: float = same_as(FRAugSettings, "momentum_aux")
+    fraug_rtnet_final_bn: bool = same_as(FRAugSettings, "rtnet_final_bn")
+    fraug_interpolate: bool = same_as(FRAugSettings, "interpolate")
+    fraug_proto_momentum: float = same_as(FRAugSettings, "proto_momentum")
     # outputs
     out_dir: str = option("", "output folder (empty: runs/fl-<strategy>-seed<seed>)")
     resume: str = option("", "checkpoint file or run folder to resume from (empty: start fresh)")
@@ -126,27 +129,26 @@ class FLConfig:
         def bad(key: str, why: str) -> ValueError:
             return ValueError(f"{key}: {why}")
 
-        choices = {"strategy": STRATEGIES, "fraug_noise": _NOISES, "fraug_g_distance": _G_DISTANCES,
-                   "fraug_bn": _FRAUG_BN, "augment": AUGMENTS}
+        choices = {"strategy": STRATEGIES, "fraug_bn": _FRAUG_BN, "augment": AUGMENTS}
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
                 raise bad(key, f"{getattr(self, key)!r} is not one of {', '.join(allowed)}")
         for key in ("rounds", "clients", "batch_size", "threads", "image_size", "checkpoint_every"):
             if getattr(self, key) < 1:
                 raise bad(key, f"must be >= 1, got {getattr(self, key)}")
-        for key in ("seed", "train_per_client", "local_epochs", "local_steps", "fraug_latent_dim",
-                    "fraug_warmup_rounds", "stop_at"):
+        for key in ("seed", "train_per_client", "local_epochs", "local_steps", "stop_at"):
             if getattr(self, key) < 0:
                 raise bad(key, f"must be >= 0, got {getattr(self, key)}")
         if self.local_epochs == 0 and self.local_steps == 0:
             raise bad("local_steps", "local_epochs and local_steps are both 0: no training")
-        if self.lr <= 0 or self.fraug_lr_aux <= 0:
-            raise bad("lr", "learning rates must be > 0")
-        if not 0.0 <= self.fraug_proto_momentum <= 1.0:
-            raise bad("fraug_proto_momentum", "must lie in [0, 1]")
-        for key in ("momentum", "fraug_momentum_aux"):
-            if not 0.0 <= getattr(self, key) < 1.0:
-                raise bad(key, f"must lie in [0, 1), got {getattr(self, key)}")
+        if self.lr <= 0:
+            raise bad("lr", f"must be > 0, got {self.lr}")
+        if not 0.0 <= self.momentum < 1.0:
+            raise bad("momentum", f"must lie in [0, 1), got {self.momentum}")
+        try:
+            self.fraug  # noqa: B018 - validates FRAug's settings
+        except ValueError as exc:
+            raise ValueError(f"fraug_{exc}") from None
         if not 0 <= self.min_clients <= self.clients:
             raise bad("min_clients", f"must lie in 0..clients ({self.clients}), got {self.min_clients}")
         if not self.round_timeout_s > 0:
@@ -185,6 +187,20 @@ class FLConfig:
         """The built-in benchmark the clients train on."""
         return BuiltinData(self.dataset, self.classes, self.train_per_client, self.val_per_client,
                            self.test_per_client)
+
+    def local_spec(self, proximal_mu: float = 0.0) -> "LocalSpec":
+        """One round of local training as this config sets it (FedProx's ``proximal_mu`` comes with
+        the round's message)."""
+        from core.training import LocalSpec
+
+        return LocalSpec(epochs=self.local_epochs, steps=self.local_steps, batch_size=self.batch_size, lr=self.lr,
+                         momentum=self.momentum, weight_decay=self.weight_decay, proximal_mu=proximal_mu,
+                         augment=self.augment)
+
+    @property
+    def fraug(self) -> FRAugSettings:
+        """FRAug's settings: each ``fraug_<name>`` field is :class:`FRAugSettings`' ``<name>``."""
+        return FRAugSettings(**{f.name: getattr(self, f"fraug_{f.name}") for f in fields(FRAugSettings)})
 
     def domains(self) -> tuple[str, ...]:
         """The digits-shift domains used: the first ``clients`` ones, or all of them."""

@@ -13,7 +13,6 @@ Because a published pilot found the augmentation acting as label noise, the hook
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Mapping
 
 import numpy as np
@@ -21,33 +20,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from core.fraug_config import FRAugSettings  # noqa: F401 - re-exported: the hook takes it
 from core.models import SplitModel
 from core.training import make_sgd, optimizer_state
-
-
-@dataclass(frozen=True)
-class FRAugSettings:
-    """FRAug's knobs (defaults: the authors' Digits code, see METHODS.md)."""
-
-    noise: str = "uniform"  # "uniform": z ~ U[0,1) (code); "normal": N(0, I) (paper figure)
-    latent_dim: int = 0  # 0: embedding_dim // 2
-    lambda_max: float = 0.5
-    gamma: float = 0.002
-    warmup_rounds: int = 0
-    lambda_g: float = 1.0
-    g_distance: str = "mse"  # "mse" to the prototypes (Digits) or "mmd" to the batch embeddings
-    lambda_t: float = 1.0
-    lr_aux: float = 0.05
-    momentum: float = 0.5
-    rtnet_final_bn: bool = True
-    interpolate: bool = False
-    proto_momentum: float = 0.3
-
-    def __post_init__(self) -> None:
-        if self.noise not in ("uniform", "normal"):
-            raise ValueError(f"noise must be 'uniform' or 'normal', got {self.noise!r}")
-        if self.g_distance not in ("mse", "mmd"):
-            raise ValueError(f"g_distance must be 'mse' or 'mmd', got {self.g_distance!r}")
 
 
 def _onehot(y: torch.Tensor, num_classes: int) -> torch.Tensor:
@@ -185,8 +160,8 @@ class FRAugHook:
         states = optimizer_states or {}
         self._g_params = dict(self.G.named_parameters())
         self._t_params = dict(self.T.named_parameters())
-        self.opt_g = make_sgd(self._g_params, settings.lr_aux, settings.momentum, state=states.get("generator"))
-        self.opt_t = make_sgd(self._t_params, settings.lr_aux, settings.momentum, state=states.get("rtnet"))
+        self.opt_g = make_sgd(self._g_params, settings.lr_aux, settings.momentum_aux, state=states.get("generator"))
+        self.opt_t = make_sgd(self._t_params, settings.lr_aux, settings.momentum_aux, state=states.get("rtnet"))
         self._sums: dict[str, float] = {}
         self._counts: dict[str, int] = {}
         self._label_offset = 0

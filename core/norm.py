@@ -11,7 +11,6 @@ never by substrings of their names.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Iterator, Mapping
 
 import numpy as np
@@ -119,37 +118,3 @@ def is_norm_key(model: nn.Module, key: str) -> bool:
     """Whether a ``state_dict`` key belongs to a normalization layer (FedBN keeps these local)."""
     module = key.rsplit(".", 1)[0] if "." in key else ""
     return any(module == name for name, _ in norm_modules(model))
-
-
-@dataclass(frozen=True)
-class NormSpec:
-    """Names and shapes of a packed normalization state, to unpack a flat vector."""
-
-    names: tuple[str, ...]
-    shapes: tuple[tuple[int, ...], ...]
-
-    @property
-    def size(self) -> int:
-        return int(sum(int(np.prod(s)) for s in self.shapes))
-
-
-def pack_norm_state(state: Mapping[str, np.ndarray]) -> tuple[np.ndarray, NormSpec]:
-    """Flatten a state into one float32 vector (wire and FedBN use) plus its spec."""
-    names = tuple(state)
-    arrays = [np.asarray(state[n], dtype=np.float32) for n in names]
-    flat = np.concatenate([a.ravel() for a in arrays]) if arrays else np.zeros(0, np.float32)
-    return flat, NormSpec(names, tuple(tuple(a.shape) for a in arrays))
-
-
-def unpack_norm_state(flat: np.ndarray, spec: NormSpec) -> dict[str, np.ndarray]:
-    """Inverse of :func:`pack_norm_state`; raises on a size mismatch."""
-    flat = np.asarray(flat, dtype=np.float32).ravel()
-    if flat.size != spec.size:
-        raise ValueError(f"packed state has {flat.size} values, spec expects {spec.size}")
-    out: dict[str, np.ndarray] = {}
-    offset = 0
-    for name, shape in zip(spec.names, spec.shapes):
-        n = int(np.prod(shape))
-        out[name] = flat[offset:offset + n].reshape(shape).copy()
-        offset += n
-    return out

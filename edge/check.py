@@ -19,13 +19,13 @@ The exit status is 0 when every part is ``ok``, 1 otherwise.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import grpc
 import numpy as np
 
-from edge.config import TOKEN_ENV, EdgeConfig
+from edge.config import EdgeConfig
+from protos.contract import TOKEN_ENV, token_or_env
 
 
 @dataclass(frozen=True)
@@ -116,7 +116,7 @@ def _connection(cfg: EdgeConfig, runtime, connect_timeout_s: float) -> Finding:
     except (OSError, ValueError) as exc:
         return Finding("connection", False, str(exc), "fix the tls_ca / tls_cert / tls_key paths (PEM files), or "
                                                       "insecure = true on a trusted network")
-    token = cfg.token or os.environ.get(TOKEN_ENV, "")
+    token = token_or_env(cfg.token)
     client = CloudClient(cfg.server, cfg.edge_id or "edge-check", token, min(cfg.timeout_s, connect_timeout_s),
                          connect_timeout=connect_timeout_s, retry=RetryPolicy(max_attempts=1),
                          credentials=credentials)

@@ -23,7 +23,8 @@ import threading
 import time
 from dataclasses import replace
 
-from edge.config import TOKEN_ENV, EdgeConfig
+from edge.config import EdgeConfig
+from protos.contract import token_or_env
 from edge.logs import configure_logging
 from edge.sources import SOURCE_HELP
 from protos.config import add_config_flags, resolve_or_print
@@ -126,7 +127,7 @@ def run_edge(cfg: EdgeConfig) -> int:
             return 2
         if credentials is None:
             log.warning("INSECURE: edge %s talks plaintext gRPC to %s (--insecure)", edge_id, cfg.server)
-        client = CloudClient(cfg.server, edge_id, cfg.token or os.environ.get(TOKEN_ENV, ""), cfg.timeout_s,
+        client = CloudClient(cfg.server, edge_id, token_or_env(cfg.token), cfg.timeout_s,
                              connect_timeout=cfg.connect_timeout_s, retry=RetryPolicy(), seed=cfg.seed,
                              sleep=stop_event.wait, credentials=credentials)
     node = EdgeNode(runtime, source, client, EntropySelector(selection), config=cfg.node, edge_id=edge_id,

@@ -28,7 +28,7 @@ import numpy as np
 
 from edge.summary import Latency, SubscriberStats
 from protos.codec import GRPC_OPTIONS, RETRY_AFTER_KEY, decode_state, encode_array
-from protos.contract import file_sha256  # noqa: F401 - re-exported: the hash registration sends
+from protos.contract import check_images, file_sha256  # noqa: F401 - file_sha256 re-exported: the hash registration sends
 from protos.fedshift.v1 import edge_pb2 as pb
 from protos.fedshift.v1 import edge_pb2_grpc as pb_grpc
 
@@ -180,9 +180,7 @@ class CloudClient:
                episode: int = 0, quiet: bool = False) -> UploadResult:
         """Upload one batch of selected uint8 images under ``sequence`` (re-sent unchanged on retry);
         ``quiet`` logs the retries at debug level only."""
-        images = np.asarray(images)
-        if images.dtype != np.uint8 or images.ndim != 4:
-            raise ValueError(f"uploads are uint8 (N, H, W, C), got {images.dtype} {images.shape}")
+        images = check_images(np.asarray(images), "uploads")  # the cloud's rule: refused here, not there
         n = len(images)
         if len(entropies) != n or (labels is not None and len(labels) != n):
             raise ValueError(f"{n} images but {len(entropies)} entropies / "

@@ -14,8 +14,8 @@ from edge.logs import FORMATS, LEVELS
 from edge.selection import SelectionConfig
 from edge.sources import SOURCE_SPECS
 from protos.config import option, section
+from protos.contract import TOKEN_ENV
 
-TOKEN_ENV = "FEDSHIFT_TOKEN"
 
 
 @dataclass(frozen=True)

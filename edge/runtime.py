@@ -32,7 +32,7 @@ import numpy as np
 
 from edge.sessions import Session, SessionFactory
 from edge.swap import SwapStats, VersionedSwap
-from protos.contract import ModelMetadata, Preprocess
+from protos.contract import ModelMetadata, Preprocess, load_norm_sidecar
 
 log = logging.getLogger(__name__)
 
@@ -251,9 +251,8 @@ class EdgeRuntime:
 
     def _initial_inputs_state(self) -> State:
         """In ``inputs`` mode the exported values travel as a sidecar ``.norm.npz`` file."""
-        sidecar = self.path.with_suffix(".norm.npz")
-        if not sidecar.is_file():
+        try:
+            return load_norm_sidecar(self.path, self.norm_names)
+        except ValueError:
             self._inputs_session.close()
-            raise ValueError(f"{self.path} keeps its norm tensors as inputs; their values {sidecar} are missing")
-        with np.load(sidecar) as data:
-            return {n: np.ascontiguousarray(data[n], dtype=np.float32) for n in self.norm_names}
+            raise

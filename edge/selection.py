@@ -54,6 +54,7 @@ from dataclasses import asdict, dataclass, field, replace
 import numpy as np
 
 from protos.config import option
+from protos.contract import E0_FACTOR, entropy_margin
 
 METHODS = ("cema", "cema_released", "eata", "all", "none", "random", "oracle")
 BUDGETED = ("cema", "cema_released", "eata")  # methods whose thresholds a budget can set
@@ -76,7 +77,7 @@ class SelectionConfig:
     lam: float = option(1.0, "λ of the dynamic E_max")
     warmup: int = option(128, "N_w: samples judged with E_max = E0 before the threshold adapts")
     kappa: float = option(0.02, "E_min = κ·ln C (low-informative floor)")
-    e0_factor: float = option(0.4, "E0 = factor·ln C (EATA's reliability threshold)")
+    e0_factor: float = option(E0_FACTOR, "E0 = factor·ln C (EATA's reliability threshold)")
     redundancy: float | None = option(None, "EATA redundancy: keep if cos(m, p) < D (none: off)")
     redundancy_momentum: float = option(0.9, "momentum of the redundancy filter's moving average")
     dynamic: bool = option(True, "dynamic E_max (false: E_max = E0 throughout, an ablation)")
@@ -119,8 +120,8 @@ class SelectionConfig:
 
     @property
     def e0(self) -> float:
-        """``E0 = e0_factor * ln C``: EATA's static reliability threshold."""
-        return self.e0_factor * math.log(self.num_classes)
+        """``E0 = e0_factor * ln C``: EATA's static reliability threshold (the cloud's weights use the same)."""
+        return entropy_margin(self.e0_factor, self.num_classes)
 
     @property
     def e_min(self) -> float:

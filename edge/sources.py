@@ -32,7 +32,7 @@ import numpy as np
 
 from edge.images import IMAGE_SUFFIXES, InputSize, read_image, require_pillow
 from protos.contract import (PROTOCOLS, STREAM_FORMAT, StreamFile, StreamSegment,  # noqa: F401 - re-exported
-                             load_stream_npz, save_stream_npz)
+                             check_images, load_stream_npz, save_stream_npz)
 
 __all__ = ["EdgeBatch", "FolderSource", "IMAGE_SUFFIXES", "NpySource", "NpzSource", "SOURCE_HELP", "SOURCE_SPECS",
            "Source", "StdinSource", "check_batch_size", "load_stream_npz", "open_source", "parse_frame_shape",
@@ -147,9 +147,9 @@ class NpySource:
         if not isinstance(images, np.ndarray):  # np.load opened an .npz archive
             images.close()
             raise ValueError(f"{self.path}: an .npz archive, not one array: use npz:PATH for stream files")
-        if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] not in (1, 3) or not len(images):
-            raise ValueError(f"{self.path}: images must be a non-empty uint8 (N, H, W, 1|3) array, "
-                             f"got {images.dtype} {images.shape}")
+        check_images(images, f"{self.path}: images")
+        if not len(images):
+            raise ValueError(f"{self.path}: no images (an empty array)")
         self.images = images
         log.info("array %s: %d images of %s (HxWxC), unlabelled", self.path, len(images), images.shape[1:])
 

@@ -11,6 +11,7 @@ from typing import Iterable, Mapping
 
 import numpy as np
 
+from protos.contract import check_images
 from protos.fedshift.v1 import edge_pb2 as pb
 
 # Messages above the gRPC default of 4 MiB are needed for batches of larger images; 64 MiB
@@ -77,8 +78,5 @@ def decode_state(tensors: Iterable[pb.Tensor]) -> dict[str, np.ndarray]:
 
 
 def decode_images(tensor: pb.Tensor) -> np.ndarray:
-    """An uploaded image batch: must be uint8 (N, H, W, C) with C in {1, 3}."""
-    images = decode_array(tensor)
-    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] not in (1, 3):
-        raise ValueError(f"images must be uint8 (N, H, W, 1|3), got {images.dtype} {images.shape}")
-    return images
+    """An uploaded image batch: :func:`protos.contract.check_images`'s rule."""
+    return check_images(decode_array(tensor))

@@ -1,6 +1,7 @@
 """What the cloud (``core``) and a torch-free edge must agree on about the files they exchange.
 
-Two files cross the edge/core wall besides gRPC messages, and both are defined here once:
+Two files cross the edge/core wall besides gRPC messages, and both are defined here once
+(with the sidecar of a model whose norm tensors are inputs, :func:`norm_sidecar_path`):
 
 - the **edge model** (ONNX): its ``metadata_props`` carry everything an edge needs to run it —
   :class:`ModelMetadata`, written by ``core.export`` through :meth:`ModelMetadata.to_metadata`
@@ -8,6 +9,9 @@ Two files cross the edge/core wall besides gRPC messages, and both are defined h
   :data:`KEYS` (prefix ``fedshift.``) and the preprocessing is :class:`Preprocess`, whose numpy
   math is what the edge runs and what ``core.training.to_tensor`` mirrors in torch;
 - the **stream file** (.npz) an edge replays: :func:`save_stream_npz` / :func:`load_stream_npz`.
+
+And the rules both ends apply: the image-batch rule (:func:`check_images`), EATA's threshold
+(:func:`entropy_margin`, :data:`E0_FACTOR`) and the auth-token variable (:data:`TOKEN_ENV`).
 
 numpy + stdlib only (``protos`` may use grpc and protobuf too; this module does not need them),
 so it loads on an edge-only install.
@@ -275,6 +279,53 @@ def file_sha256(path: str | os.PathLike) -> str:
 
 # ------------------------------------------------------------------------------ stream files
 
+IMAGE_CHANNELS = (1, 3)  # grey or RGB, channels last
+TOKEN_ENV = "FEDSHIFT_TOKEN"  # the environment variable an edge's / the cloud's auth token falls back to
+E0_FACTOR = 0.4  # EATA's reliability threshold E0 = factor · ln C, on the edge's filter and the cloud's weights
+
+
+def token_or_env(token: str) -> str:
+    """An auth token as configured, else ``$FEDSHIFT_TOKEN`` (:data:`TOKEN_ENV`), else none: the one
+    fallback rule of the cloud and the edges (a token in the environment stays out of config files)."""
+    return token or os.environ.get(TOKEN_ENV, "")
+
+
+def check_images(images: np.ndarray, what: str = "images") -> np.ndarray:
+    """The one rule for an image batch anywhere between edge and cloud (uploads, stream files,
+    array sources): uint8 (N, H, W, C) with C in :data:`IMAGE_CHANNELS`; ValueError otherwise."""
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] not in IMAGE_CHANNELS:
+        raise ValueError(f"{what} must be uint8 (N, H, W, 1|3), got {images.dtype} {images.shape}")
+    return images
+
+
+def entropy_margin(e0_factor: float, num_classes: int) -> float:
+    """``E0 = e0_factor · ln C``: EATA's static reliability threshold (edge filter, cloud weights)."""
+    return e0_factor * math.log(num_classes)
+
+
+def norm_sidecar_path(model_path: str | os.PathLike) -> Path:
+    """Where a model exported with its norm tensors as graph *inputs* keeps their values:
+    ``<name>.norm.npz`` beside it (plain arrays by tensor name)."""
+    return Path(model_path).with_suffix(".norm.npz")
+
+
+def save_norm_sidecar(model_path: str | os.PathLike, state: Mapping[str, np.ndarray]) -> Path:
+    path = norm_sidecar_path(model_path)
+    np.savez(path, **{name: np.asarray(value, np.float32) for name, value in state.items()})
+    return path
+
+
+def load_norm_sidecar(model_path: str | os.PathLike, names: Iterable[str]) -> dict[str, np.ndarray]:
+    """The values of ``names`` from the model's sidecar; ValueError when it or a tensor is missing."""
+    path = norm_sidecar_path(model_path)
+    if not path.is_file():
+        raise ValueError(f"{model_path} keeps its norm tensors as inputs; their values {path} are missing")
+    with np.load(path, allow_pickle=False) as data:
+        if missing := [n for n in names if n not in data.files][:4]:
+            raise ValueError(f"{path} lacks norm tensors {missing}")
+        return {n: np.ascontiguousarray(data[n], dtype=np.float32) for n in names}
+
+
 STREAM_FORMAT = "fedshift.stream/1"
 PROTOCOLS = ("reset", "continual")
 _STREAM_KEYS = frozenset({"format", "protocol", "images", "corruptions", "severities", "offsets"})
@@ -328,10 +379,7 @@ def _as_segment(item: object) -> StreamSegment:
         except AttributeError as exc:
             raise ValueError(f"not a stream segment: {type(item).__name__}") from exc
         reference = getattr(item, "reference", None)
-    images = np.asarray(images)
-    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] not in (1, 3):
-        raise ValueError(f"segment {corruption!r}: images must be uint8 (N, H, W, 1|3), "
-                         f"got {images.dtype} {images.shape}")
+    images = check_images(np.asarray(images), f"segment {corruption!r}: images")
     labels = _int_labels(labels, len(images), str(corruption), "labels")
     reference = _int_labels(reference, len(images), str(corruption), "reference labels")
     return StreamSegment(str(corruption), int(severity), images, labels, reference)
@@ -402,8 +450,7 @@ def load_stream_npz(path: str | os.PathLike) -> StreamFile:
         corruptions, severities, offsets = data["corruptions"], data["severities"], data["offsets"]
     if protocol not in PROTOCOLS:
         raise ValueError(f"{path}: protocol must be one of {PROTOCOLS}, got {protocol!r}")
-    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] not in (1, 3):
-        raise ValueError(f"{path}: images must be uint8 (N, H, W, 1|3), got {images.dtype} {images.shape}")
+    check_images(images, f"{path}: images")
     n = len(images)
     for what, values in (("labels", labels), ("reference", reference)):
         if values is not None and (values.shape != (n,) or not np.issubdtype(values.dtype, np.integer)):

@@ -16,10 +16,11 @@ normalization-state updates and report metrics (``protos/fedshift/v1/edge.proto`
 - TensorBoard under ``out_dir/cloud``: losses, queue and replay sizes, step latency, version and
   upload rates, and each edge's reported metrics under ``edge/<id>/…``.
 
-Where each concern lives: this module answers the RPCs and keeps the registry of edges and
-learners, their versions, and what a snapshot of them holds; authentication is :mod:`server.auth`,
-what an upload or a metric report may hold :mod:`server.validation`, the state types
-:mod:`server.edges`, the learner thread and its queue (backpressure) :mod:`server.worker`, when
+Where each concern lives: this module answers the RPCs (turning refusals into statuses), creates
+the learners, publishes their versions and says what a snapshot holds and how a restart replays
+it; authentication is :mod:`server.auth`, what an upload or a metric report may hold
+:mod:`server.validation`, the registered edges, their admission rules and counters
+:mod:`server.registry`, the state types :mod:`server.edges`, the learner thread and its queue (backpressure) :mod:`server.worker`, when
 state is journalled and snapshotted :mod:`server.durability` (the files: :mod:`server.checkpoint`),
 TensorBoard :mod:`server.telemetry`, the transport :mod:`server.wire`.
 
@@ -35,7 +36,6 @@ import copy
 import json
 import logging
 import math
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -59,9 +59,10 @@ from server.checkpoint import VERSION_BLOCK, Kind, journal_generations, read_jou
 from server.durability import Durability
 from server.config import CloudConfig
 from server.edges import SHARED, EdgeRecord, LearnerSlot, QueuedUpload
-from server.stats import CloudStats, EdgeStats, LearnerStats
+from server.registry import EdgeRegistry
+from server.stats import CloudStats, LearnerStats
 from server.telemetry import CloudTelemetry
-from server.validation import MAX_SEQUENCE, metric_values, upload_arrays
+from server.validation import MAX_SEQUENCE, upload_arrays
 from server.wire import AsyncServer, Call, RateLimitedLog, add_edge_service
 from server.worker import LearnerWorker
 
@@ -111,14 +112,11 @@ class CloudService(pb_grpc.EdgeServiceServicer):
         if not self.norm_names:
             raise ValueError("the student has no normalization layers: nothing to adapt")
         self._run_info = dict(run_info or {})
-        self._lock = threading.Lock()  # edges, their counters and sequence sets, totals
-        self._edges: dict[str, EdgeRecord] = {}
+        self._registry = EdgeRegistry(config.max_edges)
         self._shared = self._new_slot(SHARED) if config.shared else None
-        self._versions = 0
-        self._totals = {"uploads": 0, "samples": 0}
         self._started = time.time()
         # every acknowledged state change is journalled under _durable.lock, which a snapshot holds
-        # too; lock order: _durable.lock -> slot.lock -> _lock / the worker's
+        # too; lock order: _durable.lock -> slot.lock -> the registry's / the worker's
         self._durable = Durability(Path(config.checkpoint_dir) if config.checkpoint_dir else None,
                                    every_s=config.checkpoint_every_s, fsync=config.journal_fsync)
         self._restored_records = 0
@@ -168,12 +166,7 @@ class CloudService(pb_grpc.EdgeServiceServicer):
 
     def stats(self) -> CloudStats:
         """Counters per edge and per learner (also written to ``cloud/stats.json`` at shutdown)."""
-        with self._lock:
-            totals = {"versions_published": self._versions, **self._totals}
-            edges = {e.edge_id: EdgeStats(uploads=e.uploads, samples=e.samples, duplicates=e.duplicates,
-                                          stale_samples=e.stale_samples, seen=e.seen, episode=e.episode,
-                                          learner=e.slot.name, metrics=dict(e.metrics))
-                     for e in self._edges.values()}
+        edges, totals = self._registry.stats()
         pending: dict[str, int] = {}
         for item in self._worker.pending():
             pending[item.slot.name] = pending.get(item.slot.name, 0) + len(item.images)
@@ -199,10 +192,7 @@ class CloudService(pb_grpc.EdgeServiceServicer):
 
     def learner(self, edge_id: str) -> CemaLearner:
         """The learner serving ``edge_id`` (for tests and offline inspection; call when idle)."""
-        with self._lock:
-            if edge_id not in self._edges:
-                raise KeyError(f"edge {edge_id!r} is not registered")
-            return self._edges[edge_id].slot.learner
+        return self._registry.require(edge_id).slot.learner
 
     # ---------------------------------------------------------------- RPCs
 
@@ -224,8 +214,7 @@ class CloudService(pb_grpc.EdgeServiceServicer):
                         request.model_sha256[:12], self.edge_model_sha256[:12])
         with self._durable.lock:
             edge = self._register_edge(request.edge_id, request.model_id, request.model_sha256, context)
-            with self._lock:
-                next_seq = edge.sequences.next
+            next_seq = self._registry.next_sequence(edge)
         return pb.RegisterReply(version=edge.slot.version, next_sequence=next_seq,
                                 max_message_bytes=self.config.max_message_bytes)
 
@@ -233,10 +222,8 @@ class CloudService(pb_grpc.EdgeServiceServicer):
                        context: Call | None = None) -> EdgeRecord:
         """Add an edge (with its learner) or record its new model file; journalled (caller holds
         ``_durable.lock``; ``context`` None: replaying the journal)."""
-        with self._lock:
-            edge = self._edges.get(edge_id)
-            full = edge is None and len(self._edges) >= self.config.max_edges
-        if full:
+        edge = self._registry.get(edge_id)
+        if edge is None and self._registry.is_full_for(edge_id):
             message = f"the cloud serves at most {self.config.max_edges} edges (max_edges)"
             if context is None:
                 raise ValueError(message)
@@ -247,16 +234,14 @@ class CloudService(pb_grpc.EdgeServiceServicer):
         if edge is None:
             slot = self._shared or self._new_slot(edge_id, model_sha256)
             edge = EdgeRecord(edge_id, model_id, model_sha256, slot)
-            with self._lock:
-                self._edges[edge_id] = edge
+            self._registry.add(edge)
             log.info("edge %s registered (model %s, sha256 %s…, learner %s)", edge_id, model_id or "?",
                      model_sha256[:12], edge.slot.name)
             return edge
         if model_sha256 and edge.model_sha256 and model_sha256 != edge.model_sha256:
             log.warning("edge %s re-registered with another model file (sha256 %s… → %s…)",
                         edge_id, edge.model_sha256[:12], model_sha256[:12])
-        with self._lock:
-            edge.model_id, edge.model_sha256 = model_id, model_sha256
+        self._registry.set_model(edge, model_id, model_sha256)
         if context is not None:
             log.info("edge %s re-registered", edge_id)
         return edge
@@ -267,11 +252,7 @@ class CloudService(pb_grpc.EdgeServiceServicer):
         seq = int(request.sequence)
         if seq >= MAX_SEQUENCE:
             context.abort(grpc.StatusCode.OUT_OF_RANGE, f"sequence {seq} is out of range (must be < 2^63)")
-        with self._lock:
-            duplicate = seq in edge.sequences
-            if duplicate:
-                edge.duplicates += 1
-        if duplicate:
+        if self._registry.check_duplicate(edge, seq):
             return pb.UploadReply(sequence=seq, duplicate=True, accepted=0, latest_version=edge.slot.version)
         try:
             images, labels = self._upload_arrays(request)
@@ -289,7 +270,7 @@ class CloudService(pb_grpc.EdgeServiceServicer):
                           f"{self.config.max_backlog}); retry later")
         tensor = to_tensor(images, self.preprocess)
         with self._durable.lock:
-            outcome, current = self._admit(edge, request)
+            outcome, current = self._registry.admit(edge, seq, int(request.episode))
             if outcome in ("stale", "accepted"):
                 self._durable.record_upload(request)
             item = self._accept(edge, request, outcome, tensor, labels)
@@ -309,36 +290,12 @@ class CloudService(pb_grpc.EdgeServiceServicer):
                         self.config.lockstep_timeout_s)
         return pb.UploadReply(sequence=seq, duplicate=False, accepted=n, latest_version=edge.slot.version)
 
-    def _admit(self, edge: EdgeRecord, request: pb.UploadRequest) -> tuple[str, int]:
-        """What a valid upload is: ``duplicate``, ``future`` (an episode the edge has not started),
-        ``stale`` (a past episode) or ``accepted``; and the edge's current episode."""
-        with self._lock:
-            current = edge.episode
-            if int(request.sequence) in edge.sequences:
-                return "duplicate", current
-        if request.episode > current:
-            return "future", current
-        return ("stale" if request.episode < current else "accepted"), current
-
     def _accept(self, edge: EdgeRecord, request: pb.UploadRequest, outcome: str, images: torch.Tensor,
                 labels: np.ndarray) -> QueuedUpload | None:
         """Count an admitted upload and queue it for the learner (caller holds ``_durable.lock``,
         the upload journalled); returns the queued item."""
-        n = len(images)
-        with self._lock:
-            if outcome == "duplicate":
-                edge.duplicates += 1
-            if outcome not in ("stale", "accepted"):
-                return None
-            edge.sequences.add(int(request.sequence))
-            edge.seen = max(edge.seen, int(request.seen))
-            if outcome == "stale":
-                edge.stale_samples += n
-                return None
-            edge.uploads += 1
-            edge.samples += n
-            self._totals["uploads"] += 1
-            self._totals["samples"] += n
+        if not self._registry.record(edge, outcome, int(request.sequence), int(request.seen), len(images)):
+            return None
         item = QueuedUpload(edge.slot, edge.edge_id, int(request.episode), images, labels)
         self._worker.enqueue(item)
         return item
@@ -356,16 +313,10 @@ class CloudService(pb_grpc.EdgeServiceServicer):
     def ReportMetrics(self, request: pb.MetricsReport, context: Call) -> pb.MetricsAck:
         self._authorize(request.edge_id, request.auth_token, context)
         edge = self._edge(request.edge_id, context)
-        with self._lock:  # the check and the update at once: the name limit counts what the edge has
-            problem: str | None = None
-            try:
-                values = metric_values(request.values, edge.metrics)
-            except ValueError as exc:
-                problem = str(exc)
-            else:
-                edge.metrics.update(values)
-        if problem is not None:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
+        try:
+            values = self._registry.report_metrics(edge, request.values)
+        except ValueError as exc:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         for key, value in values.items():
             self.telemetry.scalar(f"edge/{request.edge_id}/{key}", value, int(request.step))
         return pb.MetricsAck()
@@ -376,8 +327,7 @@ class CloudService(pb_grpc.EdgeServiceServicer):
         episode = int(request.episode)
         version = edge.slot.version  # equal episodes: a retried Reset (its reply was lost), nothing to redo
         with self._durable.lock:
-            with self._lock:
-                current = edge.episode
+            current = self._registry.episode(edge)
             if episode > current:
                 self._durable.record(Kind.RESET, {"edge_id": edge.edge_id, "episode": episode})
                 version = self._start_episode(edge, episode)
@@ -389,8 +339,7 @@ class CloudService(pb_grpc.EdgeServiceServicer):
     def _start_episode(self, edge: EdgeRecord, episode: int) -> int:
         """Move an edge to a newer episode; the first edge entering it resets the learner and
         publishes its initial state (caller holds ``_durable.lock``, the change journalled)."""
-        with self._lock:
-            edge.episode = episode
+        self._registry.set_episode(edge, episode)
         slot = edge.slot
         with slot.lock:  # waits for a running step
             if episode > slot.episode:
@@ -417,16 +366,13 @@ class CloudService(pb_grpc.EdgeServiceServicer):
 
     def _capture(self, final: bool = False) -> dict[str, Any]:
         """The service state as plain values and tensors (caller holds ``_durable.lock``)."""
-        with self._lock:
-            edges = [e.state() for e in self._edges.values()]
-            totals, versions = dict(self._totals), self._versions
+        registry = self._registry.state()
         slots = {}
         for slot in self._slots():
             with slot.lock:  # waits for a running step
                 slots[slot.name] = slot.state(final)
         pending = [item.state() for item in self._worker.pending()]
-        return {"fingerprint": self._fingerprint(), "edges": edges, "slots": slots, "pending": pending,
-                "totals": totals, "versions": versions}
+        return {"fingerprint": self._fingerprint(), **registry, "slots": slots, "pending": pending}
 
     def _restore(self, directory: Path) -> None:
         """Load the snapshot, replay the journal after it, resume every learner's versions above the
@@ -453,10 +399,8 @@ class CloudService(pb_grpc.EdgeServiceServicer):
                 if snapshot is not None or self._restored_records:
                     self._publish(slot)  # above every version published before the restart
         if snapshot is not None or self._restored_records:
-            with self._lock:
-                samples = self._totals["samples"]
             log.info("restored from %s: %d edges, %d accepted samples, %d journal records replayed", directory,
-                     len(self._edges), samples, self._restored_records)
+                     len(self._registry), self._registry.totals()[2], self._restored_records)
             self.checkpoint()
         else:
             log.info("checkpoints go to %s (nothing to restore)", directory)
@@ -472,11 +416,7 @@ class CloudService(pb_grpc.EdgeServiceServicer):
                 self._new_slot(name, state["template_sha256"])
             slot.load(state)
             slots[name] = slot
-        with self._lock:
-            for state in snapshot["edges"]:
-                self._edges[state["edge_id"]] = EdgeRecord.from_state(state, slots[state["slot"]])
-            self._totals = {k: int(v) for k, v in snapshot["totals"].items()}
-            self._versions = int(snapshot["versions"])
+        self._registry.load(snapshot, slots)
         self._worker.feed([QueuedUpload(slots[item["slot"]], item["edge_id"], int(item["episode"]), item["images"],
                           item["labels"].numpy()) for item in snapshot["pending"]])
 
@@ -491,12 +431,12 @@ class CloudService(pb_grpc.EdgeServiceServicer):
             self._register_edge(value["edge_id"], value["model_id"], value["model_sha256"])
         elif kind == Kind.RESET:
             value = json.loads(payload)
-            self._start_episode(self._edges[value["edge_id"]], int(value["episode"]))
+            self._start_episode(self._registry.require(value["edge_id"]), int(value["episode"]))
         elif kind == Kind.UPLOAD:
             request = pb.UploadRequest.FromString(payload)
-            edge = self._edges[request.edge_id]
+            edge = self._registry.require(request.edge_id)
             images, labels = self._upload_arrays(request)
-            outcome, _ = self._admit(edge, request)
+            outcome, _ = self._registry.admit(edge, int(request.sequence), int(request.episode))
             self._accept(edge, request, outcome, to_tensor(images, self.preprocess), labels)
 
     # ---------------------------------------------------------------- helpers
@@ -509,8 +449,7 @@ class CloudService(pb_grpc.EdgeServiceServicer):
             context.abort(exc.code, str(exc))
 
     def _edge(self, edge_id: str, context: Call) -> EdgeRecord:
-        with self._lock:
-            edge = self._edges.get(edge_id)
+        edge = self._registry.get(edge_id)
         if edge is None:
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"edge {edge_id!r} is not registered; call Register first")
         return edge
@@ -536,8 +475,7 @@ class CloudService(pb_grpc.EdgeServiceServicer):
     def _slots(self) -> list[LearnerSlot]:
         if self._shared is not None:
             return [self._shared]
-        with self._lock:
-            return list({id(e.slot): e.slot for e in self._edges.values()}.values())
+        return self._registry.slots()
 
     def _publish(self, slot: LearnerSlot) -> None:
         """Make the learner's normalization state the slot's next version (caller holds ``slot.lock``)."""
@@ -550,15 +488,12 @@ class CloudService(pb_grpc.EdgeServiceServicer):
             slot.tensors = tensors
             slot.created_unix = time.time()
         slot.wake_watchers()
-        with self._lock:
-            self._versions += 1
+        self._registry.count_publication()
         self._durable.changed()
 
     def _log_rates(self) -> None:
         """After each pass of the learner thread: the cloud's rates (:meth:`CloudTelemetry.rates`)."""
-        with self._lock:
-            versions, uploads, samples = self._versions, self._totals["uploads"], self._totals["samples"]
-        self.telemetry.rates(versions, uploads, samples)
+        self.telemetry.rates(*self._registry.totals())
 
 
 class _Subscription:

@@ -24,7 +24,8 @@ from dataclasses import replace
 from pathlib import Path
 
 from protos.config import add_config_flags, resolve_or_print
-from server.config import TOKEN_ENV, CloudConfig
+from protos.contract import token_or_env
+from server.config import CloudConfig
 
 log = logging.getLogger(__name__)
 
@@ -132,8 +133,8 @@ def serve(cfg: CloudConfig) -> int:
     torch.set_num_threads(max(1, cfg.threads))
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"device {cfg.device}: CUDA is not available here")
-    if not cfg.token and os.environ.get(TOKEN_ENV):
-        cfg = replace(cfg, token=os.environ[TOKEN_ENV])
+    if token_or_env(cfg.token) != cfg.token:
+        cfg = replace(cfg, token=token_or_env(cfg.token))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.cema.seed)
         student, teacher, info = _load_models(cfg)

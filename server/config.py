@@ -13,8 +13,8 @@ from typing import Any
 from core.cema import CemaConfig
 from protos.codec import MAX_MESSAGE_BYTES
 from protos.config import option, section
+from protos.contract import TOKEN_ENV
 
-TOKEN_ENV = "FEDSHIFT_TOKEN"  # the same variable the edges read
 
 
 @dataclass(frozen=True)

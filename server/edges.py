@@ -1,7 +1,7 @@
 """The cloud's state of edges and learners: which sequence numbers an edge used, what a learner
 published, what waits for a learner. Plain objects with their own (de)serialisation for the
-checkpoint; the locks that guard them belong to :class:`server.cloud.CloudService` and are named
-where each field is.
+checkpoint; the locks that guard them are named where each field is (an edge's counters:
+:class:`server.registry.EdgeRegistry`'s).
 """
 
 from __future__ import annotations
@@ -119,7 +119,7 @@ class LearnerSlot:
 
 @dataclass
 class EdgeRecord:
-    """One registered edge and its counters (guarded by the service's ``_lock``)."""
+    """One registered edge and its counters (guarded by :class:`server.registry.EdgeRegistry`'s lock)."""
 
     edge_id: str
     model_id: str

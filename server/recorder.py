@@ -18,7 +18,7 @@ from typing import Any, Mapping
 import numpy as np
 import torch
 
-from core.fl_config import FLConfig, FLResult, RoundRecord
+from core.fl_config import EVAL_METRICS, FRAUG_METRIC_PREFIX, TRAIN_METRICS, FLConfig, FLResult, RoundRecord
 from protos.config import from_mapping
 
 log = logging.getLogger(__name__)
@@ -127,10 +127,10 @@ class RunRecorder:
         for pid, metrics in sorted(per_client.items()):
             name = self.cfg.client_label(pid)
             client = entry["clients"].setdefault(name, {"partition_id": int(pid)})
-            client["train_loss"] = _finite(metrics.get("train-loss", float("nan")))
-            client["train_accuracy"] = _finite(metrics.get("train-accuracy", float("nan")))
-            self._scalar(f"train_loss/{name}", metrics.get("train-loss", float("nan")), rnd)
-            fr = {k[len("fraug-"):]: float(v) for k, v in metrics.items() if k.startswith("fraug-")}
+            for field, key in TRAIN_METRICS.items():  # a reply without them is recorded as not reported
+                client[field] = _finite(metrics.get(key, float("nan")))
+            self._scalar(f"train_loss/{name}", metrics.get(TRAIN_METRICS["train_loss"], float("nan")), rnd)
+            fr = {k[len(FRAUG_METRIC_PREFIX):]: float(v) for k, v in metrics.items() if k.startswith(FRAUG_METRIC_PREFIX)}
             if fr:
                 client["fraug"] = {k: _finite(v) for k, v in fr.items()}
                 for k, v in fr.items():
@@ -151,11 +151,11 @@ class RunRecorder:
         for pid, metrics in sorted(per_client.items()):
             name = self.cfg.client_label(pid)
             client = entry["clients"].setdefault(name, {"partition_id": int(pid)})
-            for key in ("test-accuracy", "test-loss", "val-accuracy", "val-loss"):
-                client[key.replace("-", "_")] = _finite(metrics[key])
-            self._scalar(f"accuracy/{name}", metrics["test-accuracy"], rnd)
-            self._scalar(f"loss/{name}", metrics["test-loss"], rnd)
-            self._scalar(f"val_accuracy/{name}", metrics["val-accuracy"], rnd)
+            for field, key in EVAL_METRICS.items():
+                client[field] = _finite(metrics[key])
+            self._scalar(f"accuracy/{name}", metrics[EVAL_METRICS["test_accuracy"]], rnd)
+            self._scalar(f"loss/{name}", metrics[EVAL_METRICS["test_loss"]], rnd)
+            self._scalar(f"val_accuracy/{name}", metrics[EVAL_METRICS["val_accuracy"]], rnd)
         clients = entry["clients"].values()
         entry["mean_accuracy"] = _mean([c.get("test_accuracy") for c in clients])
         entry["mean_val_accuracy"] = _mean([c.get("val_accuracy") for c in clients])

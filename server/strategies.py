@@ -36,6 +36,7 @@ from core.fl_config import (
     CLIENT_STATE_RECORD,
     DEPLOY_NORM_RECORD,
     EVALUATE_RECEIVED_KEY,
+    GLOBAL_ROUND_KEY,
     EVALUATED_PREFIX,
     GENERATOR_PREFIX,
     PARTITION_KEY,
@@ -235,7 +236,7 @@ class FedShiftStrategy(FedAvg):
         return None
 
     def round_config(self, config: ConfigRecord, server_round: int) -> ConfigRecord:
-        config["global-round"] = server_round + self.round_offset
+        config[GLOBAL_ROUND_KEY] = server_round + self.round_offset
         config[SEND_STATE_KEY] = self.is_checkpoint_round(server_round)
         return config
 

@@ -37,6 +37,7 @@ from core.renorm import EDGE_NORMS
 from edge.config import EdgeConfig, NodeConfig
 from edge.summary import EdgeSummary
 from protos.config import option, section, write_config
+from protos.contract import PROTOCOLS
 from protos.records import Record
 from server.config import CloudConfig
 from server.stats import CloudStats
@@ -114,7 +115,7 @@ class AdaptConfig:
     edges: int = option(1, "edge processes")
     corruptions: tuple[str, ...] = option(CORRUPTIONS, "corruptions, dealt round-robin to the edges")
     severity: int = option(5, "corruption severity 1..5")
-    protocol: str = option("reset", "reset (a new episode per corruption) or continual", choices=("reset", "continual"))
+    protocol: str = option("reset", "reset (a new episode per corruption) or continual", choices=PROTOCOLS)
     passes: int = option(1, "passes over the test images per corruption")
     samples: int | None = option(None, "distinct test images per corruption (default: the whole test pool)")
     limit: int | None = option(None, "samples per edge (default: the whole stream)")
@@ -165,8 +166,8 @@ class AdaptConfig:
             raise ValueError(f"split must be 'test' or 'val', got {self.split!r}")
         if self.edge_norm not in EDGE_NORMS:
             raise ValueError(f"edge_norm must be one of {', '.join(EDGE_NORMS)}, got {self.edge_norm!r}")
-        if self.protocol not in ("reset", "continual"):
-            raise ValueError(f"protocol must be 'reset' or 'continual', got {self.protocol!r}")
+        if self.protocol not in PROTOCOLS:
+            raise ValueError(f"protocol must be one of {', '.join(PROTOCOLS)}, got {self.protocol!r}")
         if not 1 <= self.severity <= 5:
             raise ValueError(f"severity must be 1..5, got {self.severity}")
         if self.limit is not None and self.limit < 1:

@@ -23,6 +23,7 @@ from simulations.scenario import Scenario, to_toml
 if TYPE_CHECKING:  # heavy stacks are imported by the stages that use them
     from simulations.adapt import AdaptConfig
     from simulations.fl_role import FLRun
+    from simulations.results import StageTime
 
 log = logging.getLogger(__name__)
 
@@ -52,12 +53,15 @@ class Pipeline:
         self.out = Path(out)
         self.command = command or " ".join(shlex.quote(a) for a in ["fedshift", *sys.argv[1:]])
         self.out.mkdir(parents=True, exist_ok=True)
-        self._stages_file = self.out / "stages.json"
-        self.timings: dict[str, dict] = json.loads(self._stages_file.read_text()) if self._stages_file.is_file() else {}
+        from simulations.results import read_stage_times
+
+        self.timings: dict[str, StageTime] = read_stage_times(self.out)
 
     # ---------------------------------------------------------------- driver
 
-    def run(self, start: str = "data") -> dict:
+    def run(self, start: str = "data") -> dict[str, StageTime]:
+        from simulations.results import StageTime, write_stage_times
+
         if start not in STAGES:
             raise ValueError(f"unknown stage {start!r}; stages: {', '.join(STAGES)}")
         (self.out / "scenario.toml").write_text(to_toml(self.s))
@@ -69,8 +73,8 @@ class Pipeline:
             t0 = time.monotonic()
             steps[name]()
             seconds = time.monotonic() - t0
-            self.timings[name] = {"seconds": round(seconds, 2), "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
-            self._stages_file.write_text(json.dumps(self.timings, indent=2))
+            self.timings[name] = StageTime(round(seconds, 2), time.strftime("%Y-%m-%d %H:%M:%S"))
+            write_stage_times(self.out, self.timings)
             self.write_results()
             log.info("[%d/%d] %s done in %.1f s", i, len(STAGES), name, seconds)
         return self.timings

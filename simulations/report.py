@@ -14,7 +14,7 @@ from pathlib import Path
 from core.fl_config import FLResult
 from edge.summary import EdgeSummary
 from simulations.adapt import AdaptResult
-from simulations.results import ExportSummary
+from simulations.results import ExportSummary, read_stage_times
 
 log = logging.getLogger(__name__)
 
@@ -153,10 +153,10 @@ def write_report(run_dir: str | Path) -> Path:
     else:
         parts += ["(no adaptation results in this folder)", ""]
 
-    stages = _load(run / "stages.json") or {}
+    stages = read_stage_times(run)
     parts += ["## Timing", "", "| stage | seconds |", "|---|---|"]
-    parts += [f"| {k} | {v['seconds']:.1f} |" for k, v in stages.items()]
-    parts += [f"| **total** | {sum(v['seconds'] for v in stages.values()):.1f} |", ""]
+    parts += [f"| {k} | {v.seconds:.1f} |" for k, v in stages.items()]
+    parts += [f"| **total** | {sum(v.seconds for v in stages.values()):.1f} |", ""]
     parts += ["## Monitoring", "", "```bash", f"tensorboard --logdir {run}", "```", ""]
     if scenario:
         parts += ["## Resolved scenario", "", "```toml", scenario.strip(), "```", ""]

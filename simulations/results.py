@@ -7,8 +7,10 @@ strategy's model was exported, after which round, and every file the edges may r
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import json
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Mapping
 
 from core.fl_config import FLResult
 from protos.contract import file_sha256
@@ -47,10 +49,31 @@ class ExportSummary(Record):
                 raise ValueError(f"{folder / name} changed since it was exported")
 
 
+STAGES_FILE = "stages.json"  # RUN/stages.json: how long each finished stage took
+
+
 @dataclass(frozen=True)
 class StageTime:
     seconds: float
-    finished: str
+    finished: str  # local time the stage ended, "YYYY-mm-dd HH:MM:SS"
+
+    def __post_init__(self) -> None:
+        if not self.seconds >= 0:
+            raise ValueError(f"a stage cannot take {self.seconds} s")
+
+
+def read_stage_times(run: Path) -> dict[str, StageTime]:
+    """The stages of ``run`` that finished, in order (empty before the first)."""
+    path = run / STAGES_FILE
+    if not path.is_file():
+        return {}
+    return {name: StageTime(**value) for name, value in json.loads(path.read_text()).items()}
+
+
+def write_stage_times(run: Path, times: Mapping[str, StageTime]) -> Path:
+    path = run / STAGES_FILE
+    path.write_text(json.dumps({name: asdict(t) for name, t in times.items()}, indent=2))
+    return path
 
 
 @dataclass(frozen=True)
@@ -65,10 +88,10 @@ class RunResults(Record):
     adapt: AdaptResult | None = None
 
 
-def gather(run: Path, scenario: str, seed: int, stages: dict[str, dict]) -> RunResults:
+def gather(run: Path, scenario: str, seed: int, stages: Mapping[str, StageTime]) -> RunResults:
     """The summaries the stages have written so far (a stage that did not run is absent)."""
     fl = {p.parent.name: FLResult.read(p) for p in sorted((run / "fl").glob("*/results.json"))}
     deployed, adapt = run / "export" / "deployed.json", run / "adapt" / "results.json"
-    return RunResults(scenario=scenario, seed=seed, stages={k: StageTime(**v) for k, v in stages.items()}, fl=fl,
+    return RunResults(scenario=scenario, seed=seed, stages=dict(stages), fl=fl,
                       export=ExportSummary.read(deployed) if deployed.is_file() else None,
                       adapt=AdaptResult.read(adapt) if adapt.is_file() else None)

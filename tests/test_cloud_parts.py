@@ -183,3 +183,45 @@ def test_durability_journals_snapshots_and_is_a_no_op_without_a_folder(tmp_path)
     on.close(capture)
     assert captured == [False, True] and on.checkpoints == 2 and not on.enabled
     assert read_snapshot(tmp_path)["final"] is True
+
+
+def test_registry_admits_by_the_rules_counts_once_and_round_trips() -> None:
+    from server.edges import EdgeRecord
+    from server.registry import EdgeRegistry
+
+    slot = LearnerSlot("shared", _Learner())
+    reg = EdgeRegistry(max_edges=1)
+    edge = EdgeRecord("e1", "m", "sha", slot)
+    reg.add(edge)
+    assert reg.is_full_for("e2") and not reg.is_full_for("e1") and len(reg) == 1
+    assert reg.admit(edge, 0, episode=0) == ("accepted", 0)
+    assert reg.record(edge, "accepted", 0, seen=10, samples=4)  # queued for the learner
+    assert reg.admit(edge, 0, episode=0) == ("duplicate", 0) and reg.check_duplicate(edge, 0)
+    assert reg.admit(edge, 1, episode=1) == ("future", 0)  # Reset first
+    reg.set_episode(edge, 2)
+    assert reg.admit(edge, 1, episode=1) == ("stale", 2)
+    assert not reg.record(edge, "stale", 1, seen=20, samples=3)  # recorded, not learned from
+    assert reg.check_duplicate(edge, 1)  # so a retry is a duplicate
+    reg.count_publication()
+    edges, totals = reg.stats()
+    assert totals == {"versions_published": 1, "uploads": 1, "samples": 4}
+    e = edges["e1"]
+    assert (e.uploads, e.samples, e.stale_samples, e.duplicates, e.seen, e.episode) == (1, 4, 3, 2, 20, 2)
+    assert reg.next_sequence(edge) == 2
+    assert not reg.record(edge, "duplicate", 0, seen=0, samples=4)  # a raced retry: counted, not queued
+    assert not reg.record(edge, "future", 7, seen=0, samples=4)  # refused: nothing recorded
+    assert reg.record(edge, "accepted", 5, seen=30, samples=1)  # a gap: 2..4 not seen yet
+    assert reg.admit(edge, 3, episode=2) == ("accepted", 2) and reg.admit(edge, 5, episode=2)[0] == "duplicate"
+    assert reg.next_sequence(edge) == 6
+    assert reg.report_metrics(edge, {"acc": 0.5}) == {"acc": 0.5}
+    with pytest.raises(ValueError, match="finite"):
+        reg.report_metrics(edge, {"acc": float("nan")})
+    again = EdgeRegistry(max_edges=1)
+    again.add(EdgeRecord("old", "m", "sha", slot))
+    again.load(reg.state(), {"shared": slot})  # replaces, never merges
+    assert again.stats() == reg.stats() and again.get("old") is None
+    back = again.require("e1")
+    assert again.next_sequence(back) == 6 and again.admit(back, 5, episode=2)[0] == "duplicate"  # the gap survived
+    assert again.admit(back, 3, episode=2)[0] == "accepted"
+    with pytest.raises(KeyError, match="not registered"):
+        again.require("e9")

@@ -144,3 +144,57 @@ def test_contract_imports_only_numpy_and_the_stdlib() -> None:
     top = {(a.name if isinstance(n, ast.Import) else n.module).split(".")[0]
            for n in ast.walk(tree) if isinstance(n, (ast.Import, ast.ImportFrom)) for a in n.names}
     assert top <= set(sys.stdlib_module_names) | {"numpy", "grpc", "google", "protos"}, top
+
+
+def test_the_image_batch_rule_is_one_for_every_path(tmp_path) -> None:
+    """check_images is what uploads (both ends), stream files and array sources apply."""
+    from edge.client import CloudClient
+    from protos.codec import decode_images, encode_array
+    from protos.contract import check_images, save_stream_npz
+
+    good = np.zeros((2, 4, 4, 3), np.uint8)
+    assert check_images(good) is good and check_images(np.zeros((1, 4, 4, 1), np.uint8)).shape == (1, 4, 4, 1)
+    for bad in (np.zeros((2, 4, 4, 3), np.float32), np.zeros((2, 4, 4), np.uint8), np.zeros((2, 4, 4, 4), np.uint8)):
+        with pytest.raises(ValueError, match=r"uploads must be uint8 \(N, H, W, 1\|3\)"):
+            check_images(bad, "uploads")
+        with pytest.raises(ValueError, match=r"images must be uint8"):
+            decode_images(encode_array(bad))
+        with pytest.raises(ValueError, match=r"images must be uint8"):
+            save_stream_npz(tmp_path / "s.npz", [("gauss", 3, bad, None)])
+    client = CloudClient("127.0.0.1:1", "e1", "", 0.1)  # refuses before any network call
+    try:
+        with pytest.raises(ValueError, match=r"uploads must be uint8 \(N, H, W, 1\|3\)"):
+            client.upload(np.zeros((2, 4, 4, 4), np.uint8), np.zeros(2, np.float32), 0)  # RGBA: refused here, not there
+    finally:
+        client.close()
+
+
+def test_entropy_margin_and_token_fallback_are_the_same_on_both_ends(monkeypatch) -> None:
+    import math
+
+    from core.cema import CemaConfig
+    from edge.selection import SelectionConfig
+    from protos.contract import E0_FACTOR, TOKEN_ENV, entropy_margin, token_or_env
+
+    assert CemaConfig().e0_factor == SelectionConfig().e0_factor == E0_FACTOR
+    assert CemaConfig().e0(100) == SelectionConfig(num_classes=100).e0 == pytest.approx(E0_FACTOR * math.log(100))
+    assert entropy_margin(0.5, 10) == pytest.approx(0.5 * math.log(10))
+    monkeypatch.delenv(TOKEN_ENV, raising=False)
+    assert token_or_env("") == "" and token_or_env("given") == "given"
+    monkeypatch.setenv(TOKEN_ENV, "from-env")
+    assert token_or_env("") == "from-env" and token_or_env("given") == "given"
+
+
+def test_norm_sidecar_round_trip_and_clear_errors(tmp_path) -> None:
+    from protos.contract import load_norm_sidecar, norm_sidecar_path, save_norm_sidecar
+
+    model = tmp_path / "edge.onnx"
+    state = {"bn.weight": np.arange(4, dtype=np.float64), "bn.bias": np.ones(4, np.float32)}
+    assert save_norm_sidecar(model, state) == norm_sidecar_path(model) == tmp_path / "edge.norm.npz"
+    back = load_norm_sidecar(model, ["bn.weight", "bn.bias"])
+    assert all(v.dtype == np.float32 for v in back.values())
+    np.testing.assert_array_equal(back["bn.weight"], np.arange(4, dtype=np.float32))
+    with pytest.raises(ValueError, match=r"lacks norm tensors \['bn.running_mean'\]"):
+        load_norm_sidecar(model, ["bn.weight", "bn.running_mean"])
+    with pytest.raises(ValueError, match="are missing"):
+        load_norm_sidecar(tmp_path / "other.onnx", ["bn.weight"])

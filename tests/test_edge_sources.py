@@ -238,7 +238,7 @@ def test_npy_bad_files_are_refused(tmp_path) -> None:
              "rgba.npy": np.zeros((2, 4, 4, 4), np.uint8), "empty.npy": np.zeros((0, 4, 4, 3), np.uint8)}
     for name, array in cases.items():
         np.save(tmp_path / name, array)
-        with pytest.raises(ValueError, match=r"non-empty uint8 \(N, H, W, 1\|3\)"):
+        with pytest.raises(ValueError, match="no images" if name == "empty.npy" else r"uint8 \(N, H, W, 1\|3\)"):
             NpySource(tmp_path / name, 2)
     stream = save_stream_npz(tmp_path / "s.npz", _segments())
     with pytest.raises(ValueError, match="use npz:PATH"):

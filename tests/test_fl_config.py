@@ -47,3 +47,33 @@ def test_clients_map_onto_domains() -> None:
     assert [cfg.client_domain(i) for i in (0, 1, 2, 9)] == ["mnist", "mnist", "inverse", "svhn"]
     assert cfg.client_label(1) == "mnist-1"
     assert FLConfig(clients=2).domains() == ("mnist", "inverse")
+
+
+def test_fraug_settings_are_declared_once_and_mirrored_field_by_field() -> None:
+    """Every FRAugSettings field is FLConfig's fraug_<name> (same default and help), and
+    FLConfig.fraug rebuilds it from them; a bad value is refused under FLConfig's key."""
+    import dataclasses
+
+    from core.fraug_config import FRAugSettings
+
+    ours = {f.name: f for f in dataclasses.fields(FLConfig)}
+    for f in dataclasses.fields(FRAugSettings):
+        mirror = ours[f"fraug_{f.name}"]
+        assert mirror.default == f.default and mirror.metadata["help"] == f.metadata["help"], f.name
+    cfg = FLConfig(strategy="fraug", fraug_lambda_t=10.0, fraug_lr_aux=0.025, fraug_momentum_aux=0.3)
+    assert cfg.fraug == dataclasses.replace(FRAugSettings(), lambda_t=10.0, lr_aux=0.025, momentum_aux=0.3)
+    assert FLConfig.from_run_config({"fraug-g-distance": "mmd"}).fraug.g_distance == "mmd"
+    with pytest.raises(ValueError, match=r"fraug_g_distance: 'l1' is not one of mse, mmd"):
+        FLConfig(fraug_g_distance="l1")
+
+
+def test_local_spec_carries_every_training_setting() -> None:
+    """The client and the plain-loop benchmark build their LocalSpec from here: nothing retyped."""
+    import dataclasses
+
+    cfg = FLConfig(local_epochs=2, local_steps=20, batch_size=64, lr=0.02, momentum=0.9, weight_decay=1e-4,
+                   augment="crop-colour")
+    spec = cfg.local_spec(proximal_mu=0.01)
+    assert dataclasses.asdict(spec) == {"epochs": 2, "steps": 20, "batch_size": 64, "lr": 0.02, "momentum": 0.9,
+                                        "weight_decay": 1e-4, "proximal_mu": 0.01, "augment": "crop-colour"}
+    assert FLConfig().local_spec().proximal_mu == 0.0

@@ -9,9 +9,7 @@ from core.norm import (
     get_norm_state,
     is_norm_key,
     norm_tensor_names,
-    pack_norm_state,
     set_norm_state,
-    unpack_norm_state,
 )
 
 
@@ -70,18 +68,6 @@ def test_set_rejects_bad_input_and_allows_subsets() -> None:
         set_norm_state(model, {**state, "features.1.weight": np.zeros(3, np.float32)})
     set_norm_state(model, {"features.1.weight": np.full_like(state["features.1.weight"], 2.0)}, strict=False)
     assert np.all(get_norm_state(model)["features.1.weight"] == 2.0)
-
-
-def test_pack_unpack_round_trip() -> None:
-    state = _random_state(get_norm_state(create_model("edge_cnn", 10)), 3)
-    flat, spec = pack_norm_state(state)
-    assert flat.dtype == np.float32 and flat.ndim == 1 and flat.size == spec.size
-    back = unpack_norm_state(flat, spec)
-    assert list(back) == list(state)
-    for k in state:
-        np.testing.assert_array_equal(back[k], state[k])
-    with pytest.raises(ValueError, match="spec expects"):
-        unpack_norm_state(flat[:-1], spec)
 
 
 def test_configure_norm_adaptation_trains_only_affine() -> None:

@@ -43,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
         log.warning("interrupted: every process this run started has been stopped; partial results in %s", out)
         return 130
     log.info("finished in %.0f s (%s)", time.monotonic() - t0,
-             ", ".join(f"{k} {v['seconds']:.0f} s" for k, v in timings.items()))
+             ", ".join(f"{k} {v.seconds:.0f} s" for k, v in timings.items()))
     print(f"\nreport:      {out / 'report.md'}\nresults:     {out / 'results.json'}\n"
           f"TensorBoard: tensorboard --logdir {out}")
     return 0
