@@ -105,7 +105,10 @@ def test_interrupt_stops_every_process(tmp_path) -> None:
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "simulations.cli", "run", "tiny", "--out", str(out),
            "--set", "resources.cache=" + str(tmp_path / "cache")]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    # as from a terminal's foreground: a shell's background job (how CI may run us) has SIGINT
+    # ignored, and an ignored SIGINT is inherited, so Python would install no KeyboardInterrupt
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     seen: set[int] = set()
     try:
         deadline = time.monotonic() + 120
