@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, fields
+from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, ClassVar, Mapping
 
 from core.data.builtin import BuiltinData
@@ -54,9 +55,9 @@ EVALUATED_PREFIX = "evaluated."
 GLOBAL_ROUND_KEY = "global-round"  # train config: the round counted across a resume (FRAug's schedule uses it)
 # A client's MetricRecord: ClientRound's numbers under these keys (client/app.py writes them,
 # server/recorder.py reads them), FRAug's under FRAUG_METRIC_PREFIX + its metric name.
-TRAIN_METRICS: dict[str, str] = {"train_loss": "train-loss", "train_accuracy": "train-accuracy"}
-EVAL_METRICS: dict[str, str] = {"test_loss": "test-loss", "test_accuracy": "test-accuracy",
-                                "val_loss": "val-loss", "val_accuracy": "val-accuracy"}
+TRAIN_METRICS: Mapping[str, str] = MappingProxyType({"train_loss": "train-loss", "train_accuracy": "train-accuracy"})
+EVAL_METRICS: Mapping[str, str] = MappingProxyType({"test_loss": "test-loss", "test_accuracy": "test-accuracy",
+                                                    "val_loss": "val-loss", "val_accuracy": "val-accuracy"})
 FRAUG_METRIC_PREFIX = "fraug-"
 
 STRATEGIES: tuple[str, ...] = ("local", "fedavg", "fedprox", "fedbn", "fraug")

@@ -250,16 +250,18 @@ class StdinSource:
         self.batch_size = check_batch_size(batch_size)
         self.stream = stream if stream is not None else sys.stdin.buffer
         self._fd = _selectable_fd(self.stream)
+        self._poller = None
+        if self._fd is not None:
+            import select
+
+            self._poller = select.poll()  # not select.select: any descriptor number
+            self._poller.register(self._fd, select.POLLIN)
 
     def _read(self, n: int) -> bytes:
         """Up to ``n`` bytes (b"" at the end of input), returning to Python every ``poll_s``."""
-        if self._fd is None:
+        if self._fd is None or self._poller is None:
             return self.stream.read(n)
-        import select
-
-        poller = select.poll()  # not select.select: any descriptor number
-        poller.register(self._fd, select.POLLIN)
-        while not poller.poll(int(1000 * self.poll_s)):
+        while not self._poller.poll(int(1000 * self.poll_s)):
             pass
         return os.read(self._fd, n)  # b"" at the end of input (POLLHUP)
 
