@@ -20,8 +20,9 @@ import shlex
 import subprocess
 import sys
 import time
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
@@ -97,17 +98,15 @@ def run_comparison(base: FLRun, strategies: Sequence[str], seeds: Sequence[int],
         log.info("[%d/%d] %s seed %d: mean accuracy %s (val %s)", i, len(plan), strategy, seed,
                  _pct(res.mean_accuracy), _pct(res.mean_val_accuracy))
         results.append(res)
-    summary = summarize(results, report)
-    summary["command"] = shlex.join(["fedshift", "fl", "compare", "--config", str(out / ROLE_FILE),
-                                     "--strategies", *strategies, "--seeds", *map(str, seeds), "--out", str(out),
-                                     "--report", report])
-    summary["wall_seconds"] = time.perf_counter() - t0
-    (out / "comparison.json").write_text(json.dumps(summary, indent=1) + "\n")
+    command = shlex.join(["fedshift", "fl", "compare", "--config", str(out / ROLE_FILE), "--strategies",
+                          *strategies, "--seeds", *map(str, seeds), "--out", str(out), "--report", report])
+    summary = replace(summarize(results, report), command=command, wall_seconds=time.perf_counter() - t0)
+    (out / "comparison.json").write_text(json.dumps(summary.to_json(), indent=1) + "\n")
     table = out / "comparison.md"
     table.write_text(markdown_table(summary))
     plot_accuracy(results, out / "accuracy_vs_round.png")
     log.info("wrote %s, %s and %s (%.0f s)", table, out / "comparison.json", out / "accuracy_vs_round.png",
-             summary["wall_seconds"])
+             summary.wall_seconds)
     return table
 
 
@@ -115,77 +114,136 @@ def _pct(x: float | None) -> str:
     return f"{x:.4f}" if x is not None else "n/a"
 
 
-def _mean_std(values: Sequence[float | None]) -> tuple[float, float]:
-    """Mean and sample std (a missing value counts as NaN, so it shows instead of vanishing)."""
-    arr = np.asarray(values, dtype=float)
-    return float(arr.mean()), float(arr.std(ddof=1)) if len(arr) > 1 else 0.0
+@dataclass(frozen=True)
+class MeanStd:
+    """Mean and sample std over seeds (a missing value counts as NaN, so it shows instead of vanishing)."""
+
+    mean: float
+    std: float
+
+    @classmethod
+    def of(cls, values: Sequence[float | None]) -> "MeanStd":
+        arr = np.asarray([np.nan if v is None else v for v in values], dtype=float)
+        return cls(float(arr.mean()), float(arr.std(ddof=1)) if len(arr) > 1 else 0.0)
+
+    def pct(self, signed: bool = False) -> str:
+        return f"{100 * self.mean:{'+' if signed else ''}.1f} ± {100 * self.std:.1f}"
+
+
+@dataclass(frozen=True)
+class StrategyRow:
+    """One strategy over its seeds: test accuracy per client domain and overall, validation overall."""
+
+    seeds: tuple[int, ...]
+    per_domain: Mapping[str, MeanStd]
+    mean: MeanStd
+    val_mean: MeanStd
+
+
+@dataclass(frozen=True)
+class PairedDiff:
+    """``a − b`` of mean accuracy on the seeds both ran, per seed (test and validation)."""
+
+    a: str
+    b: str
+    seeds: tuple[int, ...]
+    test: tuple[float, ...]
+    val: tuple[float, ...]
+
+    @property
+    def test_mean_std(self) -> MeanStd:
+        return MeanStd.of(self.test)
+
+    @property
+    def val_mean_std(self) -> MeanStd:
+        return MeanStd.of(self.val)
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """What ``fedshift fl compare`` reports: the table, the paired differences, the shared settings."""
+
+    strategies: tuple[str, ...]
+    domains: tuple[str, ...]
+    table: Mapping[str, StrategyRow]
+    paired: tuple[PairedDiff, ...]
+    config: Mapping[str, Any]
+    report: str = "final"
+    command: str = ""
+    wall_seconds: float = 0.0
+
+    def pair(self, a: str, b: str) -> PairedDiff:
+        """The paired difference ``a − b`` (a ``KeyError`` if either did not run)."""
+        for p in self.paired:
+            if (p.a, p.b) == (a, b):
+                return p
+        raise KeyError(f"{a} − {b}: not both in this comparison ({', '.join(self.strategies)})")
+
+    def to_json(self) -> dict[str, Any]:
+        """comparison.json: every field, the paired differences with their mean ± std."""
+        out = asdict(self)
+        out["paired"] = [{**asdict(p), "test_mean_std": asdict(p.test_mean_std), "val_mean_std": asdict(p.val_mean_std)}
+                         for p in self.paired]
+        return out
 
 
 def _diff(a: float | None, b: float | None) -> float:
     return a - b if a is not None and b is not None else float("nan")
 
 
-def summarize(results: Sequence[FLResult], report: str = "final") -> dict[str, Any]:
+def summarize(results: Sequence[FLResult], report: str = "final") -> Comparison:
     """Per strategy: per-domain and mean accuracy over seeds; paired per-seed differences; the
     accuracies of ``report`` mode (:meth:`FLResult.report`: final round, or best validation)."""
     by: dict[str, dict[int, Report]] = {}
     for r in results:
         by.setdefault(r.strategy, {})[r.seed] = r.report(report)
-    strategies = [s for s in NAMES if s in by] + sorted(set(by) - set(NAMES))
-    domains = list(results[0].per_client_accuracy) if results else []
-    table: dict[str, Any] = {}
+    strategies = tuple([s for s in NAMES if s in by] + sorted(set(by) - set(NAMES)))
+    domains = tuple(results[0].per_client_accuracy) if results else ()
+    table: dict[str, StrategyRow] = {}
     for s in strategies:
-        runs = by[s]
-        row = {d: _mean_std([runs[k].per_client_accuracy.get(d) for k in sorted(runs)]) for d in domains}
-        row["mean"] = _mean_std([runs[k].mean_accuracy for k in sorted(runs)])
-        row["val_mean"] = _mean_std([runs[k].mean_val_accuracy for k in sorted(runs)])
-        table[s] = {"seeds": sorted(runs), **row}
-    pairs: dict[str, Any] = {}
+        runs = [by[s][k] for k in sorted(by[s])]
+        table[s] = StrategyRow(seeds=tuple(sorted(by[s])),
+                               per_domain={d: MeanStd.of([r.per_client_accuracy.get(d) for r in runs]) for d in domains},
+                               mean=MeanStd.of([r.mean_accuracy for r in runs]),
+                               val_mean=MeanStd.of([r.mean_val_accuracy for r in runs]))
+    pairs = []
     for a, b in PAIRS:
         if a in by and b in by:
-            seeds = sorted(set(by[a]) & set(by[b]))
-            diffs = [_diff(by[a][k].mean_accuracy, by[b][k].mean_accuracy) for k in seeds]
-            val_diffs = [_diff(by[a][k].mean_val_accuracy, by[b][k].mean_val_accuracy) for k in seeds]
-            pairs[f"{a}-{b}"] = {"seeds": seeds, "test": diffs, "test_mean_std": _mean_std(diffs),
-                                 "val": val_diffs, "val_mean_std": _mean_std(val_diffs)}
-    first = dict(results[0].config) if results else {}
-    return {"strategies": strategies, "domains": domains, "table": table, "paired": pairs, "config": first,
-            "report": report}
+            seeds = tuple(sorted(set(by[a]) & set(by[b])))
+            pairs.append(PairedDiff(a, b, seeds,
+                                    test=tuple(_diff(by[a][k].mean_accuracy, by[b][k].mean_accuracy) for k in seeds),
+                                    val=tuple(_diff(by[a][k].mean_val_accuracy, by[b][k].mean_val_accuracy)
+                                              for k in seeds)))
+    return Comparison(strategies, domains, table, tuple(pairs), dict(results[0].config) if results else {}, report)
 
 
-def markdown_table(summary: dict[str, Any]) -> str:
+def markdown_table(summary: Comparison) -> str:
     """The Markdown report: accuracy (%) mean ± std over seeds, then paired differences."""
-    doms = summary["domains"]
-
-    def cell(ms: Sequence[float]) -> str:
-        return f"{100 * ms[0]:.1f} ± {100 * ms[1]:.1f}"
-
-    seeds = sorted({k for row in summary["table"].values() for k in row["seeds"]})
-    when = ("each client's best-validation round" if summary.get("report") == "best_val" else "final round")
+    doms = summary.domains
+    seeds = sorted({k for row in summary.table.values() for k in row.seeds})
+    when = "each client's best-validation round" if summary.report == "best_val" else "final round"
     lines = [f"Test accuracy (%) per client domain, mean ± std over seeds {', '.join(map(str, seeds))}; "
              f"{when}; each client's model (with its local layers) on its own test split.", "",
              "| method | " + " | ".join(doms) + " | **mean** | val mean |",
              "|---|" + "---|" * (len(doms) + 2)]
-    for s in summary["strategies"]:
-        row = summary["table"][s]
-        lines.append(f"| {NAMES.get(s, s)} | " + " | ".join(cell(row[d]) for d in doms)
-                     + f" | **{cell(row['mean'])}** | {cell(row['val_mean'])} |")
-    if summary["paired"]:
+    for s in summary.strategies:
+        row = summary.table[s]
+        lines.append(f"| {NAMES.get(s, s)} | " + " | ".join(row.per_domain[d].pct() for d in doms)
+                     + f" | **{row.mean.pct()}** | {row.val_mean.pct()} |")
+    if summary.paired:
         lines += ["", "Paired per-seed differences of mean accuracy (percentage points):", "",
                   "| difference | per seed (test) | test mean ± std | val mean ± std |", "|---|---|---|---|"]
-        for key, p in summary["paired"].items():
-            a, b = key.split("-")
-            per = ", ".join(f"{100 * d:+.1f}" for d in p["test"])
-            lines.append(f"| {NAMES.get(a, a)} − {NAMES.get(b, b)} | {per} | "
-                         f"{100 * p['test_mean_std'][0]:+.1f} ± {100 * p['test_mean_std'][1]:.1f} | "
-                         f"{100 * p['val_mean_std'][0]:+.1f} ± {100 * p['val_mean_std'][1]:.1f} |")
-    cfg = summary.get("config") or {}
+        for p in summary.paired:
+            per = ", ".join(f"{100 * d:+.1f}" for d in p.test)
+            lines.append(f"| {NAMES.get(p.a, p.a)} − {NAMES.get(p.b, p.b)} | {per} | "
+                         f"{p.test_mean_std.pct(signed=True)} | {p.val_mean_std.pct(signed=True)} |")
+    cfg = summary.config
     keep = ("rounds", "clients", "image-size", "train-per-client", "model", "model-width", "local-epochs",
             "local-steps", "batch-size", "lr", "momentum", "augment", "proximal-mu", "fraug-lr-aux",
             "fraug-momentum-aux", "fraug-lambda-t")
     lines += ["", "Settings: " + ", ".join(f"{k}={cfg[k]}" for k in keep if k in cfg) + "."]
-    if summary.get("command"):
-        lines += ["", f"Command: `{summary['command']}`"]
+    if summary.command:
+        lines += ["", f"Command: `{summary.command}`"]
     return "\n".join(lines) + "\n"
 
 

@@ -12,7 +12,8 @@ from __future__ import annotations
 import logging
 import os
 import warnings
-from typing import Any
+from contextlib import contextmanager
+from typing import Any, Iterator
 
 from core.fl_config import FLResult
 from simulations.fl_role import ROLE_FILE, FLRun
@@ -28,6 +29,24 @@ FLOWER_ENV = {
     "RAY_DEDUP_LOGS": "0",
     "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
 }
+
+
+@contextmanager
+def run_env(threads: int) -> Iterator[None]:
+    """The environment one run's Ray workers inherit from this process: :data:`FLOWER_ENV` (the
+    same for every run, left set: Flower may read it at exit) and ``OMP_NUM_THREADS = threads``,
+    removed again afterwards, so the next run in this process gets its own count, not the first
+    run's. A variable the user set keeps the user's value."""
+    for key, value in FLOWER_ENV.items():
+        os.environ.setdefault(key, value)
+    ours = "OMP_NUM_THREADS" not in os.environ
+    if ours:
+        os.environ["OMP_NUM_THREADS"] = str(threads)
+    try:
+        yield
+    finally:
+        if ours:
+            os.environ.pop("OMP_NUM_THREADS", None)
 
 
 def backend_config(num_cpus: int, cpus_per_client: int) -> dict[str, Any]:
@@ -58,9 +77,6 @@ def run_fl_simulation(run: FLRun, *, verbose: bool = False) -> FLResult:
 
     cfg, res = run.fl, run.simulation
     quiet_flower(verbose)
-    for key, value in FLOWER_ENV.items():
-        os.environ.setdefault(key, value)
-    os.environ.setdefault("OMP_NUM_THREADS", str(cfg.threads))
     cpus = res.num_cpus or min(os.cpu_count() or 1, cfg.clients * res.cpus_per_client)
     out = output_dir(cfg)
     out.mkdir(parents=True, exist_ok=True)
@@ -71,7 +87,7 @@ def run_fl_simulation(run: FLRun, *, verbose: bool = False) -> FLResult:
     log.info("simulation: %s, %d clients on %d CPU(s), %d round(s) -> %s", cfg.strategy, cfg.clients, cpus,
              cfg.rounds, out)
     overrides = cfg.to_run_config()
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), run_env(cfg.threads):
         warnings.filterwarnings("ignore", category=DeprecationWarning)
         run_simulation(server_app=make_server_app(overrides), client_app=make_client_app(overrides),
                        num_supernodes=cfg.clients, backend_config=backend_config(cpus, res.cpus_per_client))

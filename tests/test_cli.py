@@ -28,3 +28,14 @@ def test_data_preview_and_corruption_grid(tmp_path) -> None:
 def test_bad_arguments_give_a_clear_error(capsys) -> None:
     assert main(["data", "preview", "--out", "/tmp/x.png", "--image-size", "4"]) == 2
     assert "image_size" in capsys.readouterr().err
+
+
+def test_data_flags_are_the_benchmarks_own(capsys) -> None:
+    """`fedshift data` takes its dataset settings from BuiltinData: its choices, its rules, its TOML."""
+    assert main(["data", "preview", "--out", "/tmp/x.png", "--dataset", "digits-shift", "--classes", "47"]) == 2
+    assert "digits-shift has 10 classes" in capsys.readouterr().err
+    assert main(["data", "preview", "--dataset", "glyph-shift", "--classes", "100", "--print-config"]) == 0
+    printed = capsys.readouterr().out
+    assert 'dataset = "glyph-shift"' in printed and "classes = 100" in printed and "image_size = 32" in printed
+    assert main(["data", "corruptions", "--dataset", "glyph-shift"]) == 2
+    assert "--out FILE is required" in capsys.readouterr().err

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -33,10 +35,17 @@ def test_summary_table_and_paired_differences(tmp_path: Path) -> None:
     accs = {"fedavg": (0.55, 0.57), "fedbn": (0.78, 0.80), "fraug": (0.79, 0.79), "local": (0.75, 0.74)}
     results = [_result(s, k, a[k]) for s, a in accs.items() for k in (0, 1)]
     summary = summarize(results)
-    assert summary["strategies"] == ["local", "fedavg", "fedbn", "fraug"]
-    assert summary["table"]["fedbn"]["mean"][0] == pytest.approx(0.79)
-    assert summary["paired"]["fraug-fedbn"]["test"] == pytest.approx([0.01, -0.01])
-    md = markdown_table({**summary, "command": "fedshift fl compare --seeds 0 1"})
+    assert summary.strategies == ("local", "fedavg", "fedbn", "fraug")
+    assert summary.table["fedbn"].mean.mean == pytest.approx(0.79)
+    assert summary.table["fedbn"].per_domain["inverse"].mean == pytest.approx(0.74)
+    assert summary.pair("fraug", "fedbn").test == pytest.approx([0.01, -0.01])
+    assert summary.pair("fedbn", "fedavg").test_mean_std.mean == pytest.approx(0.23)
+    with pytest.raises(KeyError, match="fedprox"):
+        summary.pair("fedprox", "fedavg")
+    saved = json.loads(json.dumps(summary.to_json()))
+    assert saved["paired"][0]["a"] == "fraug" and saved["paired"][0]["test_mean_std"]["mean"] == pytest.approx(0.0)
+    assert saved["table"]["fedbn"]["mean"]["mean"] == pytest.approx(0.79)
+    md = markdown_table(replace(summary, command="fedshift fl compare --seeds 0 1"))
     assert "| FedBN | 84.0 ± 1.4 | 74.0 ± 1.4 | **79.0 ± 1.4** | 78.0 ± 1.4 |" in md
     assert "| FRAug − FedBN | +1.0, -1.0 | +0.0 ± 1.4 |" in md
     assert "`fedshift fl compare --seeds 0 1`" in md

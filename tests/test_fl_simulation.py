@@ -146,3 +146,19 @@ def test_a_client_failing_during_a_round_does_not_stop_the_run(tmp_path: Path) -
     assert "inverse" not in round2 or round2["inverse"].train_loss is None
     assert set(result.per_client_accuracy) == {"mnist", "inverse"}  # both are back by the end
     assert all(v is not None for v in result.per_client_accuracy.values())
+
+
+def test_run_env_scopes_the_thread_count_to_one_run(monkeypatch) -> None:
+    """Each run's workers get that run's `threads` (not the first run's); the user's value wins."""
+    from simulations.fl_sim import FLOWER_ENV, run_env
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    for threads in (3, 1):
+        with run_env(threads):
+            assert os.environ["OMP_NUM_THREADS"] == str(threads)
+            assert all(k in os.environ for k in FLOWER_ENV)
+        assert "OMP_NUM_THREADS" not in os.environ
+    monkeypatch.setenv("OMP_NUM_THREADS", "7")
+    with run_env(2):
+        assert os.environ["OMP_NUM_THREADS"] == "7"
+    assert os.environ["OMP_NUM_THREADS"] == "7"

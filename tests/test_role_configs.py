@@ -183,6 +183,8 @@ def test_builtin_data_spec_is_validated_and_shared() -> None:
         BuiltinData("digits-shift", 47)
     with pytest.raises(ValueError, match="not built in"):
         BuiltinData("mnist-c")
+    with pytest.raises(ValueError, match=r"class sets of \[10, 47, 100\], not 13"):
+        BuiltinData("glyph-shift", 13)
     assert BuiltinData("glyph-shift", 47).class_names()[:12] == tuple("0123456789AB")
     fl = FLConfig.from_run_config({"dataset": "glyph-shift", "classes": "100", "test-per-client": 50})
     assert fl.data == BuiltinData("glyph-shift", 100, test_per_client=50)

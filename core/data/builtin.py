@@ -44,6 +44,9 @@ class BuiltinData:
                 raise ValueError("digits-shift splits its 1,797 digits by fixed fractions: "
                                  "val_per_client / test_per_client apply to glyph-shift only")
         else:  # 0 resolves to the default size, so equal datasets have equal specs (and cache keys)
+            from .glyph_shift import glyph_classes
+
+            glyph_classes(self.classes)  # one of the built-in class sets, or a ValueError naming them
             for key, size in GLYPH_DEFAULT_SIZES.items():
                 if getattr(self, key) == 0:
                     object.__setattr__(self, key, size)
