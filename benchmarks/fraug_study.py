@@ -60,6 +60,8 @@ DATASETS: dict[str, dict[str, Any]] = {
 }
 SIZES: dict[str, tuple[int, ...]] = {"glyph10": (30, 100, 300, 1000), "glyph100": (30, 100, 300, 1000),
                                      "digits": (30, 100, 0)}  # digits-shift: 0 = all (~215) per client
+MODE_WORDS = {"best_val": "each client's best-validation round", "final": "final round"}
+DIGITS_ALL = 215  # digits-shift's training images per client when it keeps them all (size 0), for the plot
 BASELINE_SIZES: dict[str, tuple[int, ...]] = {"glyph10": (100,), "glyph100": (300,), "digits": (0,)}
 ROUNDS = (40, 100, 300)
 MAX_ROUNDS = max(ROUNDS)
@@ -225,7 +227,7 @@ def summary(done: dict[str, dict], mode: str = "best_val") -> str:
         lines.append("")
     main = [c for c in done.values() if c["stage"] == "main"]
     for data in sorted({c["data"] for c in main}):
-        label = "each client's best-validation round" if mode == "best_val" else "final round"
+        label = MODE_WORDS[mode]
         lines += [f"### {data}: mean test accuracy (%) and paired per-seed differences (points; {label})", "",
                   "| images/client | seeds | FedBN @300 | FRAug @300 | "
                   + " | ".join(f"FRAug − FedBN @{r}" for r in ROUNDS) + " | FedBN − FedAvg @300 | FedBN − local @300 |",
@@ -249,15 +251,17 @@ def plot(done: dict[str, dict], path: Path, mode: str = "best_val") -> None:
     import matplotlib.pyplot as plt
 
     main = [c for c in done.values() if c["stage"] == "main"]
-    datas = sorted({c["data"] for c in main})
+    datas = sorted({c["data"] for c in main if c["strategy"] == "fraug"
+                    and paired(done, c["data"], c["size"], "fraug", "fedbn", MAX_ROUNDS, mode)})
     if not datas:
         return
-    fig, axes = plt.subplots(1, len(datas), figsize=(5 * len(datas), 4), squeeze=False)
+    fig, axes = plt.subplots(1, len(datas), figsize=(5 * len(datas), 4), squeeze=False, sharey=True)
     for ax, data in zip(axes[0], datas):
         sizes = sorted({c["size"] for c in main if c["data"] == data}, key=lambda s: (s == 0, s))
-        xs = [s or 215 for s in sizes]
-        for r in ROUNDS:
-            pts = [(x, paired(done, data, s, "fraug", "fedbn", r, mode)) for x, s in zip(xs, sizes)]
+        xs = [s or DIGITS_ALL for s in sizes]
+        for i, r in enumerate(ROUNDS):  # each round's points a little apart, so the error bars do not overlap
+            shift = 1 + 0.04 * (i - (len(ROUNDS) - 1) / 2)
+            pts = [(x * shift, paired(done, data, s, "fraug", "fedbn", r, mode)) for x, s in zip(xs, sizes)]
             pts = [(x, d) for x, d in pts if d]
             if pts:
                 ax.errorbar([x for x, _ in pts], [100 * statistics.fmean(d) for _, d in pts],
@@ -265,9 +269,12 @@ def plot(done: dict[str, dict], path: Path, mode: str = "best_val") -> None:
                             marker="o", capsize=3, label=f"{r} rounds")
         ax.axhline(0, color="grey", linestyle="--")
         ax.set_xscale("log")
+        ax.set_xticks(xs, [str(s) if s else f"all (≈{DIGITS_ALL})" for s in sizes])
+        ax.minorticks_off()
         ax.set_xlabel("training images per client (log)")
-        ax.set_ylabel("FRAug − FedBN, points (paired per seed)")
-        ax.set_title(data)
+        if ax is axes[0][0]:
+            ax.set_ylabel("FRAug − FedBN, points (paired per seed)")
+        ax.set_title(f"{data} ({'best-validation rounds' if mode == 'best_val' else 'final round'})")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
