@@ -186,8 +186,10 @@ def _pm(values: list[float]) -> str:
     return f"{mean:+.1f}" if len(values) < 2 else f"{mean:+.1f} ± {100 * statistics.stdev(values):.1f}"
 
 
-def paired(done: dict[str, dict], data: str, size: int, a: str, b: str, rounds: int, mode: str) -> list[float]:
-    """Per-seed differences of mean test accuracy, strategy ``a`` − ``b`` (main cells)."""
+def paired(done: dict[str, dict], data: str, size: int, a: str, b: str, rounds: int, mode: str,
+           domain: str | None = None) -> list[float]:
+    """Per-seed differences of test accuracy, strategy ``a`` − ``b`` (main cells): the clients' mean,
+    or client ``domain``'s own."""
     by = {(c["strategy"], c["seed"]): c for c in done.values()
           if c["stage"] == "main" and c["data"] == data and c["size"] == size}
     out = []
@@ -195,10 +197,22 @@ def paired(done: dict[str, dict], data: str, size: int, a: str, b: str, rounds: 
         other = by.get((b, seed))
         if strategy != a or other is None or str(rounds) not in c["report"] or str(rounds) not in other["report"]:
             continue
-        x, y = c["report"][str(rounds)][mode]["mean_accuracy"], other["report"][str(rounds)][mode]["mean_accuracy"]
+        x, y = (_test_accuracy(cell["report"][str(rounds)][mode], domain) for cell in (c, other))
         if x is not None and y is not None:
             out.append(x - y)
     return out
+
+
+def _test_accuracy(report: dict[str, Any], domain: str | None) -> float | None:
+    return report["mean_accuracy"] if domain is None else report["per_client_accuracy"].get(domain)
+
+
+def _domains(main: list[dict], data: str) -> list[str]:
+    """The client domains of ``data``'s cells, in the built-in domain order (the JSON's keys are sorted)."""
+    from core.data.domains import DOMAINS
+
+    names = {d for c in main if c["data"] == data for d in c["report"][str(MAX_ROUNDS)]["final"]["per_client_accuracy"]}
+    return [d for d in DOMAINS if d in names] + sorted(names - set(DOMAINS))
 
 
 def _accuracy(main: list[dict], data: str, size: int, strategy: str, mode: str) -> str:
@@ -239,6 +253,15 @@ def summary(done: dict[str, dict], mode: str = "best_val") -> str:
             seeds = len(diffs[-1]) or len(diffs[0])
             lines.append(f"| {size or 'all'} | {seeds} | " + " | ".join(accs) + " | "
                          + " | ".join(_pm(d) for d in (*diffs, *base)) + " |")
+        lines.append("")
+        domains = _domains(main, data)
+        lines += [f"{data}: FRAug − FedBN @{MAX_ROUNDS} per client domain (points; per seed, then mean ± std)", "",
+                  "| images/client | " + " | ".join(domains) + " |", "|---|" + "---|" * len(domains)]
+        for size in sorted({c["size"] for c in main if c["data"] == data}, key=lambda s: (s == 0, s)):
+            per = [paired(done, data, size, "fraug", "fedbn", MAX_ROUNDS, mode, d) for d in domains]
+            if any(per):
+                lines.append(f"| {size or 'all'} | " + " | ".join(
+                    (", ".join(f"{100 * v:+.1f}" for v in d) + f" ({_pm(d)})") if d else "–" for d in per) + " |")
         lines.append("")
     return "\n".join(lines)
 

@@ -70,6 +70,8 @@ def test_prefix_reports_and_paired_differences(study) -> None:
     assert study.paired(done, "digits", 30, "fraug", "fedbn", 4, "best_val") == pytest.approx([0.02])
     assert study.paired(done, "digits", 30, "fraug", "fedbn", 4, "final") == pytest.approx([0.05])
     assert study.paired(done, "digits", 100, "fraug", "fedbn", 4, "final") == []
+    assert study.paired(done, "digits", 30, "fraug", "fedbn", 4, "final", domain="b") == pytest.approx([0.05])
+    assert study.paired(done, "digits", 30, "fraug", "fedbn", 4, "final", domain="svhn") == []
 
 
 def test_study_cells_round_trip(tmp_path) -> None:
@@ -87,8 +89,9 @@ def test_summary_rows_are_paired_per_seed(study) -> None:
     """Two seeds, FRAug 1 and 3 points above FedBN at 300 rounds: +2.0 ± 1.4; FedAvg / local missing."""
     def cell(strategy: str, seed: int, acc: float) -> dict:
         c = study.Cell("glyph10", strategy, 30, seed)
-        report = {str(r): {m: {"mean_accuracy": acc, "mean_val_accuracy": acc} for m in ("final", "best_val")}
-                  for r in study.ROUNDS}
+        per_client = {"svhn": acc, "mnist": acc - 0.1}  # sorted in the JSON, not in client order
+        report = {str(r): {m: {"mean_accuracy": acc, "mean_val_accuracy": acc, "per_client_accuracy": per_client}
+                           for m in ("final", "best_val")} for r in study.ROUNDS}
         return {**study.asdict(c), "key": c.key, "report": report}
 
     done = {c["key"]: c for c in (cell("fedbn", 0, 0.50), cell("fraug", 0, 0.51),
@@ -98,3 +101,5 @@ def test_summary_rows_are_paired_per_seed(study) -> None:
     cols = [c.strip() for c in row.strip("|").split("|")]
     assert cols[:4] == ["30", "2", "55.0", "57.0"]
     assert cols[4:7] == ["+2.0 ± 1.4"] * 3 and cols[7:] == ["–", "–"]
+    header = table.splitlines().index("| images/client | mnist | svhn |")  # the built-in domain order
+    assert table.splitlines()[header + 2] == "| 30 | +1.0, +3.0 (+2.0 ± 1.4) | +1.0, +3.0 (+2.0 ± 1.4) |"
