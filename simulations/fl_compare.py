@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import logging
 import shlex
-import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, replace
@@ -28,6 +27,7 @@ import numpy as np
 
 from core.fl_config import FLResult, Report
 from simulations.fl_role import ROLE_FILE, FLRun
+from simulations.processes import ProcessGroup
 
 log = logging.getLogger(__name__)
 
@@ -47,20 +47,18 @@ def _reusable(results_path: Path, run: FLRun) -> bool:
     return done.complete and done.config == run.fl.to_run_config()
 
 
-def run_child(cmd: list[str], log_path: Path) -> None:
-    """Run one ``fedshift fl`` child; stop it (by PID) if we are interrupted."""
-    with log_path.open("w") as fh:
-        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT)
-        try:
-            rc = proc.wait()
-        finally:
-            if proc.poll() is None:
-                proc.terminate()
-                try:
-                    proc.wait(timeout=30)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
+def run_child(cmd: list[str], log_path: Path, grace: float = 30.0) -> None:
+    """Run one ``fedshift fl`` child in its own session, output to ``log_path``. Whatever ends the
+    wait (the child's exit, an interrupt, SIGTERM unwinding us), its whole process group is then
+    stopped by PID -- Ray's helpers the child started included: SIGTERM, ``grace`` seconds for Ray's
+    shutdown, SIGKILL for what is left."""
+    if log_path.suffix != ".log":
+        raise ValueError(f"the child's log must be a .log file, got {log_path}")
+    group = ProcessGroup(log_path.parent)
+    try:
+        rc = group.start(log_path.stem, cmd).wait()
+    finally:
+        group.stop_all(grace=grace)
     if rc != 0:
         tail = "".join(log_path.read_text().splitlines(keepends=True)[-15:])
         raise RuntimeError(f"run failed (exit {rc}): {shlex.join(cmd)}\n--- {log_path} (tail) ---\n{tail}")

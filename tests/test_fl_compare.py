@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import json
+import sys
+import time
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from core.fl_config import ClientRound, FLResult, RoundRecord
-from simulations.fl_compare import markdown_table, plot_accuracy, summarize
+from simulations.fl_compare import markdown_table, plot_accuracy, run_child, summarize
 
 
 def _result(strategy: str, seed: int, acc: float) -> FLResult:
@@ -89,3 +91,48 @@ def test_best_val_picks_each_clients_best_validation_round() -> None:
     assert "final round" in markdown_table(summarize([run]))
     with pytest.raises(ValueError, match="report mode"):
         run.report("best_test")
+
+
+def _gone(pid: int) -> bool:
+    """No such process, or only its zombie (this sandbox's init may not reap orphans)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
+def test_run_child_stops_what_the_child_left_behind(tmp_path: Path) -> None:
+    """A child that exits leaving a helper running (as Ray's agents may) gets the helper stopped
+    too; a failing child's error names its exit code and shows its log's tail."""
+    leaves = ("import subprocess, sys; p = subprocess.Popen(['sleep', '120']); "
+              "print('helper', p.pid, flush=True)")
+    run_child([sys.executable, "-c", leaves], tmp_path / "run.log")
+    pid = int((tmp_path / "run.log").read_text().split()[-1])
+    deadline = time.monotonic() + 10
+    while not _gone(pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _gone(pid), "the helper the child left behind is still running"
+    with pytest.raises(RuntimeError, match=r"exit 3(.|\n)*it went wrong"):
+        run_child([sys.executable, "-c", "import sys; print('it went wrong'); sys.exit(3)"], tmp_path / "bad.log")
+    with pytest.raises(ValueError, match=".log file"):
+        run_child([sys.executable, "-c", "pass"], tmp_path / "run.txt")
+
+
+def test_run_child_stops_the_child_when_the_launcher_is_terminated(tmp_path: Path) -> None:
+    """SIGTERM to the launcher (unwound as SystemExit, as the study does) stops the running child."""
+    import signal
+    import subprocess
+
+    launcher = ("import signal, sys\nfrom pathlib import Path\nfrom simulations.fl_compare import run_child\n"
+                "signal.signal(signal.SIGTERM, lambda *a: sys.exit(143))\n"
+                "run_child([sys.executable, '-c', 'import os, time; print(\"child\", os.getpid(), flush=True); "
+                "time.sleep(120)'], Path(sys.argv[1]))\n")
+    log = tmp_path / "run.log"
+    proc = subprocess.Popen([sys.executable, "-c", launcher, str(log)], cwd=Path(__file__).resolve().parents[1])
+    deadline = time.monotonic() + 30
+    while not (log.is_file() and "child" in log.read_text()) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    child = int(log.read_text().split()[-1])
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 143
+    assert _gone(child), "the child outlived its launcher"
