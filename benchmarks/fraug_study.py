@@ -243,16 +243,18 @@ def summary(done: dict[str, dict], mode: str = "best_val") -> str:
     for data in sorted({c["data"] for c in main}):
         label = MODE_WORDS[mode]
         lines += [f"### {data}: mean test accuracy (%) and paired per-seed differences (points; {label})", "",
-                  "| images/client | seeds | FedBN @300 | FRAug @300 | "
-                  + " | ".join(f"FRAug − FedBN @{r}" for r in ROUNDS) + " | FedBN − FedAvg @300 | FedBN − local @300 |",
-                  "|---|---|---|---|" + "---|" * (len(ROUNDS) + 2)]
+                  f"| images/client | seeds | FedBN @{MAX_ROUNDS} | FRAug @{MAX_ROUNDS} | "
+                  + " | ".join(f"FRAug − FedBN @{r}" for r in ROUNDS) + f" | per seed @{MAX_ROUNDS}"
+                  + f" | FedBN − FedAvg @{MAX_ROUNDS} | FedBN − local @{MAX_ROUNDS} |",
+                  "|---|---|---|---|" + "---|" * (len(ROUNDS) + 3)]
         for size in sorted({c["size"] for c in main if c["data"] == data}, key=lambda s: (s == 0, s)):
             diffs = [paired(done, data, size, "fraug", "fedbn", r, mode) for r in ROUNDS]
             base = [paired(done, data, size, "fedbn", b, MAX_ROUNDS, mode) for b in ("fedavg", "local")]
             accs = [_accuracy(main, data, size, strategy, mode) for strategy in ("fedbn", "fraug")]
             seeds = len(diffs[-1]) or len(diffs[0])
+            per_seed = ", ".join(f"{100 * d:+.1f}" for d in diffs[-1]) or "–"
             lines.append(f"| {size or 'all'} | {seeds} | " + " | ".join(accs) + " | "
-                         + " | ".join(_pm(d) for d in (*diffs, *base)) + " |")
+                         + " | ".join([*(_pm(d) for d in diffs), per_seed, *(_pm(d) for d in base)]) + " |")
         lines.append("")
         domains = _domains(main, data)
         lines += [f"{data}: FRAug − FedBN @{MAX_ROUNDS} per client domain (points; per seed, then mean ± std)", "",

@@ -100,6 +100,6 @@ def test_summary_rows_are_paired_per_seed(study) -> None:
     row = next(line for line in table.splitlines() if line.startswith("| 30 |"))
     cols = [c.strip() for c in row.strip("|").split("|")]
     assert cols[:4] == ["30", "2", "55.0", "57.0"]
-    assert cols[4:7] == ["+2.0 ± 1.4"] * 3 and cols[7:] == ["–", "–"]
+    assert cols[4:7] == ["+2.0 ± 1.4"] * 3 and cols[7] == "+1.0, +3.0" and cols[8:] == ["–", "–"]
     header = table.splitlines().index("| images/client | mnist | svhn |")  # the built-in domain order
     assert table.splitlines()[header + 2] == "| 30 | +1.0, +3.0 (+2.0 ± 1.4) | +1.0, +3.0 (+2.0 ± 1.4) |"
