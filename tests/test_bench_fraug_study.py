@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import sys
 from pathlib import Path
 
@@ -103,3 +104,25 @@ def test_summary_rows_are_paired_per_seed(study) -> None:
     assert cols[4:7] == ["+2.0 ± 1.4"] * 3 and cols[7] == "+1.0, +3.0" and cols[8:] == ["–", "–"]
     header = table.splitlines().index("| images/client | mnist | svhn |")  # the built-in domain order
     assert table.splitlines()[header + 2] == "| 30 | +1.0, +3.0 (+2.0 ± 1.4) | +1.0, +3.0 (+2.0 ± 1.4) |"
+
+
+def test_generator_growth_reads_doubling_time_rejections_and_collapse(tmp_path) -> None:
+    """A hand-made FRAug run: g_dist doubles every 10 rounds, a rejected update in round 7 and a
+    fall back to chance (10 classes) in round 8 after reaching 60%."""
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "fraug_generator_growth.py"
+    spec = importlib.util.spec_from_file_location("fraug_growth_under_test", path)
+    growth = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(growth)
+    run = tmp_path / "glyph10-n100-main300-fraug-seed0"
+    run.mkdir()
+    accs = {r: (0.1 if r == 1 else 0.6 if r < 8 else 0.1) for r in range(1, 301)}
+    history = [{"round": r, "mean_accuracy": accs[r], "clients": {
+        n: {"fraug": {"g_dist": 2 ** (r / 10) * k, "residual_ratio": 0.5}} for n, k in (("a", 1.0), ("b", 3.0))}}
+        for r in range(1, 301)]
+    (run / "results.json").write_text(json.dumps({"history": history, "config": {"classes": 10}}))
+    (run / "run.log").write_text("WARNING server.strategies: round 7: rejected the update of node 1 (partition 0)\n")
+    row = growth.growth(run)
+    assert row["doubling_rounds"] == pytest.approx(10.0)
+    assert row["g_dist"]["100"] == pytest.approx(2 * 2 ** 10)  # the clients' mean
+    assert (row["first_rejected_round"], row["rejected_rounds"], row["collapsed_at_round"]) == (7, 1, 8)
+    assert "| glyph10-n100-main300-fraug-seed0 |" in growth.table([row])
