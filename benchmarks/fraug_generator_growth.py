@@ -4,7 +4,8 @@ The generator maximises its distance to the class prototypes, L_G = CE − λ_G�
 the paper's and the authors' code's form. Nothing bounds that MSE (G ends in BatchNorm + ReLU,
 whose affine weights grow freely), so it grows geometrically; this script reads the per-round
 FRAug metrics every finished FRAug run of ``benchmarks/fraug_study.py`` logged (the clients' mean
-of ``g_dist``, ``residual_ratio`` and the prototype-anchored label consistency) and the server's
+of ``g_dist``, ``residual_ratio`` and the prototype-anchored label consistency: the share of
+synthetic embeddings the head gives their label, low by design) and the server's
 "rejected the update" warnings, and writes one JSON row per run plus a Markdown table.
 
     python benchmarks/fraug_generator_growth.py                 # reads runs/fraug_study/
@@ -59,7 +60,9 @@ def growth(run_dir: Path) -> dict[str, Any]:
             collapsed = h["round"]
             break
         peak = max(peak, acc)
+    consistency = {str(r): _client_mean(by_round[r], "label_consistency_proto") for r in AT_ROUNDS if r in by_round}
     return {"run": run_dir.name, "g_dist": {str(r): v for r, v in g.items()}, "doubling_rounds": doubling,
+            "label_consistency_proto": consistency,
             "max_residual_ratio": max((v for h in history if (v := _client_mean(h, "residual_ratio")) is not None),
                                       default=None),
             "first_rejected_round": rejected[0] if rejected else None, "rejected_rounds": len(rejected),
@@ -74,11 +77,14 @@ def _fmt(v: float | None) -> str:
 
 def table(rows: Sequence[dict[str, Any]]) -> str:
     lines = ["| run | " + " | ".join(f"g_dist @{r}" for r in AT_ROUNDS)
-             + " | doubles every (rounds) | first rejected update | collapsed at | final acc |",
-             "|---|" + "---|" * (len(AT_ROUNDS) + 4)]
+             + " | doubles every (rounds) | label consistency (proto) @100 / 200 / 300"
+             + " | first rejected update | collapsed at | final acc |",
+             "|---|" + "---|" * (len(AT_ROUNDS) + 5)]
     for row in rows:
         lines.append(f"| {row['run']} | " + " | ".join(_fmt(row["g_dist"].get(str(r))) for r in AT_ROUNDS)
-                     + f" | {_fmt(row['doubling_rounds'])} | {row['first_rejected_round'] or '–'} | "
+                     + f" | {_fmt(row['doubling_rounds'])} | "
+                     + " / ".join(_fmt(row["label_consistency_proto"].get(str(r))) for r in (100, 200, 300))
+                     + f" | {row['first_rejected_round'] or '–'} | "
                      f"{row['collapsed_at_round'] or '–'} | {100 * row['final_mean_accuracy']:.1f} |")
     return "\n".join(lines) + "\n"
 

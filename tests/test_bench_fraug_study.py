@@ -117,7 +117,8 @@ def test_generator_growth_reads_doubling_time_rejections_and_collapse(tmp_path) 
     run.mkdir()
     accs = {r: (0.1 if r == 1 else 0.6 if r < 8 else 0.1) for r in range(1, 301)}
     history = [{"round": r, "mean_accuracy": accs[r], "clients": {
-        n: {"fraug": {"g_dist": 2 ** (r / 10) * k, "residual_ratio": 0.5}} for n, k in (("a", 1.0), ("b", 3.0))}}
+        n: {"fraug": {"g_dist": 2 ** (r / 10) * k, "residual_ratio": 0.5,
+                   "label_consistency_proto": 0.2 * k}} for n, k in (("a", 1.0), ("b", 3.0))}}
         for r in range(1, 301)]
     (run / "results.json").write_text(json.dumps({"history": history, "config": {"classes": 10}}))
     (run / "run.log").write_text("WARNING server.strategies: round 7: rejected the update of node 1 (partition 0)\n")
@@ -125,4 +126,5 @@ def test_generator_growth_reads_doubling_time_rejections_and_collapse(tmp_path) 
     assert row["doubling_rounds"] == pytest.approx(10.0)
     assert row["g_dist"]["100"] == pytest.approx(2 * 2 ** 10)  # the clients' mean
     assert (row["first_rejected_round"], row["rejected_rounds"], row["collapsed_at_round"]) == (7, 1, 8)
+    assert row["label_consistency_proto"]["300"] == pytest.approx(0.4)
     assert "| glyph10-n100-main300-fraug-seed0 |" in growth.table([row])
