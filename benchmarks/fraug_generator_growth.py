@@ -9,7 +9,7 @@ synthetic embeddings the head gives their label, low by design) and the server's
 "rejected the update" warnings, and writes one JSON row per run plus a Markdown table.
 
     python benchmarks/fraug_generator_growth.py                 # reads runs/fraug_study/
-    python benchmarks/fraug_generator_growth.py --out benchmarks/results/fraug_study/generator_growth.json
+    python benchmarks/fraug_generator_growth.py --out benchmarks/results/fraug_generator_growth/generator_growth.json
 
 Reads only run folders (``results.json``, ``run.log``), which are not committed: the JSON it writes is.
 """
