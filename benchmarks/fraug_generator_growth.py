@@ -43,8 +43,7 @@ def growth(run_dir: Path) -> dict[str, Any]:
     history = results["history"]
     by_round = {h["round"]: h for h in history}
     g = {r: _client_mean(by_round[r], "g_dist") for r in AT_ROUNDS if r in by_round}
-    # doubling time from rounds 50 -> 200 (past the start-up, before any blow-up)
-    a, b = _client_mean(by_round.get(50, {"clients": {}}), "g_dist"), _client_mean(by_round.get(200, {"clients": {}}), "g_dist")
+    a, b = g.get(50), g.get(200)  # doubling time over rounds 50 -> 200: past the start-up, before any blow-up
     doubling = 150 * math.log(2) / math.log(b / a) if a and b and b > a else None
     rejected: list[int] = []
     log_path = run_dir / "run.log"

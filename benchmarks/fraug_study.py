@@ -247,7 +247,8 @@ def summary(done: dict[str, dict], mode: str = "best_val") -> str:
                   + " | ".join(f"FRAug − FedBN @{r}" for r in ROUNDS) + f" | per seed @{MAX_ROUNDS}"
                   + f" | FedBN − FedAvg @{MAX_ROUNDS} | FedBN − local @{MAX_ROUNDS} |",
                   "|---|---|---|---|" + "---|" * (len(ROUNDS) + 3)]
-        for size in sorted({c["size"] for c in main if c["data"] == data}, key=lambda s: (s == 0, s)):
+        sizes = sorted({c["size"] for c in main if c["data"] == data}, key=lambda s: (s == 0, s))
+        for size in sizes:
             diffs = [paired(done, data, size, "fraug", "fedbn", r, mode) for r in ROUNDS]
             base = [paired(done, data, size, "fedbn", b, MAX_ROUNDS, mode) for b in ("fedavg", "local")]
             accs = [_accuracy(main, data, size, strategy, mode) for strategy in ("fedbn", "fraug")]
@@ -259,7 +260,7 @@ def summary(done: dict[str, dict], mode: str = "best_val") -> str:
         domains = _domains(main, data)
         lines += [f"{data}: FRAug − FedBN @{MAX_ROUNDS} per client domain (points; per seed, then mean ± std)", "",
                   "| images/client | " + " | ".join(domains) + " |", "|---|" + "---|" * len(domains)]
-        for size in sorted({c["size"] for c in main if c["data"] == data}, key=lambda s: (s == 0, s)):
+        for size in sizes:
             per = [paired(done, data, size, "fraug", "fedbn", MAX_ROUNDS, mode, d) for d in domains]
             if any(per):
                 lines.append(f"| {size or 'all'} | " + " | ".join(

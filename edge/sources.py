@@ -259,7 +259,7 @@ class StdinSource:
 
     def _read(self, n: int) -> bytes:
         """Up to ``n`` bytes (b"" at the end of input), returning to Python every ``poll_s``."""
-        if self._fd is None or self._poller is None:
+        if self._poller is None:  # no selectable descriptor: a plain blocking read
             return self.stream.read(n)
         while not self._poller.poll(int(1000 * self.poll_s)):
             pass
