@@ -5,8 +5,9 @@ the paper's and the authors' code's form. Nothing bounds that MSE (G ends in Bat
 whose affine weights grow freely), so it grows geometrically; this script reads the per-round
 FRAug metrics every finished FRAug run of ``benchmarks/fraug_study.py`` logged (the clients' mean
 of ``g_dist``, ``residual_ratio`` and the prototype-anchored label consistency: the share of
-synthetic embeddings the head gives their label, low by design) and the server's
-"rejected the update" warnings, and writes one JSON row per run plus a Markdown table.
+synthetic embeddings the head gives their label, low by design), the largest finite train loss
+any client reported (how far a blow-up went), and the server's "rejected the update" warnings,
+and writes one JSON row per run plus a Markdown table.
 
     python benchmarks/fraug_generator_growth.py                 # reads runs/fraug_study/
     python benchmarks/fraug_generator_growth.py --out benchmarks/results/fraug_generator_growth/generator_growth.json
@@ -37,6 +38,13 @@ def _client_mean(record: dict[str, Any], key: str) -> float | None:
     return statistics.fmean(finite) if finite else None
 
 
+def max_train_loss(history: Sequence[dict[str, Any]]) -> tuple[float, int] | None:
+    """The largest finite train loss any client reported, and its round (NaN replies are refused)."""
+    losses = [(c["train_loss"], h["round"]) for h in history for c in h["clients"].values()
+              if c.get("train_loss") is not None and math.isfinite(c["train_loss"])]
+    return max(losses) if losses else None
+
+
 def growth(run_dir: Path) -> dict[str, Any]:
     """One FRAug run's generator distance over rounds, its doubling time, and its failures."""
     results = json.loads((run_dir / "results.json").read_text())
@@ -59,11 +67,13 @@ def growth(run_dir: Path) -> dict[str, Any]:
             collapsed = h["round"]
             break
         peak = max(peak, acc)
+    worst = max_train_loss(history)
     consistency = {str(r): _client_mean(by_round[r], "label_consistency_proto") for r in AT_ROUNDS if r in by_round}
     return {"run": run_dir.name, "g_dist": {str(r): v for r, v in g.items()}, "doubling_rounds": doubling,
             "label_consistency_proto": consistency,
             "max_residual_ratio": max((v for h in history if (v := _client_mean(h, "residual_ratio")) is not None),
                                       default=None),
+            "max_train_loss": worst[0] if worst else None, "max_train_loss_round": worst[1] if worst else None,
             "first_rejected_round": rejected[0] if rejected else None, "rejected_rounds": len(rejected),
             "collapsed_at_round": collapsed, "final_mean_accuracy": history[-1]["mean_accuracy"]}
 
@@ -77,12 +87,13 @@ def _fmt(v: float | None) -> str:
 def table(rows: Sequence[dict[str, Any]]) -> str:
     lines = ["| run | " + " | ".join(f"g_dist @{r}" for r in AT_ROUNDS)
              + " | doubles every (rounds) | label consistency (proto) @100 / 200 / 300"
-             + " | first rejected update | collapsed at | final acc |",
-             "|---|" + "---|" * (len(AT_ROUNDS) + 5)]
+             + " | max train loss (round) | first rejected update | collapsed at | final acc |",
+             "|---|" + "---|" * (len(AT_ROUNDS) + 6)]
     for row in rows:
         lines.append(f"| {row['run']} | " + " | ".join(_fmt(row["g_dist"].get(str(r))) for r in AT_ROUNDS)
                      + f" | {_fmt(row['doubling_rounds'])} | "
                      + " / ".join(_fmt(row["label_consistency_proto"].get(str(r))) for r in (100, 200, 300))
+                     + f" | {_fmt(row['max_train_loss'])} ({row['max_train_loss_round'] or '–'})"
                      + f" | {row['first_rejected_round'] or '–'} | "
                      f"{row['collapsed_at_round'] or '–'} | {100 * row['final_mean_accuracy']:.1f} |")
     return "\n".join(lines) + "\n"

@@ -108,7 +108,8 @@ def test_summary_rows_are_paired_per_seed(study) -> None:
 
 def test_generator_growth_reads_doubling_time_rejections_and_collapse(tmp_path) -> None:
     """A hand-made FRAug run: g_dist doubles every 10 rounds, a rejected update in round 7 and a
-    fall back to chance (10 classes) in round 8 after reaching 60%."""
+    fall back to chance (10 classes) in round 8 after reaching 60%; in round 7 one client's train
+    loss is NaN (skipped) and another's 5·10⁸."""
     path = Path(__file__).resolve().parents[1] / "benchmarks" / "fraug_generator_growth.py"
     spec = importlib.util.spec_from_file_location("fraug_growth_under_test", path)
     growth = importlib.util.module_from_spec(spec)
@@ -117,8 +118,9 @@ def test_generator_growth_reads_doubling_time_rejections_and_collapse(tmp_path) 
     run.mkdir()
     accs = {r: (0.1 if r == 1 else 0.6 if r < 8 else 0.1) for r in range(1, 301)}
     history = [{"round": r, "mean_accuracy": accs[r], "clients": {
-        n: {"fraug": {"g_dist": 2 ** (r / 10) * k, "residual_ratio": 0.5,
-                   "label_consistency_proto": 0.2 * k}} for n, k in (("a", 1.0), ("b", 3.0))}}
+        n: {"train_loss": (float("nan") if (n, r) == ("a", 7) else 5e8 if (n, r) == ("b", 7) else 0.5 * k),
+            "fraug": {"g_dist": 2 ** (r / 10) * k, "residual_ratio": 0.5,
+                      "label_consistency_proto": 0.2 * k}} for n, k in (("a", 1.0), ("b", 3.0))}}
         for r in range(1, 301)]
     (run / "results.json").write_text(json.dumps({"history": history, "config": {"classes": 10}}))
     (run / "run.log").write_text("WARNING server.strategies: round 7: rejected the update of node 1 (partition 0)\n")
@@ -127,4 +129,6 @@ def test_generator_growth_reads_doubling_time_rejections_and_collapse(tmp_path) 
     assert row["g_dist"]["100"] == pytest.approx(2 * 2 ** 10)  # the clients' mean
     assert (row["first_rejected_round"], row["rejected_rounds"], row["collapsed_at_round"]) == (7, 1, 8)
     assert row["label_consistency_proto"]["300"] == pytest.approx(0.4)
+    assert (row["max_train_loss"], row["max_train_loss_round"]) == (5e8, 7)  # the NaN reply is skipped
     assert "| glyph10-n100-main300-fraug-seed0 |" in growth.table([row])
+    assert "| 5.0e+08 (7) | 7 | 8 |" in growth.table([row])
