@@ -39,3 +39,20 @@ def test_data_flags_are_the_benchmarks_own(capsys) -> None:
     assert 'dataset = "glyph-shift"' in printed and "classes = 100" in printed and "image_size = 32" in printed
     assert main(["data", "corruptions", "--dataset", "glyph-shift"]) == 2
     assert "--out FILE is required" in capsys.readouterr().err
+
+
+def test_data_sizes_prints_each_clients_splits(tmp_path, monkeypatch, capsys) -> None:
+    """`fedshift data sizes` counts what the FL clients get: digits-shift's fixed fractions, and
+    glyph-shift's per-client sizes for every client of every domain."""
+    assert main(["data", "sizes"]) == 0
+    rows = [r.split("|")[1:-1] for r in capsys.readouterr().out.splitlines()[2:]]
+    assert [r[1].strip() for r in rows] == ["mnist", "inverse", "mnistm", "usps", "svhn"]
+    assert {(r[3].strip(), r[4].strip()) for r in rows} == {("54", "90")}
+    assert sum(int(r[2]) + int(r[3]) + int(r[4]) for r in rows) == 1797  # every digit, once
+    monkeypatch.setenv("FEDSHIFT_CACHE", str(tmp_path))
+    assert main(["data", "sizes", "--dataset", "glyph-shift", "--train-per-client", "20", "--val-per-client",
+                 "10", "--test-per-client", "30", "--clients-per-domain", "2"]) == 0
+    rows = [r.split("|")[1:-1] for r in capsys.readouterr().out.splitlines()[2:]]
+    assert len(rows) == 10 and {tuple(c.strip() for c in r[2:]) for r in rows} == {("20", "10", "30", "10 / 10 / 10")}
+    assert main(["data", "sizes", "--clients-per-domain", "0"]) == 2
+    assert "clients_per_domain must be >= 1" in capsys.readouterr().err

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from core.data.builtin import BuiltinData
-from protos.config import add_config_flags, option, resolve_or_print, same_as
+from protos.config import add_config_flags, option, resolve_or_print, same_as, section
 
 
 @dataclass(frozen=True)
@@ -24,6 +24,29 @@ class PreviewData:
         BuiltinData(self.dataset, self.classes)  # the benchmark's own rules (digits-shift: 10 classes)
 
 
+@dataclass(frozen=True)
+class SizesData:
+    """Which dataset to count: the same settings the FL clients build it from."""
+
+    data: BuiltinData = section(BuiltinData, "the built-in dataset")
+    seed: int = option(0, "data seed")
+    clients_per_domain: int = option(1, "clients per domain style")
+
+    def __post_init__(self) -> None:
+        if self.clients_per_domain < 1:
+            raise ValueError(f"clients_per_domain must be >= 1, got {self.clients_per_domain}")
+
+
+def sizes_table(data) -> str:
+    """One Markdown row per client: its domain, its split sizes and how many classes each holds."""
+    lines = ["| client | domain | train | val | test | classes in train / val / test |",
+             "|---|---|---|---|---|---|"]
+    for c in data.clients:
+        present = " / ".join(str(len(set(s.labels.tolist()))) for s in (c.train, c.val, c.test))
+        lines.append(f"| {c.client_id} | {c.domain} | {len(c.train)} | {len(c.val)} | {len(c.test)} | {present} |")
+    return "\n".join(lines) + "\n"
+
+
 def configure(p: argparse.ArgumentParser) -> None:
     sub = p.add_subparsers(dest="data_command", required=True, metavar="ACTION")
     prev = sub.add_parser("preview", help="PNG grid of a built-in benchmark's domains (one row per client)")
@@ -36,6 +59,8 @@ def configure(p: argparse.ArgumentParser) -> None:
     corr.add_argument("--domain", default="mnistm", help="domain of the sample images")
     corr.add_argument("--samples", type=int, default=2, help="sample images per row (default: 2)")
     add_config_flags(corr, PreviewData, title="data")
+    size = sub.add_parser("sizes", help="the train / val / test images of each client, as the FL clients get them")
+    add_config_flags(size, SizesData, title="data")
 
 
 def _load(cfg: PreviewData, domains: tuple[str, ...] | None = None, clients_per_domain: int = 1):
@@ -55,6 +80,11 @@ def _load(cfg: PreviewData, domains: tuple[str, ...] | None = None, clients_per_
 def run(args: argparse.Namespace) -> int:
     from core.data import save_corruption_preview, save_preview
 
+    if args.data_command == "sizes":
+        sizes = resolve_or_print(SizesData, args)
+        if sizes is not None:  # the image side does not change the counts
+            print(sizes_table(sizes.data.make(sizes.seed, 16, clients_per_domain=sizes.clients_per_domain)), end="")
+        return 0
     cfg = resolve_or_print(PreviewData, args)
     if cfg is None:
         return 0
