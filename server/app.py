@@ -8,6 +8,7 @@ empty run config).
 from __future__ import annotations
 
 import logging
+import threading
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -34,6 +35,37 @@ def poll_replies_often(grid: Grid) -> None:
 
     if isinstance(grid, InMemoryGrid):
         grid.pull_interval = min(grid.pull_interval, REPLY_POLL_SECONDS)
+
+
+class SimulationStopped(RuntimeError):
+    """The simulation runtime ended while the ServerApp was still waiting on it."""
+
+
+def stop_polling_when(grid: Grid, stop: threading.Event) -> None:
+    """Make the simulation grid's polls raise :class:`SimulationStopped` once ``stop`` is set.
+
+    Why: when Flower's simulation runtime fails (Ray's GCS server does not start, say),
+    ``run_simulation`` returns, but the ServerApp thread it started keeps polling for replies that
+    will never come, for up to ``round-timeout-s`` (default an hour), and being a non-daemon thread
+    it holds the process open that long. Flower's own stop event is private to the call, so the
+    launcher passes its own and sets it once ``run_simulation`` is back. A no-op for the deployment
+    grid, whose ServerApp runs in its own process.
+    """
+    from flwr.superlink.grid import InMemoryGrid
+
+    if not isinstance(grid, InMemoryGrid):
+        return
+
+    def stoppable(poll: Any) -> Any:
+        def checked(*args: Any, **kwargs: Any) -> Any:
+            if stop.is_set():
+                raise SimulationStopped("the simulation runtime has stopped; the ServerApp stops waiting")
+            return poll(*args, **kwargs)
+        return checked
+
+    # send_and_receive and wait_for_nodes call these on the instance, in their polling loops
+    grid.pull_messages = stoppable(grid.pull_messages)  # type: ignore[method-assign]
+    grid.get_node_ids = stoppable(grid.get_node_ids)  # type: ignore[method-assign]
 
 
 def output_dir(cfg: FLConfig) -> Path:
@@ -170,14 +202,18 @@ def run_server(grid: Grid, cfg: FLConfig) -> FLResult:
     return results
 
 
-def make_server_app(overrides: Mapping[str, Any] | None = None) -> ServerApp:
-    """A ServerApp whose config is the run config with ``overrides`` on top."""
+def make_server_app(overrides: Mapping[str, Any] | None = None, *,
+                    stop: threading.Event | None = None) -> ServerApp:
+    """A ServerApp whose config is the run config with ``overrides`` on top; with ``stop``, it
+    stops waiting for replies once that event is set (:func:`stop_polling_when`)."""
     fixed = dict(overrides or {})
     server_app = ServerApp()
 
     @server_app.main()
     def main(grid: Grid, context: Context) -> None:
         poll_replies_often(grid)
+        if stop is not None:
+            stop_polling_when(grid, stop)
         run_server(grid, FLConfig.from_run_config({**context.run_config, **fixed}))
 
     return server_app

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import warnings
 from contextlib import contextmanager
 from typing import Any, Iterator
@@ -87,10 +88,15 @@ def run_fl_simulation(run: FLRun, *, verbose: bool = False) -> FLResult:
     log.info("simulation: %s, %d clients on %d CPU(s), %d round(s) -> %s", cfg.strategy, cfg.clients, cpus,
              cfg.rounds, out)
     overrides = cfg.to_run_config()
+    runtime_done = threading.Event()  # a failed runtime must not leave the ServerApp thread waiting
     with warnings.catch_warnings(), run_env(cfg.threads):
         warnings.filterwarnings("ignore", category=DeprecationWarning)
-        run_simulation(server_app=make_server_app(overrides), client_app=make_client_app(overrides),
-                       num_supernodes=cfg.clients, backend_config=backend_config(cpus, res.cpus_per_client))
+        try:
+            run_simulation(server_app=make_server_app(overrides, stop=runtime_done),
+                           client_app=make_client_app(overrides), num_supernodes=cfg.clients,
+                           backend_config=backend_config(cpus, res.cpus_per_client))
+        finally:
+            runtime_done.set()
     if not results_path.is_file():
         raise RuntimeError(f"the simulation ended without writing {results_path}")
     return FLResult.read(results_path)
