@@ -125,6 +125,9 @@ class FLConfig:
     min_clients: int = option(0, "clients a round needs (0: all of them); with fewer, a round goes on with the "
                               "clients that answered within round-timeout-s, so a dead client does not stop the run")
     round_timeout_s: float = option(3600.0, "seconds a round waits for its clients' replies (Flower's default)")
+    max_update_jump: float = option(0.0, "refuse a client update whose step (L2 distance from the model sent) "
+                                    "exceeds this many times the median accepted step of the last rounds, "
+                                    "e.g. 10 (0: off; NaN/Inf and mis-shaped updates are always refused)")
 
     def __post_init__(self) -> None:
         def bad(key: str, why: str) -> ValueError:
@@ -154,6 +157,8 @@ class FLConfig:
             raise bad("min_clients", f"must lie in 0..clients ({self.clients}), got {self.min_clients}")
         if not self.round_timeout_s > 0:
             raise bad("round_timeout_s", f"must be > 0, got {self.round_timeout_s}")
+        if not (self.max_update_jump == 0 or self.max_update_jump > 1):
+            raise bad("max_update_jump", f"must be 0 (off) or > 1, got {self.max_update_jump}")
         clients_per_domain(self.clients)  # raises on an impossible client count
         self.data  # noqa: B018 - validates the dataset settings
 

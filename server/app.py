@@ -184,6 +184,7 @@ def run_server(grid: Grid, cfg: FLConfig) -> FLResult:
         generator=ArrayRecord(torch_state_dict=generator.state_dict()) if generator is not None else None,
         recorder=recorder, round_offset=start_round, on_round_end=on_round_end,
         checkpoint_every=cfg.checkpoint_every, last_round=remaining, min_clients=cfg.min_clients,
+        max_update_jump=cfg.max_update_jump,
         restore=_restore_by_node(grid, ckpt.client_state) if cfg.resume and ckpt.client_state else None)
     if cfg.resume and ckpt.client_norm:  # a client missing from the next round keeps its layers
         strategy.client_norm.update({pid: {k: v.numpy() for k, v in norm.items()}

@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import logging
 import math
+import statistics
+from collections import deque
 from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -144,6 +146,60 @@ def update_problem(msg: Message, sent: dict[str, tuple[tuple[int, ...], str]]) -
     return None
 
 
+class StepJumpGuard:
+    """Refuses a client update whose step is far larger than the federation's recent steps.
+
+    Why: a finite update can still be ruinous. In the FRAug study (README, issue 11) one client's
+    update came back finite but huge after its generator overflowed, passed :func:`update_problem`,
+    was averaged in, and every client fell to chance. The rules, all here:
+
+    - a reply's step is the L2 distance from the model sent over the floating-point arrays of both
+      (counters such as BatchNorm's ``num_batches_tracked`` are integers and do not count);
+    - the reference is the median, over the last ``window`` rounds, of each round's median
+      accepted step; a step above ``ratio`` × the reference is refused;
+    - with no reference yet (the first round, or every earlier round refused) every step passes;
+      a round whose steps were all refused adds nothing to the history.
+
+    A ratio of 10 leaves steady growth alone (a few percent a round: FRAug's generator distance
+    doubles every 11 rounds in the study) and catches a jump of orders of magnitude.
+    """
+
+    def __init__(self, ratio: float, window: int = 5) -> None:
+        if ratio <= 1 or window < 1:
+            raise ValueError(f"need ratio > 1 and window >= 1, got {ratio}, {window}")
+        self.ratio = ratio
+        self._history: deque[float] = deque(maxlen=window)
+        self._sent: dict[str, np.ndarray] = {}
+
+    def begin_round(self, sent: ArrayRecord) -> None:
+        """Remember the arrays this round sends (only the floating-point ones)."""
+        self._sent = {k: v.numpy() for k, v in sent.items() if v.numpy().dtype.kind == "f"}
+
+    def step(self, record: ArrayRecord) -> float:
+        """L2 distance of a reply's floating-point arrays from the ones sent (keys already checked)."""
+        total = 0.0
+        for key, sent in self._sent.items():
+            reply = record[key].numpy()
+            if reply.dtype.kind == "f":
+                total += float(np.sum((reply.astype(np.float64) - sent.astype(np.float64)) ** 2))
+        return math.sqrt(total)
+
+    def reference(self) -> float | None:
+        return statistics.median(self._history) if self._history else None
+
+    def problem(self, step: float) -> str | None:
+        """Why ``step`` is refused, or ``None``."""
+        ref = self.reference()
+        if ref is None or step <= self.ratio * ref:
+            return None
+        return (f"step {step:.3g} is {step / ref:.3g}× the median step of the last {len(self._history)} "
+                f"round(s) ({ref:.3g}; max-update-jump {self.ratio:g})")
+
+    def end_round(self, accepted: list[float]) -> None:
+        if accepted:
+            self._history.append(statistics.median(accepted))
+
+
 def without_keys(record: ArrayRecord, drop: Collection[str]) -> ArrayRecord:
     """A new ArrayRecord holding the same Arrays minus ``drop``."""
     return ArrayRecord(array_dict={k: v for k, v in record.items() if k not in drop})
@@ -184,6 +240,7 @@ class FedShiftStrategy(FedAvg):
         checkpoint_every: int = 1,
         last_round: int = 0,
         restore: dict[int, ArrayRecord] | None = None,
+        max_update_jump: float = 0.0,
         **kwargs: Any,
     ) -> None:
         kwargs.setdefault("train_metrics_aggr_fn", mean_metrics)
@@ -205,7 +262,8 @@ class FedShiftStrategy(FedAvg):
         self._restore = dict(restore or {})  # node id -> state, sent once
         self.num_rounds: int | None = None  # known inside start(): evaluation then rides on training
         self._sent: dict[str, tuple[tuple[int, ...], str]] = {}  # key -> (shape, dtype) of this round's model
-        self.rejected = 0  # client updates refused (non-finite, mis-shaped), over the run
+        self.rejected = 0  # client updates refused (non-finite, mis-shaped, a jump), over the run
+        self.step_guard = StepJumpGuard(max_update_jump) if max_update_jump else None
 
     def is_checkpoint_round(self, server_round: int) -> bool:
         """Every ``checkpoint_every`` global rounds, and always the last round of this run."""
@@ -249,6 +307,8 @@ class FedShiftStrategy(FedAvg):
             config[EVALUATE_RECEIVED_KEY] = True
         outgoing = self.outgoing(arrays)
         self._sent = {k: (tuple(v.shape), v.dtype) for k, v in outgoing.items()}  # what a reply must match
+        if self.step_guard is not None:
+            self.step_guard.begin_round(outgoing)
         messages = list(super().configure_train(server_round, outgoing, config, grid))
         self._down["train"] = sum(message_bytes(m.content) for m in messages)
         if self._restore:
@@ -300,14 +360,20 @@ class FedShiftStrategy(FedAvg):
     def _reject_bad_updates(self, server_round: int, replies: list[Message],
                             norms: dict[int, ArrayRecord]) -> list[Message]:
         """Drop replies whose update is not a finite copy of what was sent (same keys and shapes,
-        numeric, no NaN/Inf, a positive finite sample count; finite local norm layers too), logging
-        each; the round goes on with the rest (all rejected: the global model stays as it was)."""
-        kept = []
+        numeric, no NaN/Inf, a positive finite sample count; finite local norm layers too) or, with
+        ``max_update_jump``, whose step jumped (:class:`StepJumpGuard`), logging each; the round
+        goes on with the rest (all rejected: the global model stays as it was)."""
+        kept, steps = [], []
         for msg in replies:
             why = None if msg.has_error() else update_problem(msg, self._sent)
             if why is None and id(msg) in norms:
                 why = next((f"local {k}: NaN or Inf values" for k, v in norms[id(msg)].items()
                             if v.numpy().dtype.kind == "f" and not np.isfinite(v.numpy()).all()), None)
+            if why is None and self.step_guard is not None and self._sent:
+                step = self.step_guard.step(next(iter(msg.content.array_records.values())))
+                why = self.step_guard.problem(step)
+                if why is None:
+                    steps.append(step)
             if why is None:
                 kept.append(msg)
                 continue
@@ -315,6 +381,8 @@ class FedShiftStrategy(FedAvg):
             self.rejected += 1
             log.warning("round %d: rejected the update of node %d (partition %s): %s", server_round + self.round_offset,
                         msg.metadata.src_node_id, pid, why)
+        if self.step_guard is not None:
+            self.step_guard.end_round(steps)
         return kept
 
     def _take_client_state(self, parts: list[tuple[Message, ArrayRecord]]) -> None:

@@ -363,3 +363,49 @@ def test_a_rejected_reply_leaves_no_trace_in_the_deployed_norm_or_the_checkpoint
     assert strat.rejected == 2
     assert set(strat.client_norm) == {0} and set(strat.client_state) == {0}
     assert all(np.allclose(v.numpy(), 1.0) for v in strat.deploy_norm.values())
+
+
+def test_a_step_that_jumped_is_refused_steady_growth_is_not(model_state, caplog) -> None:
+    """max-update-jump: a finite update whose distance from the model sent is far above the
+    recent rounds' median step is dropped; steps that grow a few percent a round pass, integer
+    counters do not count, and with the option off the same update is averaged in."""
+    _, state = model_state
+    base = {k: v.astype(np.float32) for k, v in state.items() if v.dtype.kind == "f"}
+    base["bn.num_batches_tracked"] = np.asarray(0, np.int64)
+
+    def moved(by: float) -> dict[str, np.ndarray]:
+        out = {k: v + np.float32(by) if v.dtype.kind == "f" else v + 500 for k, v in base.items()}
+        return out  # every float moves by `by`; the counter jumps by 500 (ignored)
+
+    guarded = make_strategy("fedavg", num_clients=3, local_keys=set(), max_update_jump=10.0)
+    plain = make_strategy("fedavg", num_clients=3, local_keys=set())
+    for rnd in range(1, 7):  # steady rounds, steps growing 7% a round: all pass
+        for strat in (guarded, plain):
+            list(strat.configure_train(rnd, _record(base), ConfigRecord(), FakeGrid(3)))
+            strat.aggregate_train(rnd, [_reply(moved(0.01 * 1.07 ** rnd * (1 + 0.1 * i)), 10, i) for i in range(3)])
+    assert guarded.rejected == 0
+    ref = guarded.step_guard.reference()
+    n = sum(v.size for k, v in base.items() if v.dtype.kind == "f")
+    assert ref == pytest.approx(0.011 * 1.07 ** 4 * n ** 0.5, rel=1e-3)  # median of the last 5 rounds' medians
+    replies = [_reply(moved(0.012), 10, 0), _reply(moved(0.2), 10, 1), _reply(moved(0.013), 10, 2)]
+    for strat in (guarded, plain):
+        list(strat.configure_train(7, _record(base), ConfigRecord(), FakeGrid(3)))
+    arrays, _ = guarded.aggregate_train(7, replies)
+    assert guarded.rejected == 1 and plain.rejected == 0
+    key = next(k for k, v in base.items() if v.dtype.kind == "f")
+    np.testing.assert_allclose(arrays[key].numpy(), base[key] + 0.0125, rtol=1e-5, atol=1e-6)
+    plain_arrays, _ = plain.aggregate_train(7, [_reply(moved(0.012), 10, 0), _reply(moved(0.2), 10, 1),
+                                                _reply(moved(0.013), 10, 2)])
+    assert plain_arrays[key].numpy().mean() > (base[key] + 0.07).mean()  # averaged in without the guard
+    assert any("max-update-jump 10" in r.getMessage() and "partition 1" in r.getMessage() for r in caplog.records)
+    # a round whose steps all jumped leaves the global model and the reference as they were
+    list(guarded.configure_train(8, _record(base), ConfigRecord(), FakeGrid(3)))
+    before = guarded.step_guard.reference()
+    arrays, _ = guarded.aggregate_train(8, [_reply(moved(5.0), 10, i) for i in range(3)])
+    assert arrays is None and guarded.rejected == 4 and guarded.step_guard.reference() == before
+
+
+def test_max_update_jump_is_validated() -> None:
+    with pytest.raises(ValueError, match="max_update_jump"):
+        FLConfig(max_update_jump=0.5)
+    assert FLConfig(max_update_jump=10).max_update_jump == 10
