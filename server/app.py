@@ -41,6 +41,29 @@ class SimulationStopped(RuntimeError):
     """The simulation runtime ended while the ServerApp was still waiting on it."""
 
 
+class ServerThreadLink:
+    """Between the launcher of one ``run_simulation`` call and the ServerApp thread Flower starts
+    for it: the launcher sets ``runtime_done`` once the call is back (the grid's polls then raise,
+    :func:`stop_polling_when`) and can wait for the thread to end before it starts another run
+    into the same folder."""
+
+    def __init__(self) -> None:
+        self.runtime_done = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def entered(self) -> None:
+        """Called by the ServerApp's main, on its thread."""
+        self._thread = threading.current_thread()
+
+    def stop_and_wait(self, timeout: float = 30.0) -> bool:
+        """Stop the ServerApp's waiting and wait for its thread; True if it ended (or never ran)."""
+        self.runtime_done.set()
+        if self._thread is None or self._thread is threading.current_thread():
+            return True
+        self._thread.join(timeout)
+        return not self._thread.is_alive()
+
+
 def stop_polling_when(grid: Grid, stop: threading.Event) -> None:
     """Make the simulation grid's polls raise :class:`SimulationStopped` once ``stop`` is set.
 
@@ -204,17 +227,18 @@ def run_server(grid: Grid, cfg: FLConfig) -> FLResult:
 
 
 def make_server_app(overrides: Mapping[str, Any] | None = None, *,
-                    stop: threading.Event | None = None) -> ServerApp:
-    """A ServerApp whose config is the run config with ``overrides`` on top; with ``stop``, it
-    stops waiting for replies once that event is set (:func:`stop_polling_when`)."""
+                    link: ServerThreadLink | None = None) -> ServerApp:
+    """A ServerApp whose config is the run config with ``overrides`` on top; with ``link``, it
+    stops waiting for replies once its launcher says the runtime is done (:class:`ServerThreadLink`)."""
     fixed = dict(overrides or {})
     server_app = ServerApp()
 
     @server_app.main()
     def main(grid: Grid, context: Context) -> None:
         poll_replies_often(grid)
-        if stop is not None:
-            stop_polling_when(grid, stop)
+        if link is not None:
+            link.entered()
+            stop_polling_when(grid, link.runtime_done)
         run_server(grid, FLConfig.from_run_config({**context.run_config, **fixed}))
 
     return server_app

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import logging
 import os
-import threading
+import time
+import traceback
 import warnings
 from contextlib import contextmanager
 from typing import Any, Iterator
@@ -20,6 +21,7 @@ from core.fl_config import FLResult
 from simulations.fl_role import ROLE_FILE, FLRun
 
 log = logging.getLogger(__name__)
+RETRY_DELAY_S = 5.0  # before the one retry of a run whose Ray did not start
 
 # Environment for every Flower process we start: no telemetry, no update check, no dependency
 # installation at run time (it would pull a multi-GB CUDA torch into a fresh environment).
@@ -67,13 +69,45 @@ def quiet_flower(verbose: bool = False) -> None:
     flwr_logger.setLevel(logging.DEBUG if verbose else logging.WARNING)
 
 
+def root_cause(exc: BaseException) -> BaseException:
+    """The innermost exception of a ``raise ... from`` (or during-handling) chain."""
+    while exc.__cause__ is not None or exc.__context__ is not None:
+        exc = exc.__cause__ or exc.__context__  # type: ignore[assignment]
+    return exc
+
+
+def ray_failed_to_start(exc: BaseException) -> bool:
+    """Whether the simulation failed inside Flower's Ray start-up (``RayBackend.init_ray``).
+
+    Why: on a loaded machine Ray's GCS server can miss its 30 s start-up deadline ("Timed out
+    waiting for file .../gcs_server_port_..."); nothing has run yet, so one retry is safe. Any other
+    failure is the run's own and is raised as it is."""
+    seen: set[int] = set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if any(frame.f_code.co_name == "init_ray" for frame, _ in traceback.walk_tb(e.__traceback__)):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+def _shut_ray_down() -> None:
+    """Whatever a failed start left of Ray in this process goes before the retry."""
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+
+
 def run_fl_simulation(run: FLRun, *, verbose: bool = False) -> FLResult:
     """Run the federated experiment ``run`` describes; write ``fl.toml`` (the resolved settings),
-    results.json, checkpoint and TensorBoard events to its output folder; return the result."""
+    results.json, checkpoint and TensorBoard events to its output folder; return the result.
+    A run whose Ray did not start is retried once (:func:`ray_failed_to_start`)."""
     from flwr.simulation import run_simulation
 
     from client.app import make_client_app
-    from server.app import make_server_app, output_dir
+    from server.app import ServerThreadLink, make_server_app, output_dir
     from server.recorder import RESULTS_FILE
 
     cfg, res = run.fl, run.simulation
@@ -83,20 +117,29 @@ def run_fl_simulation(run: FLRun, *, verbose: bool = False) -> FLResult:
     out.mkdir(parents=True, exist_ok=True)
     run.write(out / ROLE_FILE)
     results_path = out / RESULTS_FILE
-    if results_path.exists() and not cfg.resume:
-        results_path.unlink()
     log.info("simulation: %s, %d clients on %d CPU(s), %d round(s) -> %s", cfg.strategy, cfg.clients, cpus,
              cfg.rounds, out)
     overrides = cfg.to_run_config()
-    runtime_done = threading.Event()  # a failed runtime must not leave the ServerApp thread waiting
     with warnings.catch_warnings(), run_env(cfg.threads):
         warnings.filterwarnings("ignore", category=DeprecationWarning)
-        try:
-            run_simulation(server_app=make_server_app(overrides, stop=runtime_done),
-                           client_app=make_client_app(overrides), num_supernodes=cfg.clients,
-                           backend_config=backend_config(cpus, res.cpus_per_client))
-        finally:
-            runtime_done.set()
+        for attempt in (1, 2):
+            if results_path.exists() and not cfg.resume:
+                results_path.unlink()  # a fresh run (or a retry) writes its own
+            link = ServerThreadLink()  # a failed runtime must not leave the ServerApp thread waiting
+            try:
+                run_simulation(server_app=make_server_app(overrides, link=link),
+                               client_app=make_client_app(overrides), num_supernodes=cfg.clients,
+                               backend_config=backend_config(cpus, res.cpus_per_client))
+                break
+            except RuntimeError as exc:
+                if attempt == 2 or not ray_failed_to_start(exc):
+                    raise
+                log.warning("Ray did not start (%s); retrying the run once in %g s", root_cause(exc), RETRY_DELAY_S)
+            finally:
+                if not link.stop_and_wait():
+                    log.warning("the ServerApp thread is still running after the runtime stopped")
+            _shut_ray_down()
+            time.sleep(RETRY_DELAY_S)
     if not results_path.is_file():
         raise RuntimeError(f"the simulation ended without writing {results_path}")
     return FLResult.read(results_path)

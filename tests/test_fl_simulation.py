@@ -15,7 +15,7 @@ from server.recorder import load_checkpoint
 from simulations.fl_role import FLRun, SimulationResources
 
 # round-timeout-s: short, so that a round stuck on a loaded machine fails the test within minutes
-# (a runtime that fails to start no longer leaves the ServerApp waiting: tests/test_fl_sim_stop.py).
+# (a runtime that fails to start no longer leaves the ServerApp waiting: tests/test_fl_sim_failures.py).
 SMALL = {"clients": 2, "rounds": 2, "model-width": 0.125, "image-size": 16, "train-per-client": 40,
          "batch-size": 16, "round-timeout-s": 120}
 
