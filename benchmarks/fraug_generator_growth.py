@@ -6,7 +6,8 @@ whose affine weights grow freely), so it grows geometrically; this script reads 
 FRAug metrics every finished FRAug run of ``benchmarks/fraug_study.py`` logged (the clients' mean
 of ``g_dist``, ``residual_ratio`` and the prototype-anchored label consistency: the share of
 synthetic embeddings the head gives their label, low by design), the largest finite train loss
-any client reported (how far a blow-up went), and the server's "rejected the update" warnings,
+among the replies the server accepted (the recorder keeps only those: a refused blow-up is not in
+it, an accepted one is), and the server's "rejected the update" warnings,
 and writes one JSON row per run plus a Markdown table.
 
     python benchmarks/fraug_generator_growth.py                 # reads runs/fraug_study/
@@ -39,7 +40,8 @@ def _client_mean(record: dict[str, Any], key: str) -> float | None:
 
 
 def max_train_loss(history: Sequence[dict[str, Any]]) -> tuple[float, int] | None:
-    """The largest finite train loss any client reported, and its round (NaN replies are refused)."""
+    """The largest finite train loss of an accepted reply, and its round (a NaN loss is stored as
+    null, and skipped here)."""
     losses = [(c["train_loss"], h["round"]) for h in history for c in h["clients"].values()
               if c.get("train_loss") is not None and math.isfinite(c["train_loss"])]
     return max(losses) if losses else None

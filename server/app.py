@@ -56,7 +56,8 @@ class ServerThreadLink:
         self._thread = threading.current_thread()
 
     def stop_and_wait(self, timeout: float = 30.0) -> bool:
-        """Stop the ServerApp's waiting and wait for its thread; True if it ended (or never ran)."""
+        """Stop the ServerApp's waiting and wait for its thread; True if it ended, or if the main
+        never ran (nothing of the run was started that could write into its folder)."""
         self.runtime_done.set()
         if self._thread is None or self._thread is threading.current_thread():
             return True

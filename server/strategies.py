@@ -22,9 +22,6 @@ recorded (and checkpointed) when round ``r + 1``'s training replies bring its ev
 from __future__ import annotations
 
 import logging
-import math
-import statistics
-from collections import deque
 from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -46,6 +43,7 @@ from core.fl_config import (
     WEIGHT_KEY,
 )
 from server.recorder import RunRecorder
+from server.update_checks import StepJumpGuard, update_problem
 
 log = logging.getLogger(__name__)
 
@@ -118,86 +116,6 @@ def _pop_records(replies: Iterable[Message], name: str) -> dict[int, ArrayRecord
             out[id(msg)] = msg.content[name]
             del msg.content[name]
     return out
-
-
-def update_problem(msg: Message, sent: dict[str, tuple[tuple[int, ...], str]]) -> str | None:
-    """What is wrong with a training reply's update (``None``: nothing), against the keys and shapes
-    that were sent: a client, buggy or hostile, must not poison the average."""
-    records = list(msg.content.array_records.items())
-    if len(records) != 1:
-        return f"{len(records)} array records (expected 1)"
-    metrics = next(iter(msg.content.metric_records.values()), None)
-    weight = metrics.get(WEIGHT_KEY) if metrics is not None else None
-    if not isinstance(weight, (int, float)) or not math.isfinite(float(weight)) or float(weight) <= 0:
-        return f"sample count {weight!r} is not a positive finite number"
-    _, record = records[0]
-    if sent and set(record.keys()) != set(sent):
-        missing, extra = sorted(set(sent) - set(record.keys()))[:3], sorted(set(record.keys()) - set(sent))[:3]
-        return f"keys differ from the model sent (missing {missing}, unexpected {extra})"
-    for key, array in record.items():
-        if sent and tuple(array.shape) != sent[key][0]:
-            return f"{key}: shape {tuple(array.shape)}, sent {sent[key][0]}"
-        values = array.numpy()
-        # dtypes may differ (FedAvg's average turns an int64 counter into float64): numbers suffice
-        if values.dtype.kind not in "biuf":
-            return f"{key}: dtype {values.dtype} is not numeric"
-        if values.dtype.kind == "f" and not np.isfinite(values).all():
-            return f"{key}: NaN or Inf values"
-    return None
-
-
-class StepJumpGuard:
-    """Refuses a client update whose step is far larger than the federation's recent steps.
-
-    Why: a finite update can still be ruinous. In the FRAug study (README, issue 11) one client's
-    update came back finite but huge after its generator overflowed, passed :func:`update_problem`,
-    was averaged in, and every client fell to chance. The rules, all here:
-
-    - a reply's step is the L2 distance from the model sent over the floating-point arrays of both
-      (counters such as BatchNorm's ``num_batches_tracked`` are integers and do not count);
-    - the reference is the median, over the last ``window`` rounds, of each round's median
-      accepted step; a step above ``ratio`` × the reference is refused;
-    - with no reference yet (the first round, or every earlier round refused) every step passes;
-      a round whose steps were all refused adds nothing to the history.
-
-    A ratio of 10 leaves steady growth alone (a few percent a round: FRAug's generator distance
-    doubles every 11 rounds in the study) and catches a jump of orders of magnitude.
-    """
-
-    def __init__(self, ratio: float, window: int = 5) -> None:
-        if ratio <= 1 or window < 1:
-            raise ValueError(f"need ratio > 1 and window >= 1, got {ratio}, {window}")
-        self.ratio = ratio
-        self._history: deque[float] = deque(maxlen=window)
-        self._sent: dict[str, np.ndarray] = {}
-
-    def begin_round(self, sent: ArrayRecord) -> None:
-        """Remember the arrays this round sends (only the floating-point ones)."""
-        self._sent = {k: v.numpy() for k, v in sent.items() if v.numpy().dtype.kind == "f"}
-
-    def step(self, record: ArrayRecord) -> float:
-        """L2 distance of a reply's floating-point arrays from the ones sent (keys already checked)."""
-        total = 0.0
-        for key, sent in self._sent.items():
-            reply = record[key].numpy()
-            if reply.dtype.kind == "f":
-                total += float(np.sum((reply.astype(np.float64) - sent.astype(np.float64)) ** 2))
-        return math.sqrt(total)
-
-    def reference(self) -> float | None:
-        return statistics.median(self._history) if self._history else None
-
-    def problem(self, step: float) -> str | None:
-        """Why ``step`` is refused, or ``None``."""
-        ref = self.reference()
-        if ref is None or step <= self.ratio * ref:
-            return None
-        return (f"step {step:.3g} is {step / ref:.3g}× the median step of the last {len(self._history)} "
-                f"round(s) ({ref:.3g}; max-update-jump {self.ratio:g})")
-
-    def end_round(self, accepted: list[float]) -> None:
-        if accepted:
-            self._history.append(statistics.median(accepted))
 
 
 def without_keys(record: ArrayRecord, drop: Collection[str]) -> ArrayRecord:
@@ -363,17 +281,20 @@ class FedShiftStrategy(FedAvg):
         numeric, no NaN/Inf, a positive finite sample count; finite local norm layers too) or, with
         ``max_update_jump``, whose step jumped (:class:`StepJumpGuard`), logging each; the round
         goes on with the rest (all rejected: the global model stays as it was)."""
-        kept, steps = [], []
+        problems: list[tuple[Message, str | None]] = []
         for msg in replies:
             why = None if msg.has_error() else update_problem(msg, self._sent)
             if why is None and id(msg) in norms:
                 why = next((f"local {k}: NaN or Inf values" for k, v in norms[id(msg)].items()
                             if v.numpy().dtype.kind == "f" and not np.isfinite(v.numpy()).all()), None)
-            if why is None and self.step_guard is not None and self._sent:
-                step = self.step_guard.step(next(iter(msg.content.array_records.values())))
-                why = self.step_guard.problem(step)
-                if why is None:
-                    steps.append(step)
+            problems.append((msg, why))
+        if self.step_guard is not None and self._sent:  # judged together: the round's own steps count
+            sound = [m for m, why in problems if why is None]
+            verdicts = dict(zip(map(id, sound), self.step_guard.judge(
+                [self.step_guard.step(next(iter(m.content.array_records.values()))) for m in sound])))
+            problems = [(m, why if why is not None else verdicts[id(m)]) for m, why in problems]
+        kept = []
+        for msg, why in problems:
             if why is None:
                 kept.append(msg)
                 continue
@@ -381,8 +302,6 @@ class FedShiftStrategy(FedAvg):
             self.rejected += 1
             log.warning("round %d: rejected the update of node %d (partition %s): %s", server_round + self.round_offset,
                         msg.metadata.src_node_id, pid, why)
-        if self.step_guard is not None:
-            self.step_guard.end_round(steps)
         return kept
 
     def _take_client_state(self, parts: list[tuple[Message, ArrayRecord]]) -> None:

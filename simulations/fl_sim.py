@@ -71,8 +71,10 @@ def quiet_flower(verbose: bool = False) -> None:
 
 def root_cause(exc: BaseException) -> BaseException:
     """The innermost exception of a ``raise ... from`` (or during-handling) chain."""
-    while exc.__cause__ is not None or exc.__context__ is not None:
-        exc = exc.__cause__ or exc.__context__  # type: ignore[assignment]
+    seen = {id(exc)}
+    while (nxt := exc.__cause__ or exc.__context__) is not None and id(nxt) not in seen:
+        seen.add(id(nxt))
+        exc = nxt
     return exc
 
 
@@ -134,10 +136,13 @@ def run_fl_simulation(run: FLRun, *, verbose: bool = False) -> FLResult:
             except RuntimeError as exc:
                 if attempt == 2 or not ray_failed_to_start(exc):
                     raise
-                log.warning("Ray did not start (%s); retrying the run once in %g s", root_cause(exc), RETRY_DELAY_S)
+                cause = root_cause(exc)
             finally:
-                if not link.stop_and_wait():
-                    log.warning("the ServerApp thread is still running after the runtime stopped")
+                ended = link.stop_and_wait()
+            if not ended:  # it could still write into the run folder: no retry into it
+                raise RuntimeError(f"Ray did not start ({cause}), and the ServerApp thread did not stop: "
+                                   "not retrying")
+            log.warning("Ray did not start (%s); retrying the run once in %g s", cause, RETRY_DELAY_S)
             _shut_ray_down()
             time.sleep(RETRY_DELAY_S)
     if not results_path.is_file():

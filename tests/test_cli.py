@@ -42,17 +42,24 @@ def test_data_flags_are_the_benchmarks_own(capsys) -> None:
 
 
 def test_data_sizes_prints_each_clients_splits(tmp_path, monkeypatch, capsys) -> None:
-    """`fedshift data sizes` counts what the FL clients get: digits-shift's fixed fractions, and
-    glyph-shift's per-client sizes for every client of every domain."""
+    """`fedshift data sizes` counts what the FL clients get, from `fedshift fl`'s own settings:
+    digits-shift's fixed fractions over the domains the run uses, and glyph-shift's per-client
+    sizes for every client of every domain."""
+    def rows() -> list[list[str]]:
+        return [[c.strip() for c in r.split("|")[1:-1]] for r in capsys.readouterr().out.splitlines()[2:]]
+
     assert main(["data", "sizes"]) == 0
-    rows = [r.split("|")[1:-1] for r in capsys.readouterr().out.splitlines()[2:]]
-    assert [r[1].strip() for r in rows] == ["mnist", "inverse", "mnistm", "usps", "svhn"]
-    assert {(r[3].strip(), r[4].strip()) for r in rows} == {("54", "90")}
-    assert sum(int(r[2]) + int(r[3]) + int(r[4]) for r in rows) == 1797  # every digit, once
+    five = rows()
+    assert [r[1] for r in five] == ["mnist", "inverse", "mnistm", "usps", "svhn"]
+    assert {(r[3], r[4]) for r in five} == {("54", "90")}
+    assert sum(int(r[2]) + int(r[3]) + int(r[4]) for r in five) == 1797  # every digit, once
+    assert main(["data", "sizes", "--clients", "2"]) == 0  # a 2-client run splits the digits in two
+    two = rows()
+    assert [r[1] for r in two] == ["mnist", "inverse"] and sum(int(r[2]) + int(r[3]) + int(r[4]) for r in two) == 1797
     monkeypatch.setenv("FEDSHIFT_CACHE", str(tmp_path))
     assert main(["data", "sizes", "--dataset", "glyph-shift", "--train-per-client", "20", "--val-per-client",
-                 "10", "--test-per-client", "30", "--clients-per-domain", "2"]) == 0
-    rows = [r.split("|")[1:-1] for r in capsys.readouterr().out.splitlines()[2:]]
-    assert len(rows) == 10 and {tuple(c.strip() for c in r[2:]) for r in rows} == {("20", "10", "30", "10 / 10 / 10")}
-    assert main(["data", "sizes", "--clients-per-domain", "0"]) == 2
-    assert "clients_per_domain must be >= 1" in capsys.readouterr().err
+                 "10", "--test-per-client", "30", "--clients", "10", "--image-size", "16"]) == 0
+    ten = rows()
+    assert len(ten) == 10 and {tuple(r[2:]) for r in ten} == {("20", "10", "30", "10 / 10 / 10")}
+    assert main(["data", "sizes", "--clients", "7"]) == 2
+    assert "multiple of 5" in capsys.readouterr().err

@@ -93,8 +93,12 @@ def test_stopped_grid_polls_raise() -> None:
     stop_polling_when(grid, stop)
     assert (list(grid.pull_messages({"m"})), list(grid.get_node_ids())) == ([], [1, 2])
     stop.set()
+    grid.push_messages = lambda messages: ["m"]  # type: ignore[method-assign]
+    grid.pull_interval = 0.001
+    with pytest.raises(SimulationStopped):  # Flower's own wait loop goes through the wrapped poll
+        grid.send_and_receive([], timeout=30)
     with pytest.raises(SimulationStopped):
         grid.pull_messages({"m"})
     with pytest.raises(SimulationStopped):
         grid.get_node_ids()
-    assert calls == ["pull", "nodes"]
+    assert calls == ["pull", "nodes"]  # nothing was polled once stopped

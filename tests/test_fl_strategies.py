@@ -366,43 +366,53 @@ def test_a_rejected_reply_leaves_no_trace_in_the_deployed_norm_or_the_checkpoint
 
 
 def test_a_step_that_jumped_is_refused_steady_growth_is_not(model_state, caplog) -> None:
-    """max-update-jump: a finite update whose distance from the model sent is far above the
-    recent rounds' median step is dropped; steps that grow a few percent a round pass, integer
-    counters do not count, and with the option off the same update is averaged in."""
+    """max-update-jump: a lone finite update far from the model sent (against the recent rounds'
+    median step and this round's) is dropped; steps growing 7% a round pass, a move shared by
+    most clients passes, the counter does not count (int64 in round 1, float64 once averaged), an
+    integer reply of a float layer is still measured, and with the option off it is averaged in."""
     _, state = model_state
-    base = {k: v.astype(np.float32) for k, v in state.items() if v.dtype.kind == "f"}
-    base["bn.num_batches_tracked"] = np.asarray(0, np.int64)
+    floats = {k: v.astype(np.float32) for k, v in state.items() if v.dtype.kind == "f"}
+    key = next(iter(floats))
+    n = sum(v.size for v in floats.values())
 
-    def moved(by: float) -> dict[str, np.ndarray]:
-        out = {k: v + np.float32(by) if v.dtype.kind == "f" else v + 500 for k, v in base.items()}
-        return out  # every float moves by `by`; the counter jumps by 500 (ignored)
+    def sent(rnd: int) -> dict[str, np.ndarray]:  # FedAvg's average makes the counter float64
+        return {**floats, "bn.num_batches_tracked": np.asarray(20 * rnd, np.int64 if rnd == 1 else np.float64)}
+
+    def moved(rnd: int, by: float) -> dict[str, np.ndarray]:  # every float moves by `by`
+        return {**{k: v + np.float32(by) for k, v in floats.items()},
+                "bn.num_batches_tracked": np.asarray(20 * rnd + 5000, np.int64)}  # a counter jump: ignored
 
     guarded = make_strategy("fedavg", num_clients=3, local_keys=set(), max_update_jump=10.0)
     plain = make_strategy("fedavg", num_clients=3, local_keys=set())
+
+    def round_(strat, rnd: int, replies: list[Message]):
+        list(strat.configure_train(rnd, _record(sent(rnd)), ConfigRecord(), FakeGrid(3)))
+        return strat.aggregate_train(rnd, replies)[0]
+
     for rnd in range(1, 7):  # steady rounds, steps growing 7% a round: all pass
         for strat in (guarded, plain):
-            list(strat.configure_train(rnd, _record(base), ConfigRecord(), FakeGrid(3)))
-            strat.aggregate_train(rnd, [_reply(moved(0.01 * 1.07 ** rnd * (1 + 0.1 * i)), 10, i) for i in range(3)])
+            round_(strat, rnd, [_reply(moved(rnd, 0.01 * 1.07 ** rnd * (1 + 0.1 * i)), 10, i) for i in range(3)])
     assert guarded.rejected == 0
-    ref = guarded.step_guard.reference()
-    n = sum(v.size for k, v in base.items() if v.dtype.kind == "f")
-    assert ref == pytest.approx(0.011 * 1.07 ** 4 * n ** 0.5, rel=1e-3)  # median of the last 5 rounds' medians
-    replies = [_reply(moved(0.012), 10, 0), _reply(moved(0.2), 10, 1), _reply(moved(0.013), 10, 2)]
-    for strat in (guarded, plain):
-        list(strat.configure_train(7, _record(base), ConfigRecord(), FakeGrid(3)))
-    arrays, _ = guarded.aggregate_train(7, replies)
-    assert guarded.rejected == 1 and plain.rejected == 0
-    key = next(k for k, v in base.items() if v.dtype.kind == "f")
-    np.testing.assert_allclose(arrays[key].numpy(), base[key] + 0.0125, rtol=1e-5, atol=1e-6)
-    plain_arrays, _ = plain.aggregate_train(7, [_reply(moved(0.012), 10, 0), _reply(moved(0.2), 10, 1),
-                                                _reply(moved(0.013), 10, 2)])
-    assert plain_arrays[key].numpy().mean() > (base[key] + 0.07).mean()  # averaged in without the guard
+    # the median of the last 5 rounds' medians: round 4's middle client
+    assert guarded.step_guard.reference() == pytest.approx(0.011 * 1.07 ** 4 * n ** 0.5, rel=1e-3)
+
+    def lone_jump() -> list[Message]:
+        return [_reply(moved(7, 0.012), 10, 0), _reply(moved(7, 0.2), 10, 1), _reply(moved(7, 0.013), 10, 2)]
+
+    arrays = round_(guarded, 7, lone_jump())
+    assert guarded.rejected == 1
+    np.testing.assert_allclose(arrays[key].numpy(), floats[key] + 0.0125, rtol=1e-5, atol=1e-6)
+    assert round_(plain, 7, lone_jump())[key].numpy().mean() > (floats[key] + 0.07).mean()  # averaged in
+    assert plain.rejected == 0
     assert any("max-update-jump 10" in r.getMessage() and "partition 1" in r.getMessage() for r in caplog.records)
-    # a round whose steps all jumped leaves the global model and the reference as they were
-    list(guarded.configure_train(8, _record(base), ConfigRecord(), FakeGrid(3)))
-    before = guarded.step_guard.reference()
-    arrays, _ = guarded.aggregate_train(8, [_reply(moved(5.0), 10, i) for i in range(3)])
-    assert arrays is None and guarded.rejected == 4 and guarded.step_guard.reference() == before
+    # a float layer sent back as huge integers is measured as what it is
+    as_int = {**moved(8, 0.012), key: np.full(floats[key].shape, 10**6, np.int64)}
+    round_(guarded, 8, [_reply(moved(8, 0.012), 10, 0), _reply(as_int, 10, 1), _reply(moved(8, 0.013), 10, 2)])
+    assert guarded.rejected == 2
+    # the whole federation moving at once (2 of 3 clients jump) is not an outlier: nobody is locked out
+    arrays = round_(guarded, 9, [_reply(moved(9, 0.5), 10, 0), _reply(moved(9, 0.5), 10, 1),
+                                 _reply(moved(9, 0.012), 10, 2)])
+    assert guarded.rejected == 2 and arrays is not None
 
 
 def test_max_update_jump_is_validated() -> None:

@@ -7,7 +7,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from core.data.builtin import BuiltinData
-from protos.config import add_config_flags, option, resolve_or_print, same_as, section
+from core.data.types import FederatedDataset
+from core.fl_config import clients_per_domain
+from protos.config import add_config_flags, option, resolve_or_print, same_as
+from simulations.fl_role import FLRun
 
 
 @dataclass(frozen=True)
@@ -24,20 +27,7 @@ class PreviewData:
         BuiltinData(self.dataset, self.classes)  # the benchmark's own rules (digits-shift: 10 classes)
 
 
-@dataclass(frozen=True)
-class SizesData:
-    """Which dataset to count: the same settings the FL clients build it from."""
-
-    data: BuiltinData = section(BuiltinData, "the built-in dataset")
-    seed: int = option(0, "data seed")
-    clients_per_domain: int = option(1, "clients per domain style")
-
-    def __post_init__(self) -> None:
-        if self.clients_per_domain < 1:
-            raise ValueError(f"clients_per_domain must be >= 1, got {self.clients_per_domain}")
-
-
-def sizes_table(data) -> str:
+def sizes_table(data: FederatedDataset) -> str:
     """One Markdown row per client: its domain, its split sizes and how many classes each holds."""
     lines = ["| client | domain | train | val | test | classes in train / val / test |",
              "|---|---|---|---|---|---|"]
@@ -59,8 +49,9 @@ def configure(p: argparse.ArgumentParser) -> None:
     corr.add_argument("--domain", default="mnistm", help="domain of the sample images")
     corr.add_argument("--samples", type=int, default=2, help="sample images per row (default: 2)")
     add_config_flags(corr, PreviewData, title="data")
-    size = sub.add_parser("sizes", help="the train / val / test images of each client, as the FL clients get them")
-    add_config_flags(size, SizesData, title="data")
+    size = sub.add_parser("sizes", help="the train / val / test images of each client, as the FL clients get "
+                          "them: takes `fedshift fl`'s flags and --config (a run's fl.toml)")
+    add_config_flags(size, FLRun, title="FL run")
 
 
 def _load(cfg: PreviewData, domains: tuple[str, ...] | None = None, clients_per_domain: int = 1):
@@ -81,9 +72,12 @@ def run(args: argparse.Namespace) -> int:
     from core.data import save_corruption_preview, save_preview
 
     if args.data_command == "sizes":
-        sizes = resolve_or_print(SizesData, args)
-        if sizes is not None:  # the image side does not change the counts
-            print(sizes_table(sizes.data.make(sizes.seed, 16, clients_per_domain=sizes.clients_per_domain)), end="")
+        run_cfg = resolve_or_print(FLRun, args)
+        if run_cfg is not None:  # the FL clients' own call (client/app.py::client_data)
+            fl = run_cfg.fl
+            data = fl.data.make(fl.seed, fl.image_size, domains=fl.domains(),
+                                clients_per_domain=clients_per_domain(fl.clients))
+            print(sizes_table(data), end="")
         return 0
     cfg = resolve_or_print(PreviewData, args)
     if cfg is None:
