@@ -45,7 +45,7 @@ from typing import Iterable, Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.study_cells import load_done, save_cell, unwind_on_sigterm  # noqa: E402
+from benchmarks.study_cells import load_done, run_cells, unwind_on_sigterm  # noqa: E402
 from core.renorm import EDGE_NORMS  # noqa: E402
 from protos.contract import PROTOCOLS  # noqa: E402
 
@@ -411,6 +411,7 @@ def main(argv: list[str] | None = None) -> int:
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     done = load_done(out_dir)
+    failed: list[str] = []
     if not args.summary:
         todo = [c for c in cells(args.stage, classes=args.classes, severities=args.severities,
                                  protocols=args.protocols, norms=args.norms, seeds=args.seeds,
@@ -418,21 +419,16 @@ def main(argv: list[str] | None = None) -> int:
                                  preset=args.cloud_preset)
                 if c.key not in done]
         log.info("%d cells to run (%d already done)", len(todo), len(done))
-        for i, cell in enumerate(todo[:args.max_cells or None], 1):
-            _wait_while_paused(out_dir / "PAUSE")
-            t0 = time.monotonic()
-            result = run_cell(cell, args, done)
-            done[cell.key] = result
-            save_cell(out_dir, cell.key, result)
-            log.info("[%d/%d] %s: accuracy %.2f%%, uploads %.1f%%, edge BN stats %.2f%% (%.0f s)", i, len(todo),
-                     cell.key, 100 * result["accuracy"], 100 * result["upload_rate"], 100 * result["bn_stats"],
-                     time.monotonic() - t0)
+        failed = run_cells(todo[:args.max_cells or None], lambda cell: run_cell(cell, args, done), out_dir, done,
+                           lambda cell, r: "accuracy {:.2f}%, uploads {:.1f}%, edge BN stats {:.2f}%".format(
+                               100 * r["accuracy"], 100 * r["upload_rate"], 100 * r["bn_stats"]),
+                           before_each=lambda: _wait_while_paused(out_dir / "PAUSE"))
     table = summary(done)
     print(table)
     (out_dir / "SUMMARY.md").write_text(table + "\n")
     if args.plot is not None:
         plot(done, args.plot)
-    return 0
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -44,7 +44,7 @@ from typing import Any, Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.study_cells import load_done, save_cell, unwind_on_sigterm  # noqa: E402
+from benchmarks.study_cells import load_done, run_cells, unwind_on_sigterm  # noqa: E402
 
 log = logging.getLogger("bench.fraug_study")
 
@@ -330,6 +330,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def _describe(cell: Cell, result: dict[str, Any]) -> str:
+    last = result["report"][str(cell.rounds)]
+    return "test {:.1f}% (best-val rounds {:.1f}%)".format(100 * (last["final"]["mean_accuracy"] or math.nan),
+                                                          100 * (last["best_val"]["mean_accuracy"] or math.nan))
+
+
 def main(argv: list[str] | None = None) -> int:
     unwind_on_sigterm()  # the cell's cloud / edge / Flower processes are stopped, not orphaned
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
@@ -339,24 +345,18 @@ def main(argv: list[str] | None = None) -> int:
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     done = load_done(out_dir)
+    failed: list[str] = []
     if not args.summary:
         todo = [c for c in cells(args.stage, args.datasets, args.seeds, args.sizes) if c.key not in done]
         log.info("%d cells to run (%d already done)", len(todo), len(done))
-        for i, cell in enumerate(todo[:args.max_cells or None], 1):
-            t0 = time.monotonic()
-            result = run_cell(cell, args, done)
-            done[cell.key] = result
-            save_cell(out_dir, cell.key, result)
-            last = result["report"][str(cell.rounds)]
-            log.info("[%d/%d] %s: test %.1f%% (best-val rounds %.1f%%) in %.0f s", i, len(todo), cell.key,
-                     100 * (last["final"]["mean_accuracy"] or math.nan),
-                     100 * (last["best_val"]["mean_accuracy"] or math.nan), time.monotonic() - t0)
+        failed = run_cells(todo[:args.max_cells or None], lambda cell: run_cell(cell, args, done), out_dir,
+                           done, _describe)
     table = summary(done, args.report)
     print(table)
     (out_dir / "SUMMARY.md").write_text(table + "\n")
     if args.plot is not None:
         plot(done, args.plot, args.report)
-    return 0
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -75,6 +75,34 @@ def test_prefix_reports_and_paired_differences(study) -> None:
     assert study.paired(done, "digits", 30, "fraug", "fedbn", 4, "final", domain="svhn") == []
 
 
+def test_a_failed_cell_is_logged_and_skipped_the_rest_still_run(tmp_path, caplog) -> None:
+    """One cell that raises does not end the study: the others are saved, it is not (so the next
+    invocation retries it), and its key comes back; Ctrl-C still stops the loop."""
+    from dataclasses import dataclass
+
+    from benchmarks.study_cells import load_done, run_cells
+
+    @dataclass(frozen=True)
+    class C:
+        key: str
+
+    def run_one(cell: C) -> dict:
+        if cell.key == "b":
+            raise ValueError("results.json: unknown key")
+        return {"key": cell.key, "accuracy": 0.5}
+
+    done: dict = {}
+    failed = run_cells([C("a"), C("b"), C("c")], run_one, tmp_path, done, lambda c, r: f"{r['accuracy']}")
+    assert failed == ["b"] and set(done) == {"a", "c"} == set(load_done(tmp_path))
+    assert "b failed; skipped" in caplog.text and "unknown key" in caplog.text
+
+    def interrupted(cell: C) -> dict:
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_cells([C("d")], interrupted, tmp_path, done, lambda c, r: "")
+
+
 def test_study_cells_round_trip(tmp_path) -> None:
     from benchmarks.study_cells import load_done, save_cell
 
