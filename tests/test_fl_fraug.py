@@ -40,6 +40,11 @@ def test_mmd_is_zero_for_the_same_sample_and_grows_with_a_shift() -> None:
     near = float(mmd_gaussian(x, torch.randn(32, 8, generator=g)))
     far = float(mmd_gaussian(x, torch.randn(32, 8, generator=g) + 3.0))
     assert 0.0 <= near < far
+    # bounded however far one sample moves (the bandwidths follow the data): a generator that
+    # maximises it cannot run away as it does with the MSE form (README, the FRAug study)
+    farther = [float(mmd_gaussian(x * scale, x)) for scale in (1e2, 1e4, 1e8)]
+    assert all(0.0 < v <= 10.0 for v in farther)
+    assert farther[2] == pytest.approx(farther[1], abs=0.05)  # saturated: blowing up gains nothing
 
 
 def test_prototypes_update_only_present_classes_with_momentum() -> None:
