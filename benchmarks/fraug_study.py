@@ -179,6 +179,28 @@ def run_cell(cell: Cell, args: argparse.Namespace, done: dict[str, dict]) -> dic
 # ------------------------------------------------------------------------------------ summary
 
 
+def todo_table(todo: Sequence[Cell], done: dict[str, dict]) -> str:
+    """The cells still to run, each with an estimate: the median wall time of the finished cells of
+    its dataset and strategy (else of its strategy; ``?`` with neither), and the total."""
+    def estimate(cell: Cell) -> float | None:
+        for same in (lambda c: c["data"] == cell.data and c["strategy"] == cell.strategy,
+                     lambda c: c["strategy"] == cell.strategy):
+            walls = [c["wall_s"] * cell.rounds / c["rounds"] for c in done.values() if same(c) and c.get("wall_s")]
+            if walls:
+                return statistics.median(walls)
+        return None
+
+    rows, total, unknown = [], 0.0, 0
+    for cell in todo:
+        est = estimate(cell)
+        total += est or 0.0
+        unknown += est is None
+        rows.append(f"| {cell.key} | {f'{est / 60:.0f}' if est is not None else '?'} |")
+    head = ["| cell still to run | minutes (estimated) |", "|---|---|"]
+    tail = f"\n{len(todo)} cells, ≈ {total / 3600:.1f} h" + (f" (+ {unknown} without an estimate)" if unknown else "")
+    return "\n".join(head + rows) + "\n" + tail
+
+
 def _pm(values: list[float]) -> str:
     if not values:
         return "–"
@@ -325,6 +347,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--runs", default="runs/fraug_study", help="run folders of the cells (not committed)")
     p.add_argument("--max-cells", type=int, default=0, help="stop after this many new cells (0: all)")
     p.add_argument("--summary", action="store_true", help="print the tables of the finished cells and exit")
+    p.add_argument("--todo", action="store_true", help="list the cells of --stage/--datasets/--sizes still to run, "
+                   "with estimated times, and exit")
     p.add_argument("--report", choices=("best_val", "final"), default="best_val")
     p.add_argument("--plot", type=Path, default=None)
     return p.parse_args(argv)
@@ -346,6 +370,10 @@ def main(argv: list[str] | None = None) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     done = load_done(out_dir)
     failed: list[str] = []
+    if args.todo:
+        print(todo_table([c for c in cells(args.stage, args.datasets, args.seeds, args.sizes) if c.key not in done],
+                         done))
+        return 0
     if not args.summary:
         todo = [c for c in cells(args.stage, args.datasets, args.seeds, args.sizes) if c.key not in done]
         log.info("%d cells to run (%d already done)", len(todo), len(done))

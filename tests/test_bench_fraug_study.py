@@ -160,3 +160,18 @@ def test_generator_growth_reads_doubling_time_rejections_and_collapse(tmp_path) 
     assert (row["max_train_loss"], row["max_train_loss_round"]) == (5e8, 7)  # the NaN reply is skipped
     assert "| glyph10-n100-main300-fraug-seed0 |" in growth.table([row])
     assert "| 5.0e+08 (7) | 7 | 8 |" in growth.table([row])
+
+
+def test_todo_lists_the_cells_left_with_estimates_from_finished_ones(study) -> None:
+    """Estimates: the median wall time of finished cells of the same dataset and strategy (scaled
+    to the cell's rounds), else of the same strategy, else unknown."""
+    done = {k: {"data": d, "strategy": s, "rounds": r, "wall_s": w} for k, (d, s, r, w) in {
+        "a": ("digits", "fedbn", 300, 240), "b": ("digits", "fedbn", 300, 300), "c": ("digits", "fedbn", 300, 600),
+        "d": ("glyph10", "fraug", 100, 180)}.items()}
+    todo = [study.Cell("digits", "fedbn", 30, 0), study.Cell("glyph100", "fraug", 30, 0),
+            study.Cell("glyph10", "local", 100, 0)]
+    table = study.todo_table(todo, done)
+    assert "| digits-n30-main300-fedbn-seed0 | 5 |" in table  # median of 240, 300, 600 s
+    assert "| glyph100-n30-main300-fraug-seed0 | 9 |" in table  # the strategy's 180 s over 100 rounds, ×3
+    assert "| glyph10-n100-main300-local-seed0 | ? |" in table
+    assert table.endswith("3 cells, ≈ 0.2 h (+ 1 without an estimate)")
