@@ -289,10 +289,10 @@ class FedShiftStrategy(FedAvg):
                             if v.numpy().dtype.kind == "f" and not np.isfinite(v.numpy()).all()), None)
             problems.append((msg, why))
         if self.step_guard is not None and self._sent:  # judged together: the round's own steps count
-            sound = [m for m, why in problems if why is None]
+            sound = [m for m, why in problems if why is None and not m.has_error()]  # errors: FedAvg drops them
             verdicts = dict(zip(map(id, sound), self.step_guard.judge(
                 [self.step_guard.step(next(iter(m.content.array_records.values()))) for m in sound])))
-            problems = [(m, why if why is not None else verdicts[id(m)]) for m, why in problems]
+            problems = [(m, why if why is not None else verdicts.get(id(m))) for m, why in problems]
         kept = []
         for msg, why in problems:
             if why is None:

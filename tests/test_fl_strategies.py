@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MessageType, MetricRecord, RecordDict
 
 from core.fl_config import GENERATOR_PREFIX, FLConfig, build_model, local_key_filter, shared_keys
 from core.norm import is_norm_key
@@ -412,6 +412,12 @@ def test_a_step_that_jumped_is_refused_steady_growth_is_not(model_state, caplog)
     # the whole federation moving at once (2 of 3 clients jump) is not an outlier: nobody is locked out
     arrays = round_(guarded, 9, [_reply(moved(9, 0.5), 10, 0), _reply(moved(9, 0.5), 10, 1),
                                  _reply(moved(9, 0.012), 10, 2)])
+    assert guarded.rejected == 2 and arrays is not None
+    # an error reply (a client that crashed) is left to FedAvg, which drops it; the guard skips it
+    failed = Message(Error(code=0, reason="client crashed"), reply_to=_reply(moved(10, 0.0), 10, 2))
+    list(guarded.configure_train(10, _record(sent(10)), ConfigRecord(), FakeGrid(3)))
+    arrays = guarded.aggregate_train(10, [_reply(moved(10, 0.012), 10, 0), _reply(moved(10, 0.013), 10, 1),
+                                          failed])[0]
     assert guarded.rejected == 2 and arrays is not None
 
 
