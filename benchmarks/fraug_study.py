@@ -370,12 +370,11 @@ def main(argv: list[str] | None = None) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     done = load_done(out_dir)
     failed: list[str] = []
+    todo = [c for c in cells(args.stage, args.datasets, args.seeds, args.sizes) if c.key not in done]
     if args.todo:
-        print(todo_table([c for c in cells(args.stage, args.datasets, args.seeds, args.sizes) if c.key not in done],
-                         done))
+        print(todo_table(todo, done))
         return 0
     if not args.summary:
-        todo = [c for c in cells(args.stage, args.datasets, args.seeds, args.sizes) if c.key not in done]
         log.info("%d cells to run (%d already done)", len(todo), len(done))
         failed = run_cells(todo[:args.max_cells or None], lambda cell: run_cell(cell, args, done), out_dir,
                            done, _describe)

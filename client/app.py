@@ -26,7 +26,6 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricR
 from flwr.clientapp import ClientApp
 
 from client.cache import fresh_model
-from core.data.builtin import BuiltinData
 from core.norm import is_norm_key
 from core.fl_config import (
     CLIENT_STATE_RECORD,
@@ -43,7 +42,6 @@ from core.fl_config import (
     WEIGHT_KEY,
     FLConfig,
     build_model,
-    clients_per_domain,
     local_key_filter,
 )
 
@@ -60,13 +58,14 @@ STATE_META = "meta"
 
 
 @functools.lru_cache(maxsize=4)
-def client_data(data: BuiltinData, seed: int, image_size: int, domains: tuple[str, ...], per_domain: int) -> Any:
-    """The built-in dataset for these arguments (pure, so caching it per process is safe)."""
-    return data.make(seed, image_size, domains=domains, clients_per_domain=per_domain)
+def client_data(cfg: FLConfig) -> Any:
+    """The run's dataset, :meth:`FLConfig.make_data` (pure in the config, so caching it per
+    process is safe)."""
+    return cfg.make_data()
 
 
 def _dataset(cfg: FLConfig) -> Any:
-    return client_data(cfg.data, cfg.seed, cfg.image_size, cfg.domains(), clients_per_domain(cfg.clients))
+    return client_data(cfg)
 
 
 def _arrays_to_numpy(record: ArrayRecord | None) -> dict[str, np.ndarray]:

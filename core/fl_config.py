@@ -29,6 +29,7 @@ from protos.records import Record
 if TYPE_CHECKING:  # torch stays out of module import: the CLI parses flags without it
     from torch import nn
 
+    from core.data.types import FederatedDataset
     from core.models import SplitModel
     from core.training import LocalSpec
 
@@ -193,6 +194,12 @@ class FLConfig:
         """The built-in benchmark the clients train on."""
         return BuiltinData(self.dataset, self.classes, self.train_per_client, self.val_per_client,
                            self.test_per_client)
+
+    def make_data(self) -> "FederatedDataset":
+        """The dataset this run's clients train on: the benchmark, over :meth:`domains`, with
+        ``clients_per_domain`` clients each, for this seed and image size."""
+        return self.data.make(self.seed, self.image_size, domains=self.domains(),
+                              clients_per_domain=clients_per_domain(self.clients))
 
     def local_spec(self, proximal_mu: float = 0.0) -> "LocalSpec":
         """One round of local training as this config sets it (FedProx's ``proximal_mu`` comes with

@@ -69,13 +69,19 @@ def quiet_flower(verbose: bool = False) -> None:
     flwr_logger.setLevel(logging.DEBUG if verbose else logging.WARNING)
 
 
+def exception_chain(exc: BaseException) -> Iterator[BaseException]:
+    """``exc``, then what it was raised from (or during), outermost first; a cycle ends it."""
+    seen: set[int] = set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        yield e
+        e = e.__cause__ or e.__context__
+
+
 def root_cause(exc: BaseException) -> BaseException:
     """The innermost exception of a ``raise ... from`` (or during-handling) chain."""
-    seen = {id(exc)}
-    while (nxt := exc.__cause__ or exc.__context__) is not None and id(nxt) not in seen:
-        seen.add(id(nxt))
-        exc = nxt
-    return exc
+    return list(exception_chain(exc))[-1]
 
 
 def ray_failed_to_start(exc: BaseException) -> bool:
@@ -84,14 +90,8 @@ def ray_failed_to_start(exc: BaseException) -> bool:
     Why: on a loaded machine Ray's GCS server can miss its 30 s start-up deadline ("Timed out
     waiting for file .../gcs_server_port_..."); nothing has run yet, so one retry is safe. Any other
     failure is the run's own and is raised as it is."""
-    seen: set[int] = set()
-    e: BaseException | None = exc
-    while e is not None and id(e) not in seen:
-        seen.add(id(e))
-        if any(frame.f_code.co_name == "init_ray" for frame, _ in traceback.walk_tb(e.__traceback__)):
-            return True
-        e = e.__cause__ or e.__context__
-    return False
+    return any(frame.f_code.co_name == "init_ray"
+               for e in exception_chain(exc) for frame, _ in traceback.walk_tb(e.__traceback__))
 
 
 def _shut_ray_down() -> None:

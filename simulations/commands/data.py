@@ -8,7 +8,6 @@ from pathlib import Path
 
 from core.data.builtin import BuiltinData
 from core.data.types import FederatedDataset
-from core.fl_config import clients_per_domain
 from protos.config import add_config_flags, option, resolve_or_print, same_as
 from simulations.fl_role import FLRun
 
@@ -73,11 +72,8 @@ def run(args: argparse.Namespace) -> int:
 
     if args.data_command == "sizes":
         run_cfg = resolve_or_print(FLRun, args)
-        if run_cfg is not None:  # the FL clients' own call (client/app.py::client_data)
-            fl = run_cfg.fl
-            data = fl.data.make(fl.seed, fl.image_size, domains=fl.domains(),
-                                clients_per_domain=clients_per_domain(fl.clients))
-            print(sizes_table(data), end="")
+        if run_cfg is not None:  # the FL clients' own dataset (client/app.py::client_data)
+            print(sizes_table(run_cfg.fl.make_data()), end="")
         return 0
     cfg = resolve_or_print(PreviewData, args)
     if cfg is None:
