@@ -14,6 +14,8 @@ and writes one JSON row per run plus a Markdown table.
     python benchmarks/fraug_generator_growth.py --out benchmarks/results/fraug_generator_growth/generator_growth.json
 
 Reads only run folders (``results.json``, ``run.log``), which are not committed: the JSON it writes is.
+A row already in ``--out`` whose run folder is not here (a study continued on another machine) is
+kept as it was, and the log says so; a run folder here always replaces its row.
 """
 
 from __future__ import annotations
@@ -101,6 +103,15 @@ def table(rows: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def merge_rows(computed: Sequence[dict[str, Any]], previous: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The rows computed here, plus the previous rows of runs whose folders are not here, by run name."""
+    here = {row["run"] for row in computed}
+    kept = [row for row in previous if row["run"] not in here]
+    for row in kept:
+        log.info("kept %s from the previous output (no run folder here)", row["run"])
+    return sorted([*computed, *kept], key=lambda row: row["run"])
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--runs", type=Path, default=Path("runs/fraug_study"), help="the study's run folders")
@@ -108,13 +119,15 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     dirs = sorted(d for d in args.runs.glob("*-main*-fraug-seed*") if (d / "results.json").is_file())
-    if not dirs:
+    previous = json.loads(args.out.read_text())["runs"] if args.out and args.out.is_file() else []
+    if not dirs and not previous:
         log.error("no finished FRAug runs under %s", args.runs)
         return 1
-    rows = []
+    computed = []
     for i, d in enumerate(dirs, 1):
-        rows.append(growth(d))
+        computed.append(growth(d))
         log.info("[%d/%d] %s", i, len(dirs), d.name)
+    rows = merge_rows(computed, previous)
     text = table(rows)
     print(text, end="")
     if args.out:

@@ -134,16 +134,21 @@ def test_summary_rows_are_paired_per_seed(study) -> None:
     assert table.splitlines()[header + 2] == "| 30 | +1.0, +3.0 (+2.0 ± 1.4) | +1.0, +3.0 (+2.0 ± 1.4) |"
 
 
-def test_generator_growth_reads_doubling_time_rejections_and_collapse(tmp_path) -> None:
+@pytest.fixture(scope="module")
+def growth():
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "fraug_generator_growth.py"
+    spec = importlib.util.spec_from_file_location("fraug_growth_under_test", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _growth_run(runs: Path, name: str) -> Path:
     """A hand-made FRAug run: g_dist doubles every 10 rounds, a rejected update in round 7 and a
     fall back to chance (10 classes) in round 8 after reaching 60%; in round 7 one client's train
     loss is NaN (skipped) and another's 5·10⁸."""
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "fraug_generator_growth.py"
-    spec = importlib.util.spec_from_file_location("fraug_growth_under_test", path)
-    growth = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(growth)
-    run = tmp_path / "glyph10-n100-main300-fraug-seed0"
-    run.mkdir()
+    run = runs / name
+    run.mkdir(parents=True)
     accs = {r: (0.1 if r == 1 else 0.6 if r < 8 else 0.1) for r in range(1, 301)}
     history = [{"round": r, "mean_accuracy": accs[r], "clients": {
         n: {"train_loss": (float("nan") if (n, r) == ("a", 7) else 5e8 if (n, r) == ("b", 7) else 0.5 * k),
@@ -152,7 +157,11 @@ def test_generator_growth_reads_doubling_time_rejections_and_collapse(tmp_path) 
         for r in range(1, 301)]
     (run / "results.json").write_text(json.dumps({"history": history, "config": {"classes": 10}}))
     (run / "run.log").write_text("WARNING server.strategies: round 7: rejected the update of node 1 (partition 0)\n")
-    row = growth.growth(run)
+    return run
+
+
+def test_generator_growth_reads_doubling_time_rejections_and_collapse(growth, tmp_path) -> None:
+    row = growth.growth(_growth_run(tmp_path, "glyph10-n100-main300-fraug-seed0"))
     assert row["doubling_rounds"] == pytest.approx(10.0)
     assert row["g_dist"]["100"] == pytest.approx(2 * 2 ** 10)  # the clients' mean
     assert (row["first_rejected_round"], row["rejected_rounds"], row["collapsed_at_round"]) == (7, 1, 8)
@@ -160,6 +169,23 @@ def test_generator_growth_reads_doubling_time_rejections_and_collapse(tmp_path) 
     assert (row["max_train_loss"], row["max_train_loss_round"]) == (5e8, 7)  # the NaN reply is skipped
     assert "| glyph10-n100-main300-fraug-seed0 |" in growth.table([row])
     assert "| 5.0e+08 (7) | 7 | 8 |" in growth.table([row])
+
+
+def test_generator_growth_keeps_previous_rows_whose_run_folders_are_gone(growth, tmp_path) -> None:
+    """A study continued on a fresh machine: the rows of runs finished elsewhere stay in the output,
+    a run folder present here replaces its old row, and the table lists all of them by name."""
+    runs, out = tmp_path / "runs", tmp_path / "growth.json"
+    _growth_run(runs, "glyph10-n100-main300-fraug-seed0")
+    stale = {"run": "glyph10-n100-main300-fraug-seed0", "doubling_rounds": 99.0}
+    elsewhere = growth.growth(_growth_run(tmp_path / "elsewhere", "digits-n0-main300-fraug-seed0"))
+    out.write_text(json.dumps({"runs": [stale, elsewhere]}))
+    assert growth.main(["--runs", str(runs), "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["runs"]
+    assert [r["run"] for r in rows] == ["digits-n0-main300-fraug-seed0", "glyph10-n100-main300-fraug-seed0"]
+    assert rows[0] == elsewhere
+    assert rows[1]["doubling_rounds"] == pytest.approx(10.0)  # recomputed from the folder, not the stale row
+    table = out.with_suffix(".md").read_text()
+    assert "| digits-n0-main300-fraug-seed0 |" in table and "| glyph10-n100-main300-fraug-seed0 |" in table
 
 
 def test_todo_lists_the_cells_left_with_estimates_from_finished_ones(study) -> None:
