@@ -65,6 +65,7 @@ DIGITS_ALL = 215  # digits-shift's training images per client when it keeps them
 BASELINE_SIZES: dict[str, tuple[int, ...]] = {"glyph10": (100,), "glyph100": (300,), "digits": (0,)}
 ROUNDS = (40, 100, 300)
 MAX_ROUNDS = max(ROUNDS)
+PLOT_MIN_SEEDS = 3  # a size's point is drawn once this many seeds are paired (the tables show any count)
 GRID = tuple((lt, lr) for lt in (0.1, 1.0, 10.0) for lr in (0.05, 0.025))  # (λ_T, lr_aux): the authors'
 GRID_SIZE = {"glyph10": 100, "glyph100": 300, "digits": 100}
 GRID_ROUNDS = 100
@@ -291,6 +292,13 @@ def summary(done: dict[str, dict], mode: str = "best_val") -> str:
     return "\n".join(lines)
 
 
+def plot_points(done: dict[str, dict], data: str, sizes: Sequence[int], rounds: int, mode: str) -> list[tuple[int, list[float]]]:
+    """The sizes the plot draws, with their paired differences: those with at least
+    :data:`PLOT_MIN_SEEDS` seeds, so a half-run size does not show as a point without an error bar."""
+    pts = [(s, paired(done, data, s, "fraug", "fedbn", rounds, mode)) for s in sizes]
+    return [(s, d) for s, d in pts if len(d) >= PLOT_MIN_SEEDS]
+
+
 def plot(done: dict[str, dict], path: Path, mode: str = "best_val") -> None:
     """FRAug − FedBN (mean ± std over seeds) vs images per client, one line per report round."""
     import matplotlib
@@ -300,20 +308,20 @@ def plot(done: dict[str, dict], path: Path, mode: str = "best_val") -> None:
 
     main = [c for c in done.values() if c["stage"] == "main"]
     datas = sorted({c["data"] for c in main if c["strategy"] == "fraug"
-                    and paired(done, c["data"], c["size"], "fraug", "fedbn", MAX_ROUNDS, mode)})
+                    and plot_points(done, c["data"], [c["size"]], MAX_ROUNDS, mode)})
     if not datas:
         return
     fig, axes = plt.subplots(1, len(datas), figsize=(5 * len(datas), 4), squeeze=False, sharey=True)
     for ax, data in zip(axes[0], datas):
-        sizes = sorted({c["size"] for c in main if c["data"] == data}, key=lambda s: (s == 0, s))
+        sizes = sorted({s for s, _ in plot_points(done, data, {c["size"] for c in main if c["data"] == data},
+                                                   MAX_ROUNDS, mode)}, key=lambda s: (s == 0, s))
         xs = [s or DIGITS_ALL for s in sizes]
         for i, r in enumerate(ROUNDS):  # each round's points a little apart, so the error bars do not overlap
             shift = 1 + 0.04 * (i - (len(ROUNDS) - 1) / 2)
-            pts = [(x * shift, paired(done, data, s, "fraug", "fedbn", r, mode)) for x, s in zip(xs, sizes)]
-            pts = [(x, d) for x, d in pts if d]
+            pts = [((s or DIGITS_ALL) * shift, d) for s, d in plot_points(done, data, sizes, r, mode)]
             if pts:
                 ax.errorbar([x for x, _ in pts], [100 * statistics.fmean(d) for _, d in pts],
-                            yerr=[100 * statistics.stdev(d) if len(d) > 1 else 0 for _, d in pts],
+                            yerr=[100 * statistics.stdev(d) for _, d in pts],
                             marker="o", capsize=3, label=f"{r} rounds")
         ax.axhline(0, color="grey", linestyle="--")
         ax.set_xscale("log")

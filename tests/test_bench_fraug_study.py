@@ -201,3 +201,20 @@ def test_todo_lists_the_cells_left_with_estimates_from_finished_ones(study) -> N
     assert "| glyph100-n30-main300-fraug-seed0 | 9 |" in table  # the strategy's 180 s over 100 rounds, ×3
     assert "| glyph10-n100-main300-local-seed0 | ? |" in table
     assert table.endswith("3 cells, ≈ 0.2 h (+ 1 without an estimate)")
+
+
+def test_plot_draws_only_sizes_with_all_three_seeds(study) -> None:
+    """A size still running (one seed paired) stays in the tables but not in the plot."""
+    def cell(strategy: str, size: int, seed: int, acc: float) -> dict:
+        c = study.Cell("glyph10", strategy, size, seed)
+        report = {str(r): {m: {"mean_accuracy": acc, "mean_val_accuracy": acc, "per_client_accuracy": {}}
+                           for m in ("final", "best_val")} for r in study.ROUNDS}
+        return {**study.asdict(c), "key": c.key, "report": report}
+
+    cells = [cell(s, 30, seed, 0.5 + 0.01 * seed + (0.02 if s == "fraug" else 0)) for seed in range(3)
+             for s in ("fedbn", "fraug")] + [cell("fedbn", 1000, 0, 0.9), cell("fraug", 1000, 0, 0.95)]
+    done = {c["key"]: c for c in cells}
+    points = study.plot_points(done, "glyph10", [30, 1000], 300, "best_val")
+    assert [s for s, _ in points] == [30]
+    assert points[0][1] == pytest.approx([0.02] * 3)
+    assert "| 1000 | 1 |" in study.summary(done)
