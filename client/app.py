@@ -6,7 +6,9 @@ survive between rounds — the layers the strategy keeps local (FedBN's norm lay
 model for local-only), SGD momentum, FRAug's RTNet, prototypes and auxiliary optimizers — is
 stored in the client's ``Context.state`` records and restored at the start of each message. On
 checkpoint rounds the whole state also goes to the server (:func:`pack_state`), which sends it
-back once after a resume (:func:`restore_state`): a resumed run equals an uninterrupted one.
+back once after a resume (:func:`restore_state`): a resumed run equals an uninterrupted one. A
+round whose training went NaN or Inf is not kept (:func:`non_finite_records`): the client starts
+its next round from the state it had before it.
 
 Caches, all per process and bounded, none holding client state: :func:`client_data` and
 :func:`_parse_config` are ``lru_cache`` wrappers of *pure* functions (the same arguments always give
@@ -150,6 +152,14 @@ def restore_state(context: Context, packed: ArrayRecord) -> None:
             context.state[record] = ArrayRecord(array_dict=arrays)
 
 
+def non_finite_records(records: Mapping[str, ArrayRecord]) -> list[str]:
+    """The names of the records holding a NaN or Inf float array. A client whose round went
+    non-finite must not keep that state: its norm layers, momentum or RTNet would stay NaN in every
+    later round (the global model it receives cannot repair them), so it would be refused forever."""
+    return [name for name, record in records.items()
+            if any(a.dtype.kind == "f" and not np.isfinite(a).all() for a in _arrays_to_numpy(record).values())]
+
+
 def _global_round(msg: Message) -> int:
     config = msg.content.config_records.get("config")
     if config is None:
@@ -208,25 +218,32 @@ def handle_train(msg: Message, context: Context, cfg: FLConfig) -> Message:
                          global_params=global_params, hook=hook, optimizer_state_in=opt_in)
 
     state = model.state_dict()
-    context.state[STATE_LOCAL] = ArrayRecord(torch_state_dict={k: state[k] for k in local_keys})
+    new_state: dict[str, ArrayRecord] = {STATE_LOCAL: ArrayRecord(torch_state_dict={k: state[k] for k in local_keys})}
     if cfg.keep_momentum:
-        context.state[STATE_OPT] = _numpy_record(result.optimizer_state)
+        new_state[STATE_OPT] = _numpy_record(result.optimizer_state)
     reply_arrays: dict[str, Any] = {k: v for k, v in state.items() if k not in local_keys}
     metrics: dict[str, float | int] = {
         WEIGHT_KEY: result.num_examples, PARTITION_KEY: pid, TRAIN_METRICS["train_loss"]: result.loss,
         TRAIN_METRICS["train_accuracy"]: result.accuracy, "steps": result.steps,
     }
     if hook is not None:
-        context.state[STATE_RTNET] = ArrayRecord(torch_state_dict=hook.T.state_dict())
-        context.state[STATE_PROTOS] = _numpy_record({"mu": hook.protos.numpy()})
         opt_states = hook.optimizer_states()
-        context.state[STATE_OPT_G] = _numpy_record(opt_states["generator"])
-        context.state[STATE_OPT_T] = _numpy_record(opt_states["rtnet"])
+        new_state.update({STATE_RTNET: ArrayRecord(torch_state_dict=hook.T.state_dict()),
+                          STATE_PROTOS: _numpy_record({"mu": hook.protos.numpy()}),
+                          STATE_OPT_G: _numpy_record(opt_states["generator"]),
+                          STATE_OPT_T: _numpy_record(opt_states["rtnet"])})
         reply_arrays.update({GENERATOR_PREFIX + k: v for k, v in hook.G.state_dict().items()})
         metrics.update({FRAUG_METRIC_PREFIX + k: float(v) for k, v in result.metrics.items()})
-    rounds_trained = int(context.state.config_records[STATE_META]["rounds-trained"]) + 1 \
-        if STATE_META in context.state.config_records else 1
-    context.state[STATE_META] = ConfigRecord({"rounds-trained": rounds_trained, "last-round": rnd})
+    broken = non_finite_records(new_state)
+    if broken:  # the server refuses this round's update; the client keeps the state it started with
+        log.warning("client %d round %d: local training went non-finite (%s); its local state stays as it was "
+                    "before this round", pid, rnd, ", ".join(broken))
+    else:
+        for name, record in new_state.items():
+            context.state[name] = record
+        rounds_trained = int(context.state.config_records[STATE_META]["rounds-trained"]) + 1 \
+            if STATE_META in context.state.config_records else 1
+        context.state[STATE_META] = ConfigRecord({"rounds-trained": rounds_trained, "last-round": rnd})
     log.debug("client %d round %d: loss %.4f acc %.3f (%d steps)", pid, rnd, result.loss, result.accuracy,
               result.steps)
     content = RecordDict({"arrays": ArrayRecord(torch_state_dict=reply_arrays), "metrics": MetricRecord(metrics)})

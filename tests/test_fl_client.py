@@ -94,6 +94,38 @@ def test_state_persists_across_rounds_in_context(strategy: str) -> None:
         assert 0.0 <= metrics["fraug-label_consistency_real"] <= 1.0
 
 
+@pytest.mark.parametrize("strategy", ["fedbn", "fraug"])
+def test_a_non_finite_round_leaves_the_clients_state_as_it_was(strategy: str, caplog) -> None:
+    """A round whose training goes NaN (here: a NaN in the received weights) is refused by the
+    server; the client must not keep its NaN norm layers, momentum or RTNet, or it would be
+    refused in every later round. It keeps the state it started the round with, says so, and
+    trains normally again from the next finite model."""
+    cfg = FLConfig(strategy=strategy, **SMALL)
+    ctx = _context(0)
+    arrays = _global_arrays(cfg)
+    handle_train(_message(cfg, arrays, 1), ctx, cfg)
+    before = {name: {k: v.numpy().copy() for k, v in record.items()} for name, record in ctx.state.array_records.items()}
+    poisoned = {k: v.clone() for k, v in arrays.items()}
+    first_conv = next(k for k, v in poisoned.items() if v.dim() == 4)
+    poisoned[first_conv][0, 0, 0, 0] = float("nan")
+    with caplog.at_level("WARNING", logger="client.app"):
+        reply = handle_train(_message(cfg, poisoned, 2), ctx, cfg)
+    assert not np.isfinite(reply.content["arrays"][first_conv].numpy()).all()  # the server sees it and refuses it
+    assert "local training went non-finite" in caplog.text and STATE_LOCAL in caplog.text
+    assert set(ctx.state.array_records) == set(before)
+    for name, record in ctx.state.array_records.items():
+        for key, value in record.items():
+            np.testing.assert_array_equal(value.numpy(), before[name][key])
+    assert dict(ctx.state[STATE_META]) == {"rounds-trained": 1, "last-round": 1}
+
+    handle_train(_message(cfg, arrays, 3), ctx, cfg)
+    assert ctx.state[STATE_META]["rounds-trained"] == 2
+    for record in ctx.state.array_records.values():
+        assert all(np.isfinite(v.numpy()).all() for v in record.values())
+    changed = [k for k, v in ctx.state[STATE_LOCAL].items() if not np.array_equal(v.numpy(), before[STATE_LOCAL][k])]
+    assert changed, "round 3 trained the kept local layers again"
+
+
 def test_local_state_is_per_context_not_per_process() -> None:
     """Two clients served by the same process (a reused simulation actor) do not share state."""
     cfg = FLConfig(strategy="fedbn", **SMALL)
