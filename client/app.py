@@ -235,7 +235,7 @@ def handle_train(msg: Message, context: Context, cfg: FLConfig) -> Message:
         reply_arrays.update({GENERATOR_PREFIX + k: v for k, v in hook.G.state_dict().items()})
         metrics.update({FRAUG_METRIC_PREFIX + k: float(v) for k, v in result.metrics.items()})
     broken = non_finite_records(new_state)
-    if broken:  # the server refuses this round's update; the client keeps the state it started with
+    if broken:  # the reply still goes out (the server refuses non-finite shared arrays); the state is not kept
         log.warning("client %d round %d: local training went non-finite (%s); its local state stays as it was "
                     "before this round", pid, rnd, ", ".join(broken))
     else:
