@@ -104,7 +104,8 @@ def test_a_non_finite_round_leaves_the_clients_state_as_it_was(strategy: str, ca
     ctx = _context(0)
     arrays = _global_arrays(cfg)
     handle_train(_message(cfg, arrays, 1), ctx, cfg)
-    before = {name: {k: v.numpy().copy() for k, v in record.items()} for name, record in ctx.state.array_records.items()}
+    before = {name: {k: v.numpy().copy() for k, v in record.items()}
+              for name, record in ctx.state.array_records.items()}
     poisoned = {k: v.clone() for k, v in arrays.items()}
     first_conv = next(k for k, v in poisoned.items() if v.dim() == 4)
     poisoned[first_conv][0, 0, 0, 0] = float("nan")
