@@ -44,6 +44,7 @@ from core.fl_config import (
     WEIGHT_KEY,
     FLConfig,
     build_model,
+    has_non_finite,
     local_key_filter,
 )
 
@@ -157,7 +158,7 @@ def non_finite_records(records: Mapping[str, ArrayRecord]) -> list[str]:
     non-finite must not keep that state: its norm layers, momentum or RTNet would stay NaN in every
     later round (the global model it receives cannot repair them), so it would be refused forever."""
     return [name for name, record in records.items()
-            if any(a.dtype.kind == "f" and not np.isfinite(a).all() for a in _arrays_to_numpy(record).values())]
+            if any(has_non_finite(a) for a in _arrays_to_numpy(record).values())]
 
 
 def _global_round(msg: Message) -> int:

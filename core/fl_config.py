@@ -27,6 +27,7 @@ from protos.config import from_mapping, option, same_as
 from protos.records import Record
 
 if TYPE_CHECKING:  # torch stays out of module import: the CLI parses flags without it
+    import numpy as np
     from torch import nn
 
     from core.data.types import FederatedDataset
@@ -232,6 +233,14 @@ class FLConfig:
         domain = self.client_domain(partition_id)
         cpd = clients_per_domain(self.clients)
         return domain if cpd == 1 else f"{domain}-{partition_id % cpd}"
+
+
+def has_non_finite(values: "np.ndarray") -> bool:
+    """Whether a float array holds NaN or Inf: the rule both sides apply to what travels (the server
+    refuses such an update, a client does not keep such a state); integer arrays always pass."""
+    import numpy as np
+
+    return values.dtype.kind == "f" and not np.isfinite(values).all()
 
 
 def clients_per_domain(clients: int) -> int:

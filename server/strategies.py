@@ -41,6 +41,7 @@ from core.fl_config import (
     PARTITION_KEY,
     SEND_STATE_KEY,
     WEIGHT_KEY,
+    has_non_finite,
 )
 from server.recorder import RunRecorder
 from server.update_checks import StepJumpGuard, update_problem
@@ -286,7 +287,7 @@ class FedShiftStrategy(FedAvg):
             why = None if msg.has_error() else update_problem(msg, self._sent)
             if why is None and id(msg) in norms:
                 why = next((f"local {k}: NaN or Inf values" for k, v in norms[id(msg)].items()
-                            if v.numpy().dtype.kind == "f" and not np.isfinite(v.numpy()).all()), None)
+                            if has_non_finite(v.numpy())), None)
             problems.append((msg, why))
         if self.step_guard is not None and self._sent:  # judged together: the round's own steps count
             sound = [m for m, why in problems if why is None and not m.has_error()]  # errors: FedAvg drops them

@@ -15,7 +15,7 @@ from collections import deque
 import numpy as np
 from flwr.app import ArrayRecord, Message
 
-from core.fl_config import WEIGHT_KEY
+from core.fl_config import WEIGHT_KEY, has_non_finite
 
 
 def update_problem(msg: Message, sent: dict[str, tuple[tuple[int, ...], str]]) -> str | None:
@@ -40,7 +40,7 @@ def update_problem(msg: Message, sent: dict[str, tuple[tuple[int, ...], str]]) -
         # dtypes may differ (FedAvg's average turns an int64 counter into float64): numbers suffice
         if values.dtype.kind not in "biuf":
             return f"{key}: dtype {values.dtype} is not numeric"
-        if values.dtype.kind == "f" and not np.isfinite(values).all():
+        if has_non_finite(values):
             return f"{key}: NaN or Inf values"
     return None
 
